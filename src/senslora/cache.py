@@ -111,7 +111,10 @@ def write_manifest(folder: str | os.PathLike[str], **info: object) -> dict:
     Extra keyword arguments are stored as-is (e.g. where the folder was built from).
     """
     root = Path(folder)
-    files = {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in _folder_files(root)}
+    files = {
+        rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        for rel in _folder_files(root)
+    }
     manifest = {"format": 1, **info, "files": files}
     atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest

