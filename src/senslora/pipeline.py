@@ -112,7 +112,7 @@ class Allocation:
         out = Path(out_dir)
         if out.exists() and not overwrite:
             raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        with atomic_dir(out) as tmp:
             (tmp / "allocation.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
             self.to_lora_config(base_config).save_pretrained(str(tmp / "lora_config"))
             if plot:
