@@ -1,0 +1,470 @@
+"""Hessian-diagonal estimators (METHOD.md section 3), behind one small interface.
+
+Each estimator runs over calibration batches and returns one :class:`~senslora.diagonal.Diagonal`
+per target matrix, in ``nn.Linear`` convention ``(d_out, d_in)`` (GPT-2 ``Conv1D`` weights are
+stored transposed and are converted here).
+
+- ``activation`` (the paper's, GPTQ-style): forward passes only. The layer-wise reconstruction
+  loss of ``y = W x`` has Hessian ``2 X X^T`` per output row, so ``h_ij = 2 mean_t x_tj^2`` over
+  calibration tokens, the same for every row: stored compactly as a ``d_in`` vector.
+- ``fisher`` (empirical Fisher): ``h = mean_n (dL_n/dW)^2`` with true per-example gradients.
+- ``fisher-batch``: ``(dL_batch/dW)^2`` of the mini-batch mean loss, averaged over batches. Cheaper,
+  but NOT the empirical Fisher (cross-example terms do not cancel); for comparisons only.
+- ``hutchinson``: unbiased estimate of the true diagonal, ``mean_z z * (H z)`` with Rademacher
+  probes ``z`` and Hessian-vector products by double backward.
+
+Usage::
+
+    diagonals = estimate_diagonals("activation", model, batches, find_targets(model))
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
+
+from .diagonal import Diagonal
+from .errors import SensloraError
+from .losses import LossFn, model_inputs, move_batch, per_example_loss
+from .targets import Target, _is_conv1d
+
+ACCUMULATE_ON = ("cpu", "device")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
+    if "input_ids" in batch:
+        return int(batch["input_ids"].shape[0])
+    return int(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
+
+
+def _token_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, T) bool mask of real tokens for a (B, T, d) layer input, or None if every row counts.
+
+    Inputs without a token dimension (2-D, one row per example) and inputs whose (B, T) does not
+    match the batch's attention mask count every row.
+    """
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask
+
+
+def _batch_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The batch's (B, T) attention mask as bool, or None (no mask, or not a 2-D padding mask)."""
+    mask = batch.get("attention_mask")
+    return mask.bool() if mask is not None and mask.dim() == 2 else None
+
+
+@contextmanager
+def _estimation_mode(model: nn.Module, trainable: list[nn.Parameter] | None) -> Iterator[None]:
+    """Eval mode (dropout off) and, if ``trainable`` is given, grads only for those parameters.
+
+    Every module's ``training`` flag and every parameter's ``requires_grad`` are restored on exit.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    if trainable is not None:
+        keep = {id(p) for p in trainable}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch an HF model to eager attention for the duration (SDPA has no double backward on CPU)."""
+    config = getattr(model, "config", None)
+    original = getattr(config, "_attn_implementation", None)
+    if original is None or original == "eager":
+        yield
+        return
+    if not hasattr(model, "set_attn_implementation"):
+        raise SensloraError(
+            f"the hutchinson estimator needs eager attention, the model uses {original!r}; "
+            "load it with attn_implementation='eager'"
+        )
+    try:
+        model.set_attn_implementation("eager")
+    except (ValueError, ImportError) as exc:
+        raise SensloraError(
+            f"the hutchinson estimator needs eager attention and switching from {original!r} failed ({exc}); "
+            "load the model with attn_implementation='eager'"
+        ) from None
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+class Estimator(ABC):
+    """A Hessian-diagonal estimator.
+
+    Subclasses set ``name`` and implement ``_start`` (state and hooks), ``_step`` (one batch) and
+    ``_finish`` (the diagonals); :meth:`estimate` does everything they share.
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example task loss (gradient estimators only).
+        seed: seed of the random probes (``hutchinson`` only).
+        num_probes: probes per batch (``hutchinson`` only).
+    """
+
+    name: ClassVar[str]
+    # Whether the estimator backpropagates; if so only the target weights get requires_grad.
+    needs_grad: ClassVar[bool] = True
+
+    def __init__(self, *, loss_fn: LossFn | None = None, seed: int = 0, num_probes: int = 1) -> None:
+        if num_probes < 1:
+            raise SensloraError(f"num_probes must be >= 1, got {num_probes}")
+        self.loss_fn = loss_fn or per_example_loss
+        self.seed = seed
+        self.num_probes = num_probes
+
+    def estimate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        targets: list[Target],
+        *,
+        device: torch.device | str | None = None,
+        accumulate_on: str = "cpu",
+        progress: bool = True,
+    ) -> dict[str, Diagonal]:
+        """One diagonal per target (keys = ``Target.name``); the model is left as it was found."""
+        if accumulate_on not in ACCUMULATE_ON:
+            raise SensloraError(
+                f"accumulate_on must be one of {', '.join(ACCUMULATE_ON)}, got {accumulate_on!r}"
+            )
+        device = torch.device(device) if device is not None else _model_device(model)
+        self.targets = list(targets)
+        self.acc_device = device if accumulate_on == "device" else torch.device("cpu")
+        self.num_examples = 0
+        trainable = [t.module.weight for t in self.targets] if self.needs_grad else None
+        grad_mode = torch.enable_grad() if self.needs_grad else torch.no_grad()
+        with _estimation_mode(model, trainable), grad_mode, self._context(model):
+            handles = self._start()
+            try:
+                for batch in tqdm(batches, desc=f"{self.name} diagonal", unit="batch", disable=not progress):
+                    self.num_examples += self._step(model, move_batch(batch, device))
+            finally:
+                for handle in handles:
+                    handle.remove()
+        if self.num_examples == 0:
+            raise SensloraError("empty calibration set: the estimator saw no batch")
+        diagonals = self._finish()
+        for name, diagonal in diagonals.items():
+            if not torch.isfinite(diagonal.values).all():
+                raise SensloraError(
+                    f"{self.name} estimator produced a non-finite Hessian diagonal in {name}; check dtype / calibration data"
+                )
+        return diagonals
+
+    def _context(self, model: nn.Module) -> AbstractContextManager:
+        """Extra context for the whole run (e.g. eager attention); none by default."""
+        return nullcontext()
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=self.acc_device)
+
+    @abstractmethod
+    def _start(self) -> list[RemovableHandle]:
+        """Reset the accumulators and register hooks (returned so they are always removed)."""
+
+    @abstractmethod
+    def _step(self, model: nn.Module, batch: dict) -> int:
+        """Process one batch already on the device; return its number of examples."""
+
+    @abstractmethod
+    def _finish(self) -> dict[str, Diagonal]:
+        """The diagonals from the accumulators."""
+
+
+class ActivationEstimator(Estimator):
+    """``h_ij = 2 mean_t x_tj^2`` over calibration tokens (padding masked), compact ``(d_in,)``.
+
+    The hook does one square and one masked column sum per call. Its ``d_in`` sums stay on the
+    layer's own device during the run (no host sync per layer) and move to ``accumulate_on`` at
+    the end.
+    """
+
+    name = "activation"
+    needs_grad = False
+
+    def _start(self) -> list[RemovableHandle]:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = {t.name: 0.0 for t in self.targets}
+        self.mask: torch.Tensor | None = None
+        return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            x = inputs[0].detach()
+            # x_tj^2 in fp32, one row per token (or per example for 2-D inputs).
+            sq = x.float().square().reshape(-1, x.shape[-1])
+            mask = _token_mask(x, self.mask)
+            if mask is None:
+                # Every row counts.
+                col_sums = sq.sum(dim=0)
+                self.counts[name] += sq.shape[0]
+            else:
+                # Padding rows get weight 0: a matrix-vector product, no copy of the real rows
+                # (inf/NaN at padding would surface as the non-finite error).
+                col_sums = self.row_weights.to(sq.device) @ sq
+                self.counts[name] += self.mask_count
+            if name in self.sums:
+                self.sums[name] += col_sums
+            else:
+                self.sums[name] = col_sums
+
+        return hook
+
+    def _step(self, model: nn.Module, batch: dict) -> int:
+        # The hooks read the mask of the batch being forwarded.
+        self.mask = _batch_mask(batch)
+        if self.mask is not None:
+            # 1.0 per real token, 0.0 per padding position, flattened like the hook's rows.
+            self.row_weights = self.mask.reshape(-1).float()
+            self.mask_count = float(self.mask.sum())
+        model(**model_inputs(batch))
+        return _batch_size(batch)
+
+    def _finish(self) -> dict[str, Diagonal]:
+        out = {}
+        for t in self.targets:
+            # 2 * mean over the counted tokens (a layer that never ran gets zeros).
+            total = (
+                self.sums[t.name].to(self.acc_device) if t.name in self.sums else self._zeros((t.shape[1],))
+            )
+            values = 2.0 * total / max(self.counts[t.name], 1.0)
+            out[t.name] = Diagonal(values=values, shape=t.shape, compact=True)
+        return out
+
+
+class FisherEstimator(Estimator):
+    """Empirical Fisher ``mean_n (dL_n/dW)^2`` from true per-example gradients.
+
+    One forward and one backward of ``sum_n L_n`` per batch. For a linear layer the per-example
+    gradient is ``sum_t g_nt x_nt^T`` with ``x`` the layer input and ``g`` the gradient at its
+    output; a forward hook keeps ``x`` and a tensor hook on the output receives ``g``. Memory: one
+    ``d_out x d_in`` matrix at a time (``B`` of them for a module called several times per forward).
+    """
+
+    name = "fisher"
+
+    def _start(self) -> list[RemovableHandle]:
+        self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
+        self.mask: torch.Tensor | None = None
+        return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            self.num_calls[name] += 1
+            x, mask = inputs[0].detach(), _token_mask(inputs[0], self.mask)
+            # The gradient w.r.t. this output (a tensor hook sees it before any later in-place op).
+            output.register_hook(lambda g: self._on_grad(name, x, g.detach(), mask))
+
+        return hook
+
+    def _on_grad(self, name: str, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
+        # Rows of each example: (B, T, d) token inputs, or one row per example for 2-D inputs.
+        b = x.shape[0]
+        x = x.reshape(b, -1, x.shape[-1]).float()
+        g = g.reshape(b, -1, g.shape[-1]).float()
+        if mask is not None:
+            # Padding contributes nothing: zero it on both sides (masked_fill, so inf/NaN cannot leak).
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+            g = g.masked_fill(~mask.unsqueeze(-1), 0.0)
+        shared = self.num_calls[name] > 1
+        for n in range(b):
+            # Per-example gradient dL_n/dW = g_n^T x_n, (d_out, d_in).
+            grad = g[n].T @ x[n]
+            if shared:
+                # A module called several times per forward: gradients add up before squaring.
+                pending = self.pending.setdefault(name, [torch.zeros_like(grad) for _ in range(b)])
+                pending[n] += grad
+            else:
+                self.sums[name] += grad.square().to(self.acc_device)
+
+    def _step(self, model: nn.Module, batch: dict) -> int:
+        self.mask = _batch_mask(batch)
+        self.num_calls = dict.fromkeys(self.sums, 0)
+        self.pending: dict[str, list[torch.Tensor]] = {}
+        losses = self.loss_fn(model, batch)
+        weights = [t.module.weight for t in self.targets]
+        # One backward of sum_n L_n: example n's loss only reaches example n's rows of g.
+        torch.autograd.grad(losses.sum(), weights, allow_unused=True)
+        for name, grads in self.pending.items():
+            self.sums[name] += sum(grad.square() for grad in grads).to(self.acc_device)
+        self.pending = {}
+        return int(losses.shape[0])
+
+    def _finish(self) -> dict[str, Diagonal]:
+        return _mean_over_examples(self.targets, self.sums, self.num_examples)
+
+
+def _mean_over_examples(targets: list[Target], sums: dict[str, torch.Tensor], n: int) -> dict[str, Diagonal]:
+    """Full diagonals: the accumulated sums divided by the number of examples."""
+    return {t.name: Diagonal(values=sums[t.name] / n, shape=t.shape) for t in targets}
+
+
+def _as_linear(target: Target, tensor: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor in (d_out, d_in) convention (Conv1D stores (d_in, d_out))."""
+    return tensor.T if _is_conv1d(target.module) else tensor
+
+
+class FisherBatchEstimator(Estimator):
+    """Squared mini-batch gradient ``(dL_batch/dW)^2``, averaged over batches weighted by size.
+
+    NOT the empirical Fisher: the square of a batch mean keeps the cross-example products. A cheap
+    variant for comparisons; prefer ``fisher``.
+    """
+
+    name = "fisher-batch"
+
+    def _start(self) -> list[RemovableHandle]:
+        self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
+        return []
+
+    def _step(self, model: nn.Module, batch: dict) -> int:
+        losses = self.loss_fn(model, batch)
+        b = int(losses.shape[0])
+        weights = [t.module.weight for t in self.targets]
+        # Gradient of the batch-mean loss.
+        grads = torch.autograd.grad(losses.mean(), weights, allow_unused=True)
+        for t, grad in zip(self.targets, grads, strict=True):
+            if grad is not None:
+                # Squared, weighted by the batch size.
+                self.sums[t.name] += b * _as_linear(t, grad).float().square().to(self.acc_device)
+        return b
+
+    def _finish(self) -> dict[str, Diagonal]:
+        return _mean_over_examples(self.targets, self.sums, self.num_examples)
+
+
+class HutchinsonEstimator(Estimator):
+    """Unbiased ``diag(H) ~ mean_z z * (H z)``, Rademacher ``z``, Hessian-vector products by double backward.
+
+    ``H`` is the Hessian of the batch-mean task loss; batches are weighted by their size and each
+    gets ``num_probes`` probes drawn from a generator seeded with ``seed``. Negative estimates are
+    clamped to 0 at the end (count in ``Diagonal.clamped``). The model runs with eager attention.
+    """
+
+    name = "hutchinson"
+
+    def _context(self, model: nn.Module) -> AbstractContextManager:
+        return _eager_attention(model)
+
+    def _start(self) -> list[RemovableHandle]:
+        self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
+        self.generator = torch.Generator().manual_seed(self.seed)
+        return []
+
+    def _probe(self, weight: torch.Tensor) -> torch.Tensor:
+        # Rademacher +-1, drawn on the CPU so the stream does not depend on the device.
+        z = torch.randint(0, 2, weight.shape, generator=self.generator).mul_(2).sub_(1)
+        return z.to(device=weight.device, dtype=weight.dtype)
+
+    def _step(self, model: nn.Module, batch: dict) -> int:
+        losses = self.loss_fn(model, batch)
+        b = int(losses.shape[0])
+        weights = [t.module.weight for t in self.targets]
+        # First backward with graph: the gradient as a function of the weights.
+        grads = torch.autograd.grad(losses.mean(), weights, create_graph=True, allow_unused=True)
+        # Only gradients that depend on some weight have a non-zero Hessian block.
+        live = [i for i, grad in enumerate(grads) if grad is not None and grad.requires_grad]
+        for p in range(self.num_probes):
+            probes = [self._probe(w) for w in weights]
+            if not live:
+                continue
+            # Second backward: H z = d(g . z)/dW for all targets at once.
+            hz = torch.autograd.grad(
+                [grads[i] for i in live],
+                weights,
+                grad_outputs=[probes[i] for i in live],
+                retain_graph=p < self.num_probes - 1,
+                allow_unused=True,
+            )
+            for t, z, hz_t in zip(self.targets, probes, hz, strict=True):
+                if hz_t is not None:
+                    # z * (H z), averaged over probes, weighted by the batch size.
+                    est = (z.float() * hz_t.float()) * (b / self.num_probes)
+                    self.sums[t.name] += _as_linear(t, est).to(self.acc_device)
+        return b
+
+    def _finish(self) -> dict[str, Diagonal]:
+        out = {}
+        for t in self.targets:
+            values = self.sums[t.name] / self.num_examples
+            # The true diagonal of a non-convex loss can be negative; the metrics need >= 0.
+            negative = int((values < 0).sum())
+            out[t.name] = Diagonal(values=values.clamp(min=0), shape=t.shape, clamped=negative)
+        return out
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    cls.name: cls for cls in (ActivationEstimator, FisherEstimator, FisherBatchEstimator, HutchinsonEstimator)
+}
+
+
+def estimate_diagonals(
+    estimator: str,
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    targets: list[Target],
+    *,
+    loss_fn: LossFn | None = None,
+    device: torch.device | str | None = None,
+    accumulate_on: str = "cpu",
+    progress: bool = True,
+    seed: int = 0,
+    num_probes: int = 1,
+    **options: object,
+) -> dict[str, Diagonal]:
+    """Estimate the Hessian diagonal of every target matrix on calibration batches.
+
+    Args:
+        estimator: a key of :data:`ESTIMATORS` (``activation``, ``fisher``, ``fisher-batch``, ``hutchinson``).
+        model: any torch / HF model; modes, ``requires_grad`` flags and attention are restored.
+        batches: dicts of tensors (``input_ids``, ``attention_mask``, ``labels`` for the gradient
+            estimators); moved to ``device`` one at a time.
+        targets: from :func:`senslora.targets.find_targets`.
+        loss_fn: per-example task loss, default :func:`senslora.losses.per_example_loss`.
+        device: where batches go; ``None`` = the model's device.
+        accumulate_on: ``"cpu"`` (default) or ``"device"``: where the fp32 accumulators live.
+        progress: show a tqdm bar over batches.
+        seed, num_probes: the ``hutchinson`` probes.
+        options: extra keyword arguments of the estimator class, if it takes any.
+
+    Returns:
+        ``{target.name: Diagonal}`` in ``(d_out, d_in)`` convention.
+    """
+    if estimator not in ESTIMATORS:
+        raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    cls = ESTIMATORS[estimator]
+    unknown = sorted(set(options) - set(inspect.signature(cls).parameters))
+    if unknown:
+        raise SensloraError(f"unknown option(s) {', '.join(unknown)} for estimator {estimator!r}")
+    instance = cls(loss_fn=loss_fn, seed=seed, num_probes=num_probes, **options)
+    return instance.estimate(
+        model, batches, targets, device=device, accumulate_on=accumulate_on, progress=progress
+    )

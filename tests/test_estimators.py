@@ -1,0 +1,325 @@
+"""Hessian-diagonal estimators: exact references per estimator, then one shared suite over the registry."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+from tiny import tiny_bert, tiny_llama, token_batches
+from torch.autograd.functional import hessian
+from torch.func import functional_call
+
+from senslora.errors import SensloraError
+from senslora.estimators import ESTIMATORS, Estimator, estimate_diagonals
+from senslora.losses import model_inputs, per_example_loss
+from senslora.targets import find_targets
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=100, n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class ToyMLP(nn.Module):
+    """Features (B, d) -> logits: ``input_ids`` carries float features, blocks see 2-D inputs."""
+
+    def __init__(self, sizes=(3, 4, 3), shared_calls: int = 1, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.shared_calls = shared_calls
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = input_ids
+        for i, block in enumerate(self.blocks):
+            # The first block may run several times (weight sharing, as in ALBERT).
+            for _ in range(self.shared_calls if i == 0 else 1):
+                h = block(h)
+                h = torch.tanh(h) if i < len(self.blocks) - 1 else h
+        return h
+
+
+def toy_batches(sizes=(5, 3), d: int = 3, classes: int = 3, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": torch.randn(b, d, generator=g), "labels": torch.randint(0, classes, (b,), generator=g)}
+        for b in sizes
+    ]
+
+
+def trim(batch: dict, n: int) -> dict:
+    """Example n alone, without its padding."""
+    length = int(batch["attention_mask"][n].sum())
+    return {k: v[n : n + 1, :length] if v.dim() == 2 else v[n : n + 1] for k, v in batch.items()}
+
+
+def as_linear(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """(d_out, d_in) view of a weight-shaped tensor (GPT-2 Conv1D stores (d_in, d_out))."""
+    return tensor.T if type(module).__name__ == "Conv1D" else tensor
+
+
+# ---------------------------------------------------------------- activation: exact
+
+
+def test_activation_equals_hessian_of_layerwise_reconstruction_loss():
+    model = tiny_bert()
+    batches = token_batches(2, batch_size=4)  # padded
+    target = next(t for t in find_targets(model) if t.name.endswith("layer.1.attention.self.query"))
+    # The real inputs the layer sees, non-padding tokens only (boolean indexing, unlike the estimator).
+    seen = []
+    handle = target.module.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(**model_inputs(b))
+            seen[-1] = seen[-1][b["attention_mask"].bool()]
+    handle.remove()
+    x = torch.cat(seen).double()
+    w0 = target.module.weight.detach().double()
+    y = x @ w0.T + 0.1
+
+    def reconstruction(w: torch.Tensor) -> torch.Tensor:
+        # Mean over tokens of ||W x_t - y_t||^2.
+        return (x @ w.T - y).square().sum(dim=1).mean()
+
+    exact = torch.diagonal(hessian(reconstruction, w0).reshape(w0.numel(), -1)).reshape(w0.shape)
+    got = estimate_diagonals("activation", model, batches, [target], progress=False)[target.name]
+    assert got.compact and got.values.shape == (w0.shape[1],)
+    torch.testing.assert_close(got.dense().double(), exact, rtol=1e-5, atol=1e-7)
+
+
+def test_activation_counts_2d_inputs_per_example():
+    model, batches = ToyMLP(), toy_batches()
+    x = torch.cat([b["input_ids"] for b in batches])
+    got = estimate_diagonals("activation", model, batches, find_targets(model), progress=False)
+    torch.testing.assert_close(got["blocks.0"].values, 2 * x.square().mean(dim=0))
+
+
+# ---------------------------------------------------------------- fisher: exact
+
+
+def explicit_fisher(model: nn.Module, examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Mean over examples of squared per-example gradients, one autograd call per example."""
+    targets = find_targets(model)
+    sums = {t.name: torch.zeros(t.shape) for t in targets}
+    for example in examples:
+        grads = torch.autograd.grad(
+            per_example_loss(model, example).sum(), [t.module.weight for t in targets]
+        )
+        for t, grad in zip(targets, grads, strict=True):
+            sums[t.name] += as_linear(t.module, grad).square()
+    return {name: s / len(examples) for name, s in sums.items()}
+
+
+@pytest.mark.parametrize(
+    "make, labels",
+    [(tiny_bert, "class"), (tiny_gpt2, "lm"), (tiny_llama, "lm")],
+    ids=["bert", "gpt2", "llama"],
+)
+def test_fisher_equals_mean_of_squared_per_example_gradients(make, labels):
+    model = make()
+    batches = token_batches(2, batch_size=3, labels=labels)  # padded examples in every batch
+    examples = [trim(b, n) for b in batches for n in range(b["input_ids"].shape[0])]
+    expected = explicit_fisher(model, examples)
+    got = estimate_diagonals("fisher", model, batches, find_targets(model), progress=False)
+    for name, diagonal in got.items():
+        assert not diagonal.compact
+        torch.testing.assert_close(diagonal.values, expected[name], rtol=1e-4, atol=1e-9)
+
+
+def test_fisher_sums_gradients_of_a_module_called_twice():
+    model, batches = ToyMLP(sizes=(3, 3, 2), shared_calls=2), toy_batches(classes=2)
+    examples = [{k: v[n : n + 1] for k, v in b.items()} for b in batches for n in range(len(b["labels"]))]
+    got = estimate_diagonals("fisher", model, batches, find_targets(model), progress=False)
+    for name, expected in explicit_fisher(model, examples).items():
+        torch.testing.assert_close(got[name].values, expected)
+
+
+def test_fisher_batch_is_the_squared_batch_gradient_not_the_fisher():
+    model, batches = ToyMLP(), toy_batches(sizes=(4,))
+    weight = model.blocks[0].weight
+    (grad,) = torch.autograd.grad(per_example_loss(model, batches[0]).mean(), [weight])
+    targets = find_targets(model)
+    got = estimate_diagonals("fisher-batch", model, batches, targets, progress=False)["blocks.0"]
+    torch.testing.assert_close(got.values, grad.square())
+    fisher = estimate_diagonals("fisher", model, batches, targets, progress=False)["blocks.0"]
+    assert not torch.allclose(got.values, fisher.values)
+
+
+# ---------------------------------------------------------------- hutchinson: converges
+
+
+def test_hutchinson_converges_to_exact_hessian_diagonal():
+    # Stated tolerance: relative error < 0.1 with 1000 probes on a 4 x 3 matrix (observed 0.01-0.03
+    # over seeds), and smaller than with 100 probes.
+    model, batches = ToyMLP(), toy_batches(sizes=(8,))
+    targets = find_targets(model, ["blocks.0"])
+    batch = batches[0]
+    w = model.blocks[0].weight.detach()
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        # Mean task loss as a function of the target matrix alone.
+        logits = functional_call(model, {"blocks.0.weight": w}, (batch["input_ids"],))
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    exact = torch.diagonal(hessian(loss_of, w).reshape(w.numel(), -1)).reshape(w.shape).clamp(min=0)
+    errors = {}
+    for probes in (100, 1000):
+        got = estimate_diagonals("hutchinson", model, batches, targets, num_probes=probes, progress=False)
+        errors[probes] = float((got["blocks.0"].values - exact).norm() / exact.norm())
+    assert errors[1000] < 0.1 and errors[1000] < errors[100], errors
+
+
+def test_hutchinson_is_exact_for_a_diagonal_hessian_and_weights_batches_by_size():
+    # y = W x (d_in = 1) with a per-example mean squared error over k outputs: the Hessian in W is
+    # diagonal, 2 x^2 / k per example, so one probe gives it exactly; batches of 5 and 3 examples.
+    model, k = ToyMLP(sizes=(1, 4)), 4
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {"input_ids": torch.randn(b, 1, generator=g), "labels": torch.randn(b, k, generator=g)}
+        for b in (5, 3)
+    ]
+    x = torch.cat([b["input_ids"] for b in batches])
+    got = estimate_diagonals("hutchinson", model, batches, find_targets(model), num_probes=1, progress=False)
+    expected = (2 * x.square().mean() / k).expand(k, 1)
+    torch.testing.assert_close(got["blocks.0"].values, expected)
+
+
+def test_hutchinson_clamps_negative_entries_and_counts_them():
+    # A concave loss (-||logits||^2) has a negative Hessian diagonal everywhere.
+    model, batches = ToyMLP(sizes=(3, 2)), toy_batches(sizes=(4,))
+
+    def concave(model: nn.Module, batch: dict) -> torch.Tensor:
+        return -model(batch["input_ids"]).square().sum(dim=-1)
+
+    got = estimate_diagonals(
+        "hutchinson", model, batches, find_targets(model), loss_fn=concave, progress=False
+    )
+    diagonal = got["blocks.0"]
+    assert diagonal.clamped == diagonal.numel and torch.equal(diagonal.values, torch.zeros(2, 3))
+
+
+def test_hutchinson_seed_changes_probes():
+    model, batches = ToyMLP(), toy_batches()
+    targets = find_targets(model)
+    a, b = (estimate_diagonals("hutchinson", model, batches, targets, seed=s, progress=False) for s in (0, 1))
+    assert not torch.equal(a["blocks.0"].values, b["blocks.0"].values)
+
+
+def test_hutchinson_needs_switchable_attention():
+    class Fixed(ToyMLP):
+        config = types.SimpleNamespace(_attn_implementation="sdpa")
+
+    model = Fixed()
+    with pytest.raises(SensloraError, match="attn_implementation='eager'"):
+        estimate_diagonals("hutchinson", model, toy_batches(), find_targets(model), progress=False)
+
+
+# ---------------------------------------------------------------- shared suite over the registry
+
+MODELS = {"bert": (tiny_bert, "class"), "llama": (tiny_llama, "lm"), "gpt2": (tiny_gpt2, "lm")}
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_contract(estimator, model_name):
+    make, labels = MODELS[model_name]
+    model = make()
+    batches = token_batches(2, batch_size=3, seq=8, labels=labels)
+    targets = find_targets(model)
+    # A state to restore: training on, one submodule in eval, some parameters frozen.
+    model.train()
+    targets[0].module.eval()
+    for p in list(model.parameters())[:3]:
+        p.requires_grad_(False)
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    attn = model.config._attn_implementation
+
+    first = estimate_diagonals(estimator, model, batches, targets, seed=3, progress=False)
+    again = estimate_diagonals(estimator, model, batches, targets, seed=3, progress=False)
+
+    assert list(first) == [t.name for t in targets]
+    for t in targets:
+        diagonal = first[t.name]
+        assert diagonal.shape == t.shape  # (d_out, d_in), also for GPT-2 Conv1D
+        expected = (t.shape[1],) if diagonal.compact else t.shape
+        assert tuple(diagonal.values.shape) == expected
+        assert diagonal.values.dtype == torch.float32 and diagonal.values.device.type == "cpu"
+        assert torch.isfinite(diagonal.values).all() and (diagonal.values >= 0).all()
+        assert diagonal.values.sum() > 0
+        assert torch.equal(diagonal.values, again[t.name].values)  # deterministic
+        assert not t.module._forward_hooks and not t.module._backward_hooks
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model.config._attn_implementation == attn
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gpt2_conv1d_shape_convention():
+    model = tiny_gpt2()
+    target = next(t for t in find_targets(model) if t.name.endswith("h.0.attn.c_attn"))
+    assert tuple(target.module.weight.shape) == (16, 48) and target.shape == (48, 16)
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_estimator_interface(estimator):
+    cls = ESTIMATORS[estimator]
+    assert issubclass(cls, Estimator) and cls.name == estimator
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_empty_calibration_set(estimator):
+    model = ToyMLP()
+    with pytest.raises(SensloraError, match="empty calibration set"):
+        estimate_diagonals(estimator, model, [], find_targets(model), progress=False)
+    assert not model.blocks[0]._forward_hooks
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_nan_weights_are_reported(estimator):
+    model = tiny_bert()
+    targets = find_targets(model)
+    with torch.no_grad():
+        targets[0].module.weight.fill_(float("nan"))
+    with pytest.raises(SensloraError, match="non-finite Hessian diagonal in bert.encoder"):
+        estimate_diagonals(estimator, model, token_batches(1), targets, progress=False)
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_hooks_removed_and_state_restored_after_an_error(estimator):
+    model = ToyMLP()
+    model.train()
+    bad = [{"input_ids": torch.randn(2, 5), "labels": torch.tensor([0, 1])}]  # wrong feature size
+    with pytest.raises(RuntimeError):
+        estimate_diagonals(estimator, model, bad, find_targets(model), progress=False)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("accumulate_on", ["cpu", "device"])
+def test_accumulate_on(accumulate_on):
+    model = ToyMLP()
+    got = estimate_diagonals(
+        "fisher", model, toy_batches(), find_targets(model), accumulate_on=accumulate_on, progress=False
+    )
+    assert got["blocks.0"].values.dtype == torch.float32
+
+
+def test_bad_arguments_are_user_errors():
+    model, batches = ToyMLP(), toy_batches()
+    targets = find_targets(model)
+    with pytest.raises(SensloraError, match="activation, fisher, fisher-batch, hutchinson"):
+        estimate_diagonals("nope", model, batches, targets)
+    with pytest.raises(SensloraError, match="unknown option"):
+        estimate_diagonals("activation", model, batches, targets, bogus=1)
+    with pytest.raises(SensloraError, match="accumulate_on"):
+        estimate_diagonals("activation", model, batches, targets, accumulate_on="gpu")
+    with pytest.raises(SensloraError, match="num_probes"):
+        estimate_diagonals("hutchinson", model, batches, targets, num_probes=0)
+    with pytest.raises(SensloraError, match="labels"):
+        estimate_diagonals("fisher", model, [{"input_ids": torch.randn(2, 3)}], targets, progress=False)
