@@ -42,7 +42,9 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
-def token_batches(n_batches: int = 3, batch_size: int = 4, seq: int = 10, *, seed: int = 0, labels: str | None = "class"):
+def token_batches(
+    n_batches: int = 3, batch_size: int = 4, seq: int = 10, *, seed: int = 0, labels: str | None = "class"
+):
     """Padded random batches; ``labels`` = "class" (2 classes), "lm" or None."""
     g = torch.Generator().manual_seed(seed)
     out = []

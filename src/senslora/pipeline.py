@@ -105,7 +105,9 @@ class Allocation:
         data["matrices"] = [MatrixAllocation(**{**m, "shape": tuple(m["shape"])}) for m in data["matrices"]]
         return cls(**data)
 
-    def save(self, out_dir: str | Path, *, plot: bool = True, base_config=None, overwrite: bool = False) -> Path:
+    def save(
+        self, out_dir: str | Path, *, plot: bool = True, base_config=None, overwrite: bool = False
+    ) -> Path:
         """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically."""
         from .cache import atomic_dir
 
@@ -132,7 +134,9 @@ class Allocation:
         try:
             return cls.from_dict(json.loads(p.read_text()))
         except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
-            raise SensloraError(f"{p} is not a valid allocation.json ({type(exc).__name__}: {exc}); rerun `senslora allocate`") from None
+            raise SensloraError(
+                f"{p} is not a valid allocation.json ({type(exc).__name__}: {exc}); rerun `senslora allocate`"
+            ) from None
 
 
 def package_versions() -> dict[str, str]:
@@ -157,7 +161,12 @@ def package_versions() -> dict[str, str]:
 
 
 def _count_tokens(batches: Sequence[dict]) -> int:
-    return int(sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches))
+    return int(
+        sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            for b in batches
+        )
+    )
 
 
 @torch.no_grad()
@@ -183,7 +192,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _ranks_for(theta, *, total, budget_mode, param_budget, costs, strategy, categories, r_min, r_max) -> np.ndarray:
+def _ranks_for(
+    theta, *, total, budget_mode, param_budget, costs, strategy, categories, r_min, r_max
+) -> np.ndarray:
     if budget_mode == "params":
         if strategy != "sra":
             raise SensloraError("--budget params works with --strategy sra only")
@@ -270,7 +281,9 @@ def allocate(
             raise SensloraError(f"--r-max {r_max} is below --r-min {r_min}; raise --r-max")
         caps = np.minimum(caps, r_max)
     if avg_rank < r_min:
-        raise SensloraError(f"--avg-rank {avg_rank} is below --r-min {r_min}; raise --avg-rank or lower --r-min")
+        raise SensloraError(
+            f"--avg-rank {avg_rank} is below --r-min {r_min}; raise --avg-rank or lower --r-min"
+        )
     if avg_rank > caps.min():
         raise SensloraError(
             f"--avg-rank {avg_rank} is above the largest rank ({int(caps.min())}) the smallest target matrix allows; lower --avg-rank"
@@ -377,7 +390,11 @@ def allocate(
         weights={k: float(v) for k, v in weights.items()},
         lora_alpha=float(lora_alpha),
         alpha_mode=alpha_mode,
-        calibration={"batches": len(batches), "examples": int(sum(len(b["input_ids"]) for b in batches)), "tokens": _count_tokens(batches)},
+        calibration={
+            "batches": len(batches),
+            "examples": int(sum(len(b["input_ids"]) for b in batches)),
+            "tokens": _count_tokens(batches),
+        },
         timings=timings,
         seed=seed,
         model=model_name,

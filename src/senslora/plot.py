@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-LABELS = {"global": "trace (global)", "topk": "Top-k", "effective-rank": "Effective Rank", "fused": "fused (allocated)"}
+LABELS = {
+    "global": "trace (global)",
+    "topk": "Top-k",
+    "effective-rank": "Effective Rank",
+    "fused": "fused (allocated)",
+}
 
 
 def matrix_kind(name: str, layer: int | None) -> str:
@@ -42,7 +47,9 @@ def plot_ranks(allocation, path: str | Path) -> None:
         ax_line.plot(layers, [per_layer[layer] for layer in layers], label=label, **style)
     ax_line.set_xlabel("transformer block")
     ax_line.set_ylabel("total LoRA rank in block")
-    ax_line.set_title(f"ranks per block under each metric ({allocation.strategy.upper()}, avg rank {allocation.avg_rank:g})")
+    ax_line.set_title(
+        f"ranks per block under each metric ({allocation.strategy.upper()}, avg rank {allocation.avg_rank:g})"
+    )
     ax_line.legend(fontsize=8)
     ax_line.grid(alpha=0.3)
 

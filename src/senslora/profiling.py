@@ -89,8 +89,15 @@ def allocation_probe(
     )
     kind = model_kind(net)
     args = Namespace(
-        calib=calib, text_column="text", text_pair_column=None, label_column=None, calib_samples=calib_samples,
-        seed=seed, max_length=max_length, batch_size=batch_size, estimator=estimator,
+        calib=calib,
+        text_column="text",
+        text_pair_column=None,
+        label_column=None,
+        calib_samples=calib_samples,
+        seed=seed,
+        max_length=max_length,
+        batch_size=batch_size,
+        estimator=estimator,
     )
     batches = calibration_batches(args, tok, kind)
     dev = next(net.parameters()).device
@@ -102,8 +109,14 @@ def allocation_probe(
     runs = []
     for i in range(repeats):
         alloc = allocate(
-            net, batches, avg_rank=avg_rank, estimator=estimator, seed=seed, num_probes=num_probes,
-            progress=False, measure_forward=True,
+            net,
+            batches,
+            avg_rank=avg_rank,
+            estimator=estimator,
+            seed=seed,
+            num_probes=num_probes,
+            progress=False,
+            measure_forward=True,
         )
         runs.append(dict(alloc.timings))
         if i == 0:
@@ -138,7 +151,9 @@ def allocation_probe(
         "model_bytes": model_bytes,
         "extra_peak_bytes": int(extra),
         "extra_peak_over_model": extra / model_bytes,
-        "memory_measure": "cuda max_memory_allocated" if dev.type == "cuda" else "peak RSS growth (ru_maxrss)",
+        "memory_measure": "cuda max_memory_allocated"
+        if dev.type == "cuda"
+        else "peak RSS growth (ru_maxrss)",
         "device": str(dev),
         "runs": runs,
         "ranks": ranks,
@@ -149,7 +164,9 @@ def run_probe_subprocess(params: dict, timeout: float = 3600) -> dict:
     """Run :func:`allocation_probe` in a fresh Python process and return its JSON result."""
     proc = subprocess.run(
         [sys.executable, "-m", "senslora.profiling", json.dumps(params)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

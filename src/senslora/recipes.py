@@ -45,7 +45,9 @@ def load_model_for(args: argparse.Namespace, kind: str | None = None, **extra):
 
     kind = kind or getattr(args, "task_kind", "auto")
     num_labels = getattr(args, "num_labels", 2)
-    return load_model(args.model, kind=kind, num_labels=num_labels, device=args.device, dtype=args.dtype, **extra)
+    return load_model(
+        args.model, kind=kind, num_labels=num_labels, device=args.device, dtype=args.dtype, **extra
+    )
 
 
 def calibration_batches(args: argparse.Namespace, tokenizer, kind: str) -> list[dict]:
@@ -55,7 +57,10 @@ def calibration_batches(args: argparse.Namespace, tokenizer, kind: str) -> list[
     if args.max_length < 8:
         raise SensloraError(f"--max-length must be at least 8, got {args.max_length}")
     examples = load_examples(
-        args.calib, text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column
+        args.calib,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
     )
     examples = sample_examples(examples, args.calib_samples, args.seed)
     if kind in ("classification", "regression") and args.estimator not in ("activation",):
@@ -63,7 +68,9 @@ def calibration_batches(args: argparse.Namespace, tokenizer, kind: str) -> list[
             raise SensloraError(
                 f"estimator {args.estimator} needs labelled calibration data for a {kind} model; pass --label-column or use --estimator activation"
             )
-    return make_batches(examples, tokenizer, kind=kind, max_length=args.max_length, batch_size=args.batch_size)
+    return make_batches(
+        examples, tokenizer, kind=kind, max_length=args.max_length, batch_size=args.batch_size
+    )
 
 
 def target_spec(args: argparse.Namespace):
@@ -115,7 +122,11 @@ def run_allocate(args: argparse.Namespace) -> Path:
     )
     alloc.calibration["source"] = args.calib
     alloc.calibration["max_length"] = args.max_length
-    task_type = {"causal-lm": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS, "regression": TaskType.SEQ_CLS}.get(kind)
+    task_type = {
+        "causal-lm": TaskType.CAUSAL_LM,
+        "classification": TaskType.SEQ_CLS,
+        "regression": TaskType.SEQ_CLS,
+    }.get(kind)
     base = LoraConfig(r=max(1, round(args.avg_rank)), lora_alpha=alloc.lora_alpha, task_type=task_type)
     alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite)
     _print_summary(alloc)

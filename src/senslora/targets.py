@@ -111,8 +111,14 @@ def find_targets(
             continue
         targets.append(Target(name=name, module=module, layer=layer, shape=weight_shape(module)))
     if not targets:
-        what = "the default (linear layers inside transformer blocks)" if target_modules is None else repr(target_modules)
-        raise SensloraError(f"no target matrix in the model matches {what}; pass --targets with a regex that names some nn.Linear modules")
+        what = (
+            "the default (linear layers inside transformer blocks)"
+            if target_modules is None
+            else repr(target_modules)
+        )
+        raise SensloraError(
+            f"no target matrix in the model matches {what}; pass --targets with a regex that names some nn.Linear modules"
+        )
     return targets
 
 
