@@ -1,0 +1,264 @@
+"""Benchmark harness: a YAML config of experiments -> one folder and one ``result.json`` per run.
+
+Config format (see ``benchmarks/*.yaml``)::
+
+    defaults:                                     # per kind, merged into every run's parameters
+      train: {model: minilm, epochs: 1}
+    experiments:
+      - name: main                                # folder results/<out>/runs/main/...
+        kind: train                               # train | allocation-probe
+        grid: {method: [lora, senslora], seed: [0, 1, 2]}   # cartesian product
+        params: {task: movie-polarity, avg_rank: 4}          # fixed for this experiment
+        baseline: {method: lora}                  # report: paired differences against this row
+
+``train`` runs are :func:`senslora.train.train` with :class:`~senslora.train.TrainConfig` fields
+(keys ``options.NAME`` go into ``TrainConfig.options``); ``allocation-probe`` runs are
+:func:`senslora.profiling.allocation_probe`. Every run executes in its own Python process (its
+memory peak is its own, a crash cannot stop the others). Runs whose ``result.json`` says
+``status: ok`` are skipped, so an interrupted benchmark resumes where it stopped; a failed run is
+recorded with its error and retried on the next invocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SensloraError
+
+KINDS = ("train", "allocation-probe")
+RESULT_NAME = "result.json"
+
+
+@dataclass
+class Run:
+    """One point of an experiment's grid."""
+
+    experiment: str
+    kind: str
+    params: dict[str, Any]
+    grid_values: dict[str, Any]
+    baseline: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        parts = [f"{k}={_short(v)}" for k, v in self.grid_values.items()]
+        slug = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts)) or "default"
+        if len(slug) > 120:  # long option lists: keep the folder name short but unique
+            slug = slug[:100] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:10]
+        return slug
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / self.experiment / self.run_id
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and check a benchmark YAML file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SensloraError(
+            f"benchmark config {p} does not exist; pass a YAML file such as benchmarks/quick.yaml"
+        )
+    try:
+        cfg = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise SensloraError(f"benchmark config {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("experiments"), list) or not cfg["experiments"]:
+        raise SensloraError(f"benchmark config {p} needs a non-empty `experiments:` list")
+    names = set()
+    for i, exp in enumerate(cfg["experiments"]):
+        if not isinstance(exp, dict) or "name" not in exp:
+            raise SensloraError(f"experiment #{i} in {p} needs a `name:`")
+        if exp["name"] in names:
+            raise SensloraError(f"experiment name {exp['name']!r} appears twice in {p}")
+        names.add(exp["name"])
+        if exp.get("kind", "train") not in KINDS:
+            raise SensloraError(
+                f"experiment {exp['name']!r}: unknown kind {exp.get('kind')!r}; choose one of {', '.join(KINDS)}"
+            )
+        grid = exp.get("grid", {}) or {}
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise SensloraError(f"experiment {exp['name']!r}: `grid:` must map names to non-empty lists")
+    return cfg
+
+
+def expand(cfg: dict[str, Any]) -> list[Run]:
+    """All runs of a config, in file order then grid order."""
+    runs = []
+    defaults = cfg.get("defaults", {}) or {}
+    for exp in cfg["experiments"]:
+        kind = exp.get("kind", "train")
+        grid = exp.get("grid", {}) or {}
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            values = dict(zip(keys, combo, strict=True))
+            params = {**(defaults.get(kind) or {}), **(exp.get("params") or {}), **values}
+            runs.append(Run(exp["name"], kind, params, values, exp.get("baseline") or {}))
+    return runs
+
+
+def train_config(params: dict[str, Any]):
+    """A TrainConfig from flat params; ``options.X`` keys (and unknown keys) become options."""
+    from .train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    kwargs: dict[str, Any] = {}
+    options: dict[str, Any] = dict(params.get("options") or {})
+    for key, value in params.items():
+        if key == "options":
+            continue
+        if key.startswith("options."):
+            options[key.split(".", 1)[1]] = value
+        elif key in known:
+            kwargs[key] = value
+        else:
+            raise SensloraError(f"unknown run parameter {key!r}; use a TrainConfig field or options.{key}")
+    return TrainConfig(**kwargs, options=options)
+
+
+def status(folder: Path) -> str | None:
+    """``ok`` / ``failed`` / None (not run or unreadable) for a run folder."""
+    try:
+        return json.loads((folder / RESULT_NAME).read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run_one(kind: str, params: dict[str, Any], folder: Path) -> None:
+    """Execute one run in this process (the worker side of :func:`run_benchmark`)."""
+    if kind == "train":
+        from .train import train
+
+        config = train_config(params)
+        # A run interrupted mid-training left checkpoints: continue from them.
+        train(config, folder, resume=folder.exists(), progress=False)
+    else:
+        from .pipeline import package_versions
+        from .profiling import allocation_probe
+
+        result = allocation_probe(**params)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            folder / RESULT_NAME,
+            {"status": "ok", "kind": kind, "params": params, **result, "versions": package_versions()},
+        )
+
+
+def run_benchmark(
+    config_path: str | Path,
+    out: str | Path,
+    *,
+    only: str | None = None,
+    timeout: float = 3600,
+    dry_run: bool = False,
+) -> dict[str, int]:
+    """Run every pending run of the config; returns counts of ok / failed / skipped runs."""
+    cfg = load_config(config_path)
+    out = Path(out)
+    runs = expand(cfg)
+    if only:
+        runs = [r for r in runs if re.search(only, f"{r.experiment}/{r.run_id}")]
+        if not runs:
+            raise SensloraError(f"--only {only!r} matches no run of {config_path}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SensloraError(f"cannot create {out} ({exc.strerror}); choose another --out") from None
+    shutil.copyfile(config_path, out / "benchmark.yaml")
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    for i, run in enumerate(runs, 1):
+        folder = run.folder(out)
+        label = f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}"
+        if status(folder) == "ok":
+            counts["skipped"] += 1
+            continue
+        if dry_run:
+            print(f"{label}: would run")
+            continue
+        print(f"{label} ...", flush=True)
+        start = time.perf_counter()
+        if status(folder) == "failed":  # a failed attempt is retried from scratch
+            shutil.rmtree(folder)
+        spec = json.dumps({"kind": run.kind, "params": run.params, "folder": str(folder)})
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "senslora.bench", spec],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            error = None if proc.returncode == 0 else _last_line(proc.stderr or proc.stdout)
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout:g} s"
+        seconds = time.perf_counter() - start
+        meta = {
+            "experiment": run.experiment,
+            "kind": run.kind,
+            "grid": run.grid_values,
+            "params": run.params,
+            "baseline": run.baseline,
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / "bench.json", meta)  # which experiment and grid point, for the report
+        if error is None and status(folder) == "ok":
+            counts["ok"] += 1
+            print(f"{label}: ok in {seconds:.0f} s", flush=True)
+        else:
+            counts["failed"] += 1
+            _write_json(
+                folder / RESULT_NAME,
+                {
+                    **meta,
+                    "status": "failed",
+                    "error": error or "the run wrote no ok result.json",
+                    "seconds": seconds,
+                },
+            )
+            print(f"{label}: FAILED: {error}", flush=True)
+    return counts
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _worker(spec: str) -> int:
+    data = json.loads(spec)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        run_one(data["kind"], data["params"], Path(data["folder"]))
+    except SensloraError as exc:
+        print(f"senslora: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

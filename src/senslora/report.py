@@ -1,0 +1,360 @@
+"""Tables and plots built only from a benchmark's result files (``senslora report DIR``).
+
+Writes ``DIR/RESULTS.md`` and ``DIR/plots/*.png``. Every number on that page is read from a
+``runs/<experiment>/<run>/result.json`` written by ``senslora bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .errors import SensloraError
+
+# The paper's targets, checked as ratios measured in one benchmark run.
+TARGET_ALLOC_OVER_FORWARD = 1.25
+TARGET_STEP_TIME = 1.03
+TARGET_MEMORY = 1.02
+
+
+def load_runs(out: Path) -> list[dict[str, Any]]:
+    """Every run folder's result.json merged with its bench.json (experiment, grid point)."""
+    runs = []
+    for result_path in sorted((out / "runs").glob("*/*/result.json")):
+        try:
+            result = json.loads(result_path.read_text())
+            meta = json.loads((result_path.parent / "bench.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SensloraError(
+                f"{result_path.parent} has an unreadable result.json or bench.json ({exc}); rerun `senslora bench`"
+            ) from None
+        if not isinstance(result, dict) or "status" not in result:
+            raise SensloraError(f"{result_path} is not a senslora result (no status); rerun `senslora bench`")
+        runs.append({**result, "_meta": meta, "_dir": result_path.parent})
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% t-interval (SciPy's t quantile)."""
+    from scipy import stats
+
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return m, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return m, m - half, m + half
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _row_key(run: dict, drop: tuple[str, ...] = ("seed",)) -> tuple:
+    return tuple((k, json.dumps(v, sort_keys=True)) for k, v in run["_meta"]["grid"].items() if k not in drop)
+
+
+def _label(key: tuple) -> str:
+    return ", ".join(f"{k}={json.loads(v)}" for k, v in key) or "(single setting)"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
+    """Mean ± std per grid point, and paired differences against the experiment's baseline."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    lines = [f"## Experiment `{name}` (training)", ""]
+    if not ok:
+        return lines + ["No completed run.", ""]
+    primary = ok[0]["primary_metric"]
+    metric_names = sorted({m for r in ok for m in r["metrics"]})
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        groups[_row_key(r)].append(r)
+    header = (
+        ["setting", "seeds"]
+        + [f"{m}" for m in metric_names]
+        + ["adapter params", "step time (s)", "peak mem (MB)"]
+    )
+    rows = []
+    for key, members in groups.items():
+        cells = [_label(key), str(len(members))]
+        for m in metric_names:
+            vals = [r["metrics"][m] for r in members if isinstance(r["metrics"].get(m), (int, float))]
+            cells.append("–" if not vals else "{:.4f} ± {:.4f}".format(*mean_std(vals)))
+        cells.append(str(members[0].get("trainable_params")))
+        steps = [r["step_time_median_s"] for r in members if r.get("step_time_median_s")]
+        cells.append(_fmt(statistics.fmean(steps)) if steps else "–")
+        mems = [r["peak_memory_mb"] for r in members if r.get("peak_memory_mb") is not None]
+        cells.append(_fmt(statistics.fmean(mems), 0) if mems else "–")
+        rows.append(cells)
+    lines += [f"Primary metric: **{primary}** (test split; mean ± sample std over seeds).", ""]
+    lines += _table(header, rows) + [""]
+
+    baseline = ok[0]["_meta"].get("baseline") or {}
+    if baseline:
+        lines += paired_section(ok, baseline, primary)
+    _bar_plot(name, groups, primary, plots)
+    lines += [f"![{name}](plots/{name}.png)", ""]
+    return lines
+
+
+def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
+    """Per seed, setting − baseline on the primary metric; mean, 95% interval and wins."""
+    drop = ("seed", *baseline)
+    base = {}
+    for r in ok:
+        if all(r["_meta"]["grid"].get(k, r["_meta"]["params"].get(k)) == v for k, v in baseline.items()):
+            base[(_row_key(r, drop), r["seed"])] = r["metrics"].get(primary)
+    diffs: dict[tuple, list[float]] = defaultdict(list)
+    for r in ok:
+        if all(r["_meta"]["grid"].get(k, r["_meta"]["params"].get(k)) == v for k, v in baseline.items()):
+            continue
+        b = base.get((_row_key(r, drop), r["seed"]))
+        if b is not None and r["metrics"].get(primary) is not None:
+            diffs[_row_key(r)].append(r["metrics"][primary] - b)
+    if not diffs:
+        return []
+    base_label = ", ".join(f"{k}={v}" for k, v in baseline.items())
+    rows = []
+    for key, d in diffs.items():
+        m, lo, hi = paired_interval(d)
+        wins = sum(x > 0 for x in d)
+        rows.append(
+            [
+                _label(key),
+                str(len(d)),
+                f"{m:+.4f}",
+                f"[{lo:+.4f}, {hi:+.4f}]" if not math.isnan(lo) else "–",
+                f"{wins}/{len(d)}",
+            ]
+        )
+    return (
+        [f"Paired difference in {primary} against {base_label} (same seed, same split):", ""]
+        + _table(["setting", "pairs", "mean diff", "95% interval", "wins"], rows)
+        + [""]
+    )
+
+
+def _bar_plot(name: str, groups: dict[tuple, list[dict]], primary: str, plots: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, means, stds = [], [], []
+    for key, members in groups.items():
+        vals = [r["metrics"][primary] for r in members if isinstance(r["metrics"].get(primary), (int, float))]
+        if vals:
+            m, s = mean_std(vals)
+            labels.append(_label(key).replace(", ", "\n"))
+            means.append(m)
+            stds.append(s)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4))
+    ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, fontsize=6)
+    ax.set_ylabel(primary)
+    lo = min(m - s for m, s in zip(means, stds, strict=True)) if means else 0
+    hi = max(m + s for m, s in zip(means, stds, strict=True)) if means else 1
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.set_title(f"{name}: test {primary} (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(plots / f"{name}.png", dpi=100)
+    plt.close(fig)
+
+
+def probe_section(name: str, runs: list[dict]) -> list[str]:
+    """Allocation cost probes, and rank agreement between calibration samples (seeds)."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    lines = [f"## Experiment `{name}` (allocation cost)", ""]
+    if not ok:
+        return lines + ["No completed run.", ""]
+    rows = []
+    for r in ok:
+        rows.append(
+            [
+                r["model"],
+                r["estimator"],
+                str(r["examples"]),
+                str(r["tokens"]),
+                _fmt(r["forward_s"], 3),
+                _fmt(r["allocation_s"], 3),
+                _fmt(r["ratio_to_forward"], 2),
+                _fmt(r.get("ratio_to_forward_backward"), 2),
+                f"{r['seconds_per_token'] * 1e3:.3f}",
+                _fmt(r["extra_peak_over_model"], 2),
+            ]
+        )
+    lines += _table(
+        [
+            "model",
+            "estimator",
+            "examples",
+            "tokens",
+            "forward (s)",
+            "allocation (s)",
+            "alloc / forward",
+            "alloc / (fwd+bwd)",
+            "ms per token",
+            "extra peak mem / model size",
+        ],
+        rows,
+    ) + [""]
+    # Agreement: runs equal in everything but the calibration seed.
+    by_setting: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        by_setting[_row_key(r)].append(r)
+    agree = []
+    for key, members in by_setting.items():
+        for a, b in zip(members, members[1:], strict=False):
+            rho, diff = rank_agreement(a["ranks"], b["ranks"])
+            agree.append(
+                [
+                    _label(key),
+                    f"{a['params'].get('seed')} vs {b['params'].get('seed')}",
+                    _fmt(rho, 3),
+                    str(diff),
+                    str(sum(a["ranks"].values())),
+                ]
+            )
+    if agree:
+        lines += ["Rank agreement between allocations from two different calibration samples:", ""]
+        lines += _table(
+            ["setting", "calibration seeds", "Spearman of ranks", "total |rank difference|", "rank budget"],
+            agree,
+        ) + [""]
+    return lines
+
+
+def rank_agreement(a: dict[str, int], b: dict[str, int]) -> tuple[float, int]:
+    """Spearman correlation (SciPy) and total absolute difference of two rank allocations."""
+    from scipy import stats
+
+    names = sorted(a)
+    x, y = [a[n] for n in names], [b[n] for n in names]
+    rho = stats.spearmanr(x, y).statistic if len(set(x)) > 1 and len(set(y)) > 1 else math.nan
+    return float(rho), int(sum(abs(p - q) for p, q in zip(x, y, strict=True)))
+
+
+def targets_section(runs: list[dict]) -> list[str]:
+    """The paper's claims as ratios from one benchmark run, each with pass / fail."""
+    rows = []
+    for r in runs:
+        if (
+            r["status"] == "ok"
+            and r["_meta"]["kind"] == "allocation-probe"
+            and r["estimator"] == "activation"
+        ):
+            v = r["ratio_to_forward"]
+            rows.append(
+                [
+                    f"allocation / forward ({r['model']}, {r['examples']} examples)",
+                    f"{v:.2f}",
+                    f"≤ {TARGET_ALLOC_OVER_FORWARD}",
+                    "pass" if v <= TARGET_ALLOC_OVER_FORWARD else "**FAIL**",
+                ]
+            )
+    pairs = _method_pairs(runs)
+    for num, den, what, target in [
+        ("senslora", "lora", "step_time_median_s", TARGET_STEP_TIME),
+        ("senslora", "lora", "peak_memory_mb", TARGET_MEMORY),
+        ("adalora", "senslora", "step_time_median_s", None),
+        ("dylora", "lora", "step_time_median_s", None),
+        ("adalora", "lora", "step_time_median_s", None),
+    ]:
+        for setting, ratio in pairs.get((num, den, what), []):
+            label = (
+                f"{num} / {den} {'per-step time' if what.startswith('step') else 'peak memory'} ({setting})"
+            )
+            verdict = "report" if target is None else ("pass" if ratio <= target else "**FAIL**")
+            rows.append([label, f"{ratio:.3f}", "–" if target is None else f"≤ {target}", verdict])
+    if not rows:
+        return []
+    return (
+        ["## Targets (ratios measured within one benchmark run)", ""]
+        + _table(["quantity", "measured", "target", "verdict"], rows)
+        + [""]
+    )
+
+
+def _method_pairs(runs: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
+    """Ratios num/den of a quantity between methods run at the same grid point (averaged over seeds)."""
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["status"] != "ok" or r["_meta"]["kind"] != "train" or "method" not in r["_meta"]["grid"]:
+            continue
+        key = (r["_meta"]["experiment"], _row_key(r, ("seed", "method")))
+        for what in ("step_time_median_s", "peak_memory_mb"):
+            if r.get(what) is not None:
+                values[(key, what)][r["method"]].append(r[what])
+    out: dict[tuple, list[tuple[str, float]]] = defaultdict(list)
+    for ((exp, key), what), by_method in values.items():
+        for num, den in [
+            ("senslora", "lora"),
+            ("adalora", "senslora"),
+            ("dylora", "lora"),
+            ("adalora", "lora"),
+        ]:
+            if by_method.get(num) and by_method.get(den):
+                ratio = statistics.fmean(by_method[num]) / statistics.fmean(by_method[den])
+                out[(num, den, what)].append((f"{exp}: {_label(key)}", ratio))
+    return out
+
+
+def build_report(out: str | Path, *, command: str | None = None) -> Path:
+    """Write RESULTS.md and plots/ from the result files under ``out``."""
+    out = Path(out)
+    if not (out / "runs").is_dir():
+        raise SensloraError(
+            f"{out} holds no benchmark runs (no runs/ folder); run `senslora bench CONFIG --out {out}` first"
+        )
+    runs = load_runs(out)
+    if not runs:
+        raise SensloraError(f"{out}/runs holds no result.json; run `senslora bench CONFIG --out {out}` first")
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    n_ok = sum(r["status"] == "ok" for r in runs)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `senslora report {out}` from {len(runs)} result files ({n_ok} ok, {len(runs) - n_ok} failed), "
+        f"written by `{command or f'senslora bench {out}/benchmark.yaml --out {out}'}`. Nothing on this page is typed by hand.",
+        "",
+    ]
+    lines += targets_section(runs)
+    by_exp: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_exp[r["_meta"]["experiment"]].append(r)
+    for name, members in by_exp.items():
+        kind = members[0]["_meta"]["kind"]
+        lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)
+        failed = [r for r in members if r["status"] != "ok"]
+        if failed:
+            lines += (
+                ["Failed runs:", ""] + [f"- `{r['_dir'].name}`: {r.get('error', '?')}" for r in failed] + [""]
+            )
+    versions = next((r.get("versions") for r in runs if r.get("versions")), {})
+    if versions:
+        lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    path = out / "RESULTS.md"
+    tmp = path.with_name(f".RESULTS.md.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
