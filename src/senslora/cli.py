@@ -34,19 +34,38 @@ def _finite_float(text: str) -> float:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="minilm", help="offline alias (minilm, smollm2) or a local HF model folder")
-    g.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument(
+        "--model", default="minilm", help="offline alias (minilm, smollm2) or a local HF model folder"
+    )
+    g.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
+    )
     g.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or auto")
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration data")
-    g.add_argument("--calib", default="movie", help="alias (movie, tweets, chat) or a .txt/.csv/.jsonl file or a `datasets` folder")
-    g.add_argument("--text-column", default="text", help="text column of a CSV/JSONL/datasets calibration set")
+    g.add_argument(
+        "--calib",
+        default="movie",
+        help="alias (movie, tweets, chat) or a .txt/.csv/.jsonl file or a `datasets` folder",
+    )
+    g.add_argument(
+        "--text-column", default="text", help="text column of a CSV/JSONL/datasets calibration set"
+    )
     g.add_argument("--text-pair-column", default=None, help="second text column (sentence pairs)")
-    g.add_argument("--label-column", default=None, help="label column (needed by fisher/hutchinson on classifiers)")
-    g.add_argument("--calib-samples", type=_positive_int, default=128, help="number of calibration examples (seeded sample)")
-    g.add_argument("--max-length", type=int, default=128, help="truncate calibration sequences to this many tokens")
+    g.add_argument(
+        "--label-column", default=None, help="label column (needed by fisher/hutchinson on classifiers)"
+    )
+    g.add_argument(
+        "--calib-samples",
+        type=_positive_int,
+        default=128,
+        help="number of calibration examples (seeded sample)",
+    )
+    g.add_argument(
+        "--max-length", type=int, default=128, help="truncate calibration sequences to this many tokens"
+    )
     g.add_argument("--batch-size", type=_positive_int, default=8, help="calibration batch size")
     g.add_argument(
         "--task-kind",
@@ -54,7 +73,9 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "classification", "regression", "causal-lm"],
         help="head to put on the model (auto: causal-lm for *ForCausalLM models, else classification)",
     )
-    g.add_argument("--num-labels", type=_positive_int, default=2, help="classes of a fresh classification head")
+    g.add_argument(
+        "--num-labels", type=_positive_int, default=2, help="classes of a fresh classification head"
+    )
 
 
 def add_allocator_args(p: argparse.ArgumentParser) -> None:
@@ -63,23 +84,67 @@ def add_allocator_args(p: argparse.ArgumentParser) -> None:
     from .pipeline import BUDGET_MODES, STRATEGIES
 
     g = p.add_argument_group("allocation")
-    g.add_argument("--avg-rank", type=_finite_float, default=4, help="average LoRA rank (paper: 4 for NLU, 8 for NLG)")
-    g.add_argument("--estimator", default="activation", help="Hessian-diagonal estimator: activation, fisher, fisher-batch, hutchinson")
-    g.add_argument("--score", default="fused", choices=SCORES, help="allocation weight (fused is the paper's)")
-    g.add_argument("--fusion", default="sigma-mu2", choices=list(FUSIONS), help="metric weights: sigma/mu^2 (paper) or 0.5/mu")
-    g.add_argument("--strategy", default="sra", choices=STRATEGIES, help="SRA (proportional) or PRA (rank categories)")
+    g.add_argument(
+        "--avg-rank", type=_finite_float, default=4, help="average LoRA rank (paper: 4 for NLU, 8 for NLG)"
+    )
+    g.add_argument(
+        "--estimator",
+        default="activation",
+        help="Hessian-diagonal estimator: activation, fisher, fisher-batch, hutchinson",
+    )
+    g.add_argument(
+        "--score", default="fused", choices=SCORES, help="allocation weight (fused is the paper's)"
+    )
+    g.add_argument(
+        "--fusion",
+        default="sigma-mu2",
+        choices=list(FUSIONS),
+        help="metric weights: sigma/mu^2 (paper) or 0.5/mu",
+    )
+    g.add_argument(
+        "--strategy", default="sra", choices=STRATEGIES, help="SRA (proportional) or PRA (rank categories)"
+    )
     g.add_argument("--categories", type=_positive_int, default=3, help="PRA: number of rank categories")
     g.add_argument("--topk-fraction", type=_finite_float, default=0.5, help="Top-k: k = fraction x N")
     g.add_argument("--alpha", type=_finite_float, default=0.85, help="Effective Rank energy threshold")
     g.add_argument("--r-min", type=int, default=1, help="smallest rank per matrix (0 drops matrices)")
-    g.add_argument("--r-max", type=int, default=None, help="largest rank per matrix (default min(d_in, d_out))")
-    g.add_argument("--budget", default="rank", choices=BUDGET_MODES, help="hold the rank sum or the parameter count fixed")
-    g.add_argument("--targets", default=None, help="regex selecting target modules by full name (default: all linears in blocks)")
-    g.add_argument("--target-names", default=None, help="comma-separated module names or name suffixes (instead of --targets)")
-    g.add_argument("--lora-alpha", type=_finite_float, default=None, help="reference LoRA alpha of the uniform run (default 2 x avg rank)")
-    g.add_argument("--alpha-mode", default="proportional", choices=ALPHA_MODES, help="how per-matrix alpha follows the rank")
-    g.add_argument("--num-probes", type=_positive_int, default=1, help="hutchinson: Rademacher probes per batch")
-    g.add_argument("--accumulate-on", default="cpu", choices=["cpu", "device"], help="where fp32 accumulators live")
+    g.add_argument(
+        "--r-max", type=int, default=None, help="largest rank per matrix (default min(d_in, d_out))"
+    )
+    g.add_argument(
+        "--budget",
+        default="rank",
+        choices=BUDGET_MODES,
+        help="hold the rank sum or the parameter count fixed",
+    )
+    g.add_argument(
+        "--targets",
+        default=None,
+        help="regex selecting target modules by full name (default: all linears in blocks)",
+    )
+    g.add_argument(
+        "--target-names",
+        default=None,
+        help="comma-separated module names or name suffixes (instead of --targets)",
+    )
+    g.add_argument(
+        "--lora-alpha",
+        type=_finite_float,
+        default=None,
+        help="reference LoRA alpha of the uniform run (default 2 x avg rank)",
+    )
+    g.add_argument(
+        "--alpha-mode",
+        default="proportional",
+        choices=ALPHA_MODES,
+        help="how per-matrix alpha follows the rank",
+    )
+    g.add_argument(
+        "--num-probes", type=_positive_int, default=1, help="hutchinson: Rademacher probes per batch"
+    )
+    g.add_argument(
+        "--accumulate-on", default="cpu", choices=["cpu", "device"], help="where fp32 accumulators live"
+    )
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
@@ -90,8 +155,170 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model on a task with one method, evaluate it and write a run folder",
+        description="Allocate (senslora), fine-tune, evaluate on the held-out test split and write result.json, "
+        "adapter/, splits.json and checkpoints into --out.",
+    )
+    g = p.add_argument_group("method and task")
+    g.add_argument(
+        "--method", default="lora", help="lora, senslora, adalora, dylora, houlsby, pfeiffer, eva, full"
+    )
+    g.add_argument(
+        "--task",
+        default="movie-polarity",
+        help="movie-polarity, movie-score, tweet-polarity, chat-qa, or csv:PATH, jsonl:PATH, disk:PATH, glue:NAME",
+    )
+    g.add_argument(
+        "--text-column", default="text", help="generic tasks: text column (the prompt for generation)"
+    )
+    g.add_argument(
+        "--text-pair-column", default=None, help="generic tasks: second text column (sentence pairs)"
+    )
+    g.add_argument(
+        "--label-column", default="label", help="generic tasks: label column (the answer for generation)"
+    )
+    g.add_argument(
+        "--problem",
+        default=None,
+        choices=["classification", "regression", "generation"],
+        help="generic tasks: problem type (default: inferred from the labels)",
+    )
+    g.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the 80/10/10 split (independent of --seed)"
+    )
+    g.add_argument(
+        "--max-train-samples", type=_positive_int, default=None, help="use only the first n train examples"
+    )
+    g.add_argument(
+        "--max-eval-samples",
+        type=_positive_int,
+        default=None,
+        help="use only the first n validation and test examples",
+    )
+    add_model_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--lr", type=_finite_float, default=5e-4, help="peak AdamW learning rate (paper: 5e-4)")
+    g.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="examples per step (also for evaluation)"
+    )
+    g.add_argument("--epochs", type=_positive_int, default=3, help="passes over the train split")
+    g.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens (>= 8)")
+    g.add_argument(
+        "--max-new-tokens", type=_positive_int, default=32, help="generation: tokens generated per answer"
+    )
+    g.add_argument(
+        "--warmup-ratio", type=_finite_float, default=0.06, help="fraction of steps with linear warm-up"
+    )
+    g.add_argument("--weight-decay", type=_finite_float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=_finite_float, default=1.0, help="gradient clipping norm (0: off)")
+    g.add_argument(
+        "--lora-dropout", type=_finite_float, default=0.0, help="dropout on the LoRA / adapter input"
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of initialisation, data order, dropout and calibration sample",
+    )
+    g.add_argument(
+        "--calib-samples", type=_positive_int, default=128, help="calibration examples from the train split"
+    )
+    g.add_argument(
+        "--save-every", type=int, default=0, help="checkpoint every n steps (0: at each epoch end only)"
+    )
+    g.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after a successful run")
+    g.add_argument(
+        "--no-eval-each-epoch", action="store_true", help="skip the validation pass after each epoch"
+    )
+    add_allocator_args(p)
+    g = p.add_argument_group("layer and data selection")
+    g.add_argument(
+        "--layers", default="all", choices=["all", "cka"], help="adapt all blocks, or the blocks CKA selects"
+    )
+    g.add_argument("--layer-ratio", type=_finite_float, default=0.5, help="cka: fraction of blocks kept")
+    g.add_argument(
+        "--data-select",
+        default="none",
+        choices=["none", "quality"],
+        help="train on all data, or the best fraction by quality",
+    )
+    g.add_argument(
+        "--data-keep", type=_finite_float, default=0.5, help="quality: fraction of train examples kept"
+    )
+    g.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="extra method option (JSON value), repeatable"
+    )
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import config_from_args, train
+
+    result = train(
+        config_from_args(args),
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
+    step = result["step_time_median_s"]
+    print(
+        f"{result['method']} on {result['task']}: test {shown}; {result['trainable_params']:,} trainable adapter "
+        f"parameters; {result['steps']} steps" + (f", {step:.3f} s/step (median)" if step is not None else "")
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="reload a run folder's model and adapter and recompute its test metrics",
+        description="Reload the base model and the trained adapter of RUN_DIR, recompute the test metrics and "
+        "compare them with result.json; --merge also writes a merged Hugging Face model folder.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `senslora train`")
+    p.add_argument(
+        "--merge", default=None, metavar="OUT", help="write the merged model (and tokenizer) into OUT"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --merge folder")
+    p.add_argument("--device", default=None, help="torch device (default: the run's)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .train import evaluate_run
+
+    out = evaluate_run(
+        args.run_dir,
+        merge_to=args.merge,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(", ".join(f"{k}={v:.4f}" for k, v in out["metrics"].items()))
+    if out["merged"]:
+        print(f"wrote merged model {out['merged']}")
+    if not out["reproduced"]:
+        print("senslora: warning: the metrics differ from result.json", file=sys.stderr)
+        return 1
+    print("metrics reproduce result.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation.")
+    parser = argparse.ArgumentParser(
+        prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -103,16 +330,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_calib_args(p)
     add_allocator_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for the calibration sample, fresh heads and probes")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for the calibration sample, fresh heads and probes"
+    )
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-plot", action="store_true", help="skip ranks.png")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_allocate)
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    # transformers' load reports and per-tensor loading bars drown the CLI's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -121,11 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"senslora: error: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:
-        print(f"senslora: error: cannot write {exc.filename}: permission denied; choose another --out", file=sys.stderr)
+        print(
+            f"senslora: error: cannot write {exc.filename}: permission denied; choose another --out",
+            file=sys.stderr,
+        )
         return 2
     except OSError as exc:
         if exc.errno == 28:  # ENOSPC
-            print(f"senslora: error: no space left on device writing {exc.filename}; free space or choose another --out", file=sys.stderr)
+            print(
+                f"senslora: error: no space left on device writing {exc.filename}; free space or choose another --out",
+                file=sys.stderr,
+            )
             return 2
         raise
     except KeyboardInterrupt:

@@ -3,7 +3,9 @@
 Each probe runs in its own process (``python -m senslora.profiling '{json}'``) so that peak
 memory is the probe's own: on the CPU, peak resident memory (``ru_maxrss``) minus the resident
 memory right after the model and data were loaded; on CUDA, ``torch.cuda.max_memory_allocated``
-minus the allocated memory before estimation.
+minus the allocated memory before estimation. The same is reported for plain forward passes
+over the same batches (measured first, since peaks only grow), so the estimator's own extra
+memory is the difference.
 """
 
 from __future__ import annotations
@@ -102,10 +104,19 @@ def allocation_probe(
     batches = calibration_batches(args, tok, kind)
     dev = next(net.parameters()).device
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    from .pipeline import time_forward
+
+    # Memory: peak after plain forward passes first (peaks only grow), then after allocation.
     rss_before = _rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         cuda_before = torch.cuda.memory_allocated(dev)
+    time_forward(net, batches)
+    forward_peak = (
+        torch.cuda.max_memory_allocated(dev) - cuda_before
+        if dev.type == "cuda"
+        else _peak_rss_bytes() - rss_before
+    )
     runs = []
     for i in range(repeats):
         alloc = allocate(
@@ -151,6 +162,8 @@ def allocation_probe(
         "model_bytes": model_bytes,
         "extra_peak_bytes": int(extra),
         "extra_peak_over_model": extra / model_bytes,
+        "forward_extra_peak_bytes": int(max(0, forward_peak)),
+        "forward_extra_peak_over_model": max(0, forward_peak) / model_bytes,
         "memory_measure": "cuda max_memory_allocated"
         if dev.type == "cuda"
         else "peak RSS growth (ru_maxrss)",

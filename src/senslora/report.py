@@ -199,6 +199,7 @@ def probe_section(name: str, runs: list[dict]) -> list[str]:
                 _fmt(r["ratio_to_forward"], 2),
                 _fmt(r.get("ratio_to_forward_backward"), 2),
                 f"{r['seconds_per_token'] * 1e3:.3f}",
+                _fmt(r.get("forward_extra_peak_over_model"), 2),
                 _fmt(r["extra_peak_over_model"], 2),
             ]
         )
@@ -213,7 +214,8 @@ def probe_section(name: str, runs: list[dict]) -> list[str]:
             "alloc / forward",
             "alloc / (fwd+bwd)",
             "ms per token",
-            "extra peak mem / model size",
+            "plain forward: extra peak mem / model size",
+            "allocation: extra peak mem / model size",
         ],
         rows,
     ) + [""]
