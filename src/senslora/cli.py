@@ -78,7 +78,9 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_allocator_args(p: argparse.ArgumentParser) -> None:
+def add_allocator_args(p: argparse.ArgumentParser, *, budget_default: str = "rank") -> None:
+    """Allocator flags. ``budget_default``: ``rank`` for ``allocate`` (the paper's budget), ``params``
+    for ``train`` (methods are compared at equal trainable parameters)."""
     from .metrics import FUSIONS, SCORES
     from .peft_bridge import ALPHA_MODES
     from .pipeline import BUDGET_MODES, STRATEGIES
@@ -113,9 +115,9 @@ def add_allocator_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--budget",
-        default="rank",
+        default=budget_default,
         choices=BUDGET_MODES,
-        help="hold the rank sum or the parameter count fixed",
+        help=f"hold the rank sum or the parameter count fixed (default {budget_default})",
     )
     g.add_argument(
         "--targets",
@@ -233,7 +235,7 @@ def add_train_parser(sub) -> None:
     g.add_argument(
         "--no-eval-each-epoch", action="store_true", help="skip the validation pass after each epoch"
     )
-    add_allocator_args(p)
+    add_allocator_args(p, budget_default="params")
     g = p.add_argument_group("layer and data selection")
     g.add_argument(
         "--layers", default="all", choices=["all", "cka"], help="adapt all blocks, or the blocks CKA selects"
@@ -315,6 +317,127 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_layers_parser(sub) -> None:
+    p = sub.add_parser(
+        "layers",
+        help="layer-wise CKA: which blocks change their input most (seed 003)",
+        description="Linear CKA between the input and output hidden states of every block over the "
+        "calibration set; keeps the floor(ratio x L) blocks with the lowest CKA. Writes cka.json and cka.png.",
+    )
+    add_model_args(p)
+    add_calib_args(p)
+    p.add_argument(
+        "--layer-ratio", type=_finite_float, default=0.5, help="fraction of blocks to keep, in (0, 1]"
+    )
+    p.add_argument(
+        "--token",
+        default="auto",
+        choices=["auto", "first", "last"],
+        help="token per example (auto: first for encoders, last non-pad for decoders)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_layers, estimator="activation")
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .recipes import run_layers
+
+    print(f"wrote {run_layers(args)}")
+    return 0
+
+
+def add_select_data_parser(sub) -> None:
+    p = sub.add_parser(
+        "select-data",
+        help="TsqLoRA-style data-quality selection of a task's training split (our reading of seed 002)",
+        description="Score every training example with the frozen base model (per-example loss; for "
+        "prompt/answer data the instruction-following difficulty), drop empty and duplicate items, keep "
+        "the best fraction. Writes scores.jsonl, selection.json and scores.png.",
+    )
+    add_model_args(p)
+    g = p.add_argument_group("task")
+    g.add_argument(
+        "--task", default="movie-polarity", help="task name or csv:PATH / jsonl:PATH / disk:PATH / glue:NAME"
+    )
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--text-pair-column", default=None)
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--problem", default=None, choices=["classification", "regression", "generation"])
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
+    g.add_argument(
+        "--max-train-samples",
+        type=_positive_int,
+        default=None,
+        help="score only the first n training examples",
+    )
+    g.add_argument("--max-length", type=int, default=128)
+    g.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument(
+        "--data-keep", type=_finite_float, default=0.5, help="fraction of examples to keep, in (0, 1]"
+    )
+    p.add_argument("--rule", default="auto", help="auto, trimmed-loss-high, loss-high, loss-low or ifd")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh head of a classifier")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_select_data)
+
+
+def cmd_select_data(args: argparse.Namespace) -> int:
+    from .recipes import run_select_data
+
+    print(f"wrote {run_select_data(args)}")
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark config (methods x tasks x seeds); finished runs are skipped",
+        description="Run every pending run of a benchmark YAML, each in its own process, writing "
+        "OUT/runs/<experiment>/<run>/result.json. Rerunning resumes; failed runs are retried.",
+    )
+    p.add_argument("config", help="benchmark YAML, e.g. benchmarks/quick.yaml")
+    p.add_argument("--out", required=True, help="results folder, e.g. results/quick")
+    p.add_argument("--only", default=None, help="regex: run only matching experiment/run ids")
+    p.add_argument(
+        "--timeout",
+        type=_finite_float,
+        default=3600,
+        help="seconds before one run is stopped and marked failed",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list pending runs without running them")
+    p.add_argument("--report", action="store_true", help="write RESULTS.md afterwards")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmark
+    from .report import build_report
+
+    counts = run_benchmark(args.config, args.out, only=args.only, timeout=args.timeout, dry_run=args.dry_run)
+    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} already done")
+    if args.report and not args.dry_run:
+        print(f"wrote {build_report(args.out, command=f'senslora bench {args.config} --out {args.out}')}")
+    return 1 if counts["failed"] else 0
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="tables and plots from a benchmark's result files -> RESULTS.md")
+    p.add_argument("results", help="a folder written by `senslora bench`")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    print(f"wrote {build_report(args.results)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation."
@@ -340,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_allocate)
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    add_layers_parser(sub)
+    add_select_data_parser(sub)
+    add_bench_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

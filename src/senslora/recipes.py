@@ -140,3 +140,63 @@ def _print_summary(alloc) -> None:
         f"{len(alloc.matrices)} matrices, {alloc.total_rank} ranks, {alloc.trainable_params:,} LoRA parameters "
         f"(uniform: {alloc.uniform_params:,}); allocation took {t['total']:.2f} s{ratio}"
     )
+
+
+def run_layers(args: argparse.Namespace) -> Path:
+    """``senslora layers``: CKA per block on the calibration set, kept blocks, cka.json + cka.png."""
+    from .cka import select_layers_by_cka
+    from .models import model_kind
+
+    out = check_out_dir(args.out, args.overwrite)
+    if not 0 < args.layer_ratio <= 1:
+        raise SensloraError(f"--layer-ratio must be in (0, 1], got {args.layer_ratio}")
+    seed_everything(args.seed)
+    model, tokenizer = load_model_for(args)
+    batches = calibration_batches(args, tokenizer, model_kind(model))
+    selection = select_layers_by_cka(
+        model, batches, args.layer_ratio, token=args.token, progress=not args.no_progress
+    )
+    selection.save(out, overwrite=args.overwrite)
+    print(f"kept blocks {selection.kept} of {selection.num_blocks} (lowest CKA)")
+    return out
+
+
+def run_select_data(args: argparse.Namespace) -> Path:
+    """``senslora select-data``: score a task's training split and keep the best fraction."""
+    from .models import load_model
+    from .quality import select_training_data
+    from .tasks import load_task
+
+    out = check_out_dir(args.out, args.overwrite)
+    if not 0 < args.data_keep <= 1:
+        raise SensloraError(f"--data-keep must be in (0, 1], got {args.data_keep}")
+    if args.max_length < 8:
+        raise SensloraError(f"--max-length must be at least 8, got {args.max_length}")
+    task = load_task(
+        args.task,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        problem=args.problem,
+        split_seed=args.split_seed,
+        max_train_samples=args.max_train_samples,
+    )
+    seed_everything(args.seed)
+    num_labels = task.num_labels if task.problem == "classification" else 2
+    model, tokenizer = load_model(
+        args.model, kind=task.model_kind, num_labels=num_labels, device=args.device, dtype=args.dtype
+    )
+    kept, selection = select_training_data(
+        model,
+        tokenizer,
+        task.train,
+        kind=task.model_kind,
+        keep=args.data_keep,
+        rule=args.rule,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    selection.save(out, overwrite=args.overwrite)
+    print(f"kept {len(kept)} of {len(task.train)} training examples (rule {selection.rule})")
+    return out

@@ -552,9 +552,10 @@ def train(
 
     wall_start = time.perf_counter()
     config.validate()
+    method = get_method(config.method)
+    config = replace(config, options={**config.options, **method.implied_options})
     out = Path(out_dir)
     _check_out_dir(out, config, resume=resume, overwrite=overwrite)
-    method = get_method(config.method)
     task = load_task_for(config)
     _check_model_fits_task(config.model, task)
     accelerator = _accelerator(config.device)
@@ -631,6 +632,25 @@ def _select_layers(
     return list(selection.kept), selection.to_dict()
 
 
+def _match_layer_budget(ctx: MethodContext, model, record: dict) -> None:
+    """Spend uniform LoRA's whole-model parameter budget on the kept blocks only.
+
+    Methods are compared at equal budgets, so with CKA layer selection the average rank (and alpha,
+    keeping alpha / r) grows by (LoRA cost per rank on all targets) / (on the kept targets).
+    ``layer_budget="kept"`` keeps the plain average rank instead (fewer parameters, as in seed 003).
+    """
+    from .targets import find_targets
+
+    spec = ctx.options.get("target_modules")
+    all_cost = sum(t.lora_params_per_rank for t in find_targets(model, spec))
+    kept_cost = sum(t.lora_params_per_rank for t in find_targets(model, spec, ctx.options["layers"]))
+    scale = all_cost / kept_cost
+    ctx.avg_rank = ctx.avg_rank * scale
+    ctx.lora_alpha = ctx.lora_alpha * scale
+    record["budget_scale"] = scale
+    record["avg_rank_on_kept_blocks"] = ctx.avg_rank
+
+
 def _accelerator(device):
     from accelerate import Accelerator
 
@@ -672,6 +692,8 @@ def _run(
         ctx.options["layers"], extras["layer_selection"] = _select_layers(
             config, out, model, calibration, device, progress
         )
+        if config.options.get("layer_budget", "match") == "match":
+            _match_layer_budget(ctx, model, extras["layer_selection"])
     splits = {"splits_seed": task.splits_seed, "label_names": task.label_names, **task.split_ids()}
     if resume and (out / SPLITS_NAME).is_file() and json.loads((out / SPLITS_NAME).read_text()) != splits:
         raise SensloraError(f"the data differs from {out / SPLITS_NAME}; it changed since the run started")

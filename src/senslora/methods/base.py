@@ -52,6 +52,9 @@ class Method:
     name: ClassVar[str] = ""
     #: True when the trained model is a PEFT model saved with ``save_pretrained``.
     is_peft: ClassVar[bool] = True
+    #: Training options this method always sets (they override the CLI's defaults), e.g. the
+    #: ``cka`` method is ``lora`` with ``layer_select="cka"``.
+    implied_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:
         self.record: dict[str, Any] = {}  # method-specific facts written into result.json
