@@ -7,7 +7,8 @@ Config format (see ``benchmarks/*.yaml``)::
     experiments:
       - name: main                                # folder results/<out>/runs/main/...
         kind: train                               # train | allocation-probe
-        grid: {method: [lora, senslora], seed: [0, 1, 2]}   # cartesian product
+        grid: {method: [lora, senslora], seed: [0, 1, 2]}   # cartesian product; a mapping value
+                                                            # sets several params at once
         params: {task: movie-polarity, avg_rank: 4}          # fixed for this experiment
         baseline: {method: lora}                  # report: paired differences against this row
 
@@ -53,7 +54,7 @@ class Run:
     @property
     def run_id(self) -> str:
         parts = [f"{k}={_short(v)}" for k, v in self.grid_values.items()]
-        slug = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts)) or "default"
+        slug = re.sub(r"[^A-Za-z0-9_.=,+:-]", "_", ",".join(parts)) or "default"
         if len(slug) > 120:  # long option lists: keep the folder name short but unique
             slug = slug[:100] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:10]
         return slug
@@ -65,8 +66,10 @@ class Run:
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if isinstance(value, dict):
+        return "+".join(f"{k.rsplit('.', 1)[-1]}:{_short(v)}" for k, v in sorted(value.items())) or "default"
+    if isinstance(value, list):
+        return json.dumps(value, separators=(",", ":"))
     return str(value)
 
 
@@ -112,7 +115,14 @@ def expand(cfg: dict[str, Any]) -> list[Run]:
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
             values = dict(zip(keys, combo, strict=True))
-            params = {**(defaults.get(kind) or {}), **(exp.get("params") or {}), **values}
+            params = {**(defaults.get(kind) or {}), **(exp.get("params") or {})}
+            for key, value in values.items():
+                # A grid value that is a mapping sets several parameters at once (an ablation
+                # variant, or a model with its calibration set); the key only names the axis.
+                if isinstance(value, dict):
+                    params.update(value)
+                else:
+                    params[key] = value
             runs.append(Run(exp["name"], kind, params, values, exp.get("baseline") or {}))
     return runs
 
@@ -205,7 +215,13 @@ def run_benchmark(
         start = time.perf_counter()
         if status(folder) == "failed":  # a failed attempt is retried from scratch
             shutil.rmtree(folder)
-        spec = json.dumps({"kind": run.kind, "params": run.params, "folder": str(folder)})
+        try:
+            params = resolve_params(run.params, out)
+        except SensloraError as exc:
+            counts["failed"] += 1
+            print(f"{label}: FAILED: {exc}", flush=True)
+            continue
+        spec = json.dumps({"kind": run.kind, "params": params, "folder": str(folder)})
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "senslora.bench", spec],
@@ -242,6 +258,37 @@ def run_benchmark(
             )
             print(f"{label}: FAILED: {error}", flush=True)
     return counts
+
+
+BEST_OF = "best-of:"
+
+
+def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Replace ``KEY: "best-of:EXPERIMENT"`` by the KEY value that won EXPERIMENT on validation.
+
+    The winner maximises the mean over seeds of the final-epoch *validation* value of the runs'
+    primary metric (the test split is never used to choose), so e.g. the learning rate of the
+    uniform-LoRA baseline is tuned by a sweep that ran earlier in the same benchmark.
+    """
+    resolved = dict(params)
+    for key, value in params.items():
+        if not (isinstance(value, str) and value.startswith(BEST_OF)):
+            continue
+        experiment = value[len(BEST_OF) :]
+        scores: dict[str, list[float]] = {}
+        for result_path in sorted((out / "runs" / experiment).glob("*/result.json")):
+            result = json.loads(result_path.read_text())
+            if result.get("status") != "ok" or not result.get("history"):
+                continue
+            last = result["history"][-1].get("validation", {})
+            metric = last.get(result["primary_metric"])
+            if metric is not None:
+                scores.setdefault(json.dumps(result["config"][key]), []).append(metric)
+        if not scores:
+            raise SensloraError(f"{key}: {value} needs finished runs of experiment {experiment!r} first")
+        best = max(scores, key=lambda v: (sum(scores[v]) / len(scores[v]), v))
+        resolved[key] = json.loads(best)
+    return resolved
 
 
 def _last_line(text: str) -> str:

@@ -99,7 +99,9 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
         for m in metric_names:
             vals = [r["metrics"][m] for r in members if isinstance(r["metrics"].get(m), (int, float))]
             cells.append("–" if not vals else "{:.4f} ± {:.4f}".format(*mean_std(vals)))
-        cells.append(str(members[0].get("trainable_params")))
+        adapter, budget = members[0].get("trainable_params"), members[0].get("budget_params")
+        # AdaLoRA trains 1.5x its final budget; show both when they differ.
+        cells.append(str(adapter) if budget in (None, adapter) else f"{adapter} (final budget {budget})")
         steps = [r["step_time_median_s"] for r in members if r.get("step_time_median_s")]
         cells.append(_fmt(statistics.fmean(steps)) if steps else "–")
         mems = [r["peak_memory_mb"] for r in members if r.get("peak_memory_mb") is not None]
