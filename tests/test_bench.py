@@ -1,0 +1,199 @@
+"""The benchmark harness and report: config expansion, resume, statistics, and the quick benchmark."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from senslora.bench import expand, load_config, resolve_params, run_benchmark
+from senslora.cli import main
+from senslora.errors import SensloraError
+from senslora.report import build_report, paired_interval, rank_agreement
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_with_mapping_values(tmp_path):
+    cfg = load_config(
+        write(
+            tmp_path / "b.yaml",
+            """
+defaults: {train: {model: m, epochs: 1}}
+experiments:
+  - name: e
+    grid:
+      variant: [{}, {options.score: global, lr: 0.1}]
+      seed: [0, 1]
+    params: {method: senslora, epochs: 2}
+""",
+        )
+    )
+    runs = expand(cfg)
+    assert [r.run_id for r in runs] == [
+        "variant=default,seed=0",
+        "variant=default,seed=1",
+        "variant=lr:0.1+score:global,seed=0",
+        "variant=lr:0.1+score:global,seed=1",
+    ]
+    assert runs[2].params == {
+        "model": "m",
+        "epochs": 2,
+        "method": "senslora",
+        "options.score": "global",
+        "lr": 0.1,
+        "seed": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("experiments: []", "non-empty"),
+        ("experiments: [{grid: {a: [1]}}]", "needs a `name:`"),
+        ("experiments: [{name: a, kind: magic}]", "unknown kind"),
+        ("experiments: [{name: a, grid: {x: 3}}]", "non-empty lists"),
+        ("experiments: [{name: a}, {name: a}]", "appears twice"),
+        ("experiments: [: :", "not valid YAML"),
+    ],
+)
+def test_bad_configs_are_user_errors(tmp_path, text, message):
+    with pytest.raises(SensloraError, match=message):
+        load_config(write(tmp_path / "b.yaml", text))
+
+
+def _fake_run(out: Path, experiment: str, run_id: str, grid: dict, result: dict, baseline=None, kind="train"):
+    folder = out / "runs" / experiment / run_id
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"status": "ok", **result}))
+    (folder / "bench.json").write_text(
+        json.dumps(
+            {"experiment": experiment, "kind": kind, "grid": grid, "params": grid, "baseline": baseline or {}}
+        )
+    )
+
+
+def _train_result(method, seed, acc, val, step=0.1, mem=100.0, lr=0.001):
+    return {
+        "method": method,
+        "seed": seed,
+        "primary_metric": "accuracy",
+        "metrics": {"accuracy": acc},
+        "history": [{"validation": {"accuracy": val}}],
+        "trainable_params": 10,
+        "budget_params": 10,
+        "step_time_median_s": step,
+        "peak_memory_mb": mem,
+        "config": {"lr": lr},
+    }
+
+
+def test_best_of_picks_the_validation_winner_not_the_test_winner(tmp_path):
+    _fake_run(tmp_path, "sweep", "a", {"lr": 0.001}, _train_result("lora", 0, acc=0.9, val=0.6, lr=0.001))
+    _fake_run(tmp_path, "sweep", "b", {"lr": 0.002}, _train_result("lora", 0, acc=0.5, val=0.7, lr=0.002))
+    assert resolve_params({"lr": "best-of:sweep", "x": 1}, tmp_path) == {"lr": 0.002, "x": 1}
+    with pytest.raises(SensloraError, match="needs finished runs"):
+        resolve_params({"lr": "best-of:missing"}, tmp_path)
+
+
+def test_paired_interval_matches_the_t_formula():
+    from scipy import stats
+
+    d = [0.01, -0.02, 0.03, 0.015]
+    m, lo, hi = paired_interval(d)
+    ci = stats.t.interval(0.95, len(d) - 1, loc=sum(d) / 4, scale=stats.sem(d))
+    assert m == pytest.approx(sum(d) / 4) and (lo, hi) == pytest.approx(ci)
+    assert math.isnan(paired_interval([0.1])[1])
+
+
+def test_rank_agreement():
+    rho, diff = rank_agreement({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 3, "c": 2})
+    assert rho == pytest.approx(0.5) and diff == 2
+
+
+def test_report_tables_paired_differences_and_targets(tmp_path):
+    for seed, (l_acc, s_acc) in enumerate([(0.80, 0.82), (0.81, 0.80), (0.79, 0.83)]):
+        _fake_run(
+            tmp_path,
+            "main",
+            f"method=lora,seed={seed}",
+            {"method": "lora", "seed": seed},
+            _train_result("lora", seed, l_acc, 0.5, step=0.100, mem=100),
+            {"method": "lora"},
+        )
+        _fake_run(
+            tmp_path,
+            "main",
+            f"method=senslora,seed={seed}",
+            {"method": "senslora", "seed": seed},
+            _train_result("senslora", seed, s_acc, 0.5, step=0.110, mem=101),
+            {"method": "lora"},
+        )
+    _fake_run(
+        tmp_path,
+        "cost",
+        "x",
+        {"estimator": "activation"},
+        {
+            "model": "m",
+            "estimator": "activation",
+            "examples": 8,
+            "tokens": 80,
+            "forward_s": 1.0,
+            "allocation_s": 1.1,
+            "ratio_to_forward": 1.1,
+            "seconds_per_token": 0.01,
+            "extra_peak_over_model": 0.1,
+            "ranks": {"a": 1},
+            "params": {"seed": 0},
+        },
+        kind="allocation-probe",
+    )
+    text = build_report(tmp_path).read_text()
+    assert "| method=senslora | 3 | 0.8167 ± 0.0153 |" in text
+    assert "| method=senslora | 3 | +0.0167 |" in text and "2/3" in text
+    assert "| allocation / forward (m, 8 examples) | 1.10 | ≤ 1.25 | pass |" in text
+    assert "senslora / lora per-step time (main: (single setting)) | 1.100 | ≤ 1.03 | **FAIL** |" in text
+    assert (tmp_path / "plots" / "main.png").exists()
+
+
+def test_report_without_runs_and_with_corrupt_result(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    (tmp_path / "runs" / "e" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "e" / "r" / "result.json").write_text("{broken")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "unreadable result.json" in capsys.readouterr().err
+
+
+def test_quick_benchmark_every_method_produces_a_finite_metric(tmp_path):
+    """benchmarks/quick.yaml end to end (a few minutes): every run ok, every metric finite; rerun skips all."""
+    out = tmp_path / "quick"
+    counts = run_benchmark(REPO / "benchmarks" / "quick.yaml", out)
+    assert counts["failed"] == 0, [
+        json.loads(p.read_text()).get("error") for p in out.glob("runs/*/*/result.json")
+    ]
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/*/result.json"))]
+    methods = {r["method"] for r in results if "method" in r}
+    assert methods == {
+        "lora",
+        "senslora",
+        "adalora",
+        "dylora",
+        "houlsby",
+        "pfeiffer",
+        "eva",
+        "cka",
+        "tsqlora",
+        "full",
+    }
+    for r in results:
+        values = list(r["metrics"].values()) if "metrics" in r else [r["ratio_to_forward"]]
+        assert values and all(math.isfinite(v) for v in values), r
+    again = run_benchmark(REPO / "benchmarks" / "quick.yaml", out)
+    assert again == {"ok": 0, "failed": 0, "skipped": len(results)}
+    assert "## Targets" in build_report(out).read_text()
