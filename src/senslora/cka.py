@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import SensloraError
+from .pipeline import _sync, time_forward
 
 TOKEN_CHOICES = ("auto", "first", "last")
 
@@ -112,29 +113,6 @@ def _hidden_states(output: object) -> Sequence[torch.Tensor] | None:
     if isinstance(output, Mapping):
         return output.get("hidden_states")
     return getattr(output, "hidden_states", None)
-
-
-def _sync(device: torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def time_forward(model: torch.nn.Module, batches: Sequence[Mapping], device=None) -> float:
-    """Seconds for one plain forward pass over ``batches`` (eval mode, no grad, mode restored)."""
-    from .losses import model_inputs, move_batch
-
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        start = time.perf_counter()
-        for b in batches:
-            model(**model_inputs(move_batch(b, device)))
-        _sync(device)
-        return time.perf_counter() - start
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -487,8 +487,8 @@ def select_training_data(
     ``timings``: ``dedupe``, ``score`` (all scoring passes) and, with ``measure_forward``,
     ``forward``: one plain forward pass over the same (prompted) batches, the reference cost.
     """
-    from .cka import time_forward
     from .data import make_batches
+    from .pipeline import time_forward
 
     # Check the options before any model work.
     keep_count(max(len(examples), 2), keep)

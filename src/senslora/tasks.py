@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import Example, load_examples
+from .data import Example, _read_text_file, load_examples
 from .errors import SensloraError
 
 PROBLEMS = ("classification", "regression", "generation")
@@ -255,20 +255,9 @@ class _Records:
     rows: list[dict[str, Any]]
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise SensloraError(
-            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
-        ) from exc
-    except OSError as exc:
-        raise SensloraError(f"cannot read {path} ({exc.strerror or exc})") from exc
-
-
 def _csv_records(path: Path) -> _Records:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(io.StringIO(_read_text_file(path), newline=""), delimiter=delimiter, strict=True)
     try:
         table = [row for row in reader if any(cell.strip() for cell in row)]
     except csv.Error as exc:
@@ -289,7 +278,7 @@ def _csv_records(path: Path) -> _Records:
 
 
 def _jsonl_records(path: Path) -> _Records:
-    text = _read_text(path)
+    text = _read_text_file(path)
     if text.lstrip().startswith("["):
         try:
             objects = json.loads(text)
