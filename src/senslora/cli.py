@@ -166,7 +166,7 @@ def add_train_parser(sub) -> None:
     )
     g = p.add_argument_group("method and task")
     g.add_argument(
-        "--method", default="lora", help="lora, senslora, adalora, dylora, houlsby, pfeiffer, eva, full"
+        "--method", default="lora", help="lora, senslora, adalora, dylora, houlsby, pfeiffer, eva, cka, tsqlora, full"
     )
     g.add_argument(
         "--task",
