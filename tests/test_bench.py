@@ -197,3 +197,12 @@ def test_quick_benchmark_every_method_produces_a_finite_metric(tmp_path):
     again = run_benchmark(REPO / "benchmarks" / "quick.yaml", out)
     assert again == {"ok": 0, "failed": 0, "skipped": len(results)}
     assert "## Targets" in build_report(out).read_text()
+
+
+def test_best_of_refuses_a_partial_sweep(tmp_path):
+    _fake_run(tmp_path, "sweep", "a", {"lr": 0.001}, _train_result("lora", 0, acc=0.9, val=0.6, lr=0.001))
+    failed = tmp_path / "runs" / "sweep" / "b"
+    failed.mkdir()
+    (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    with pytest.raises(SensloraError, match="needs every run"):
+        resolve_params({"lr": "best-of:sweep"}, tmp_path)

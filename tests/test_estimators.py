@@ -190,14 +190,15 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian_and_weights_batches_by_size(
 
 
 def test_hutchinson_clamps_negative_entries_and_counts_them():
-    # A concave loss (-||logits||^2) has a negative Hessian diagonal everywhere.
+    # A concave loss (-||logits||^2) has a negative Hessian diagonal everywhere; with enough probes
+    # (one probe's off-diagonal noise can flip a sign) every estimated entry is negative too.
     model, batches = ToyMLP(sizes=(3, 2)), toy_batches(sizes=(4,))
 
     def concave(model: nn.Module, batch: dict) -> torch.Tensor:
         return -model(batch["input_ids"]).square().sum(dim=-1)
 
     got = estimate_diagonals(
-        "hutchinson", model, batches, find_targets(model), loss_fn=concave, progress=False
+        "hutchinson", model, batches, find_targets(model), loss_fn=concave, num_probes=64, progress=False
     )
     diagonal = got["blocks.0"]
     assert diagonal.clamped == diagonal.numel and torch.equal(diagonal.values, torch.zeros(2, 3))
@@ -258,6 +259,56 @@ def test_contract(estimator, model_name):
     assert [p.requires_grad for p in model.parameters()] == flags
     assert model.config._attn_implementation == attn
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_one_fp32_accumulator_per_matrix_becomes_the_diagonal(estimator):
+    # Issue 6 (large models): one fp32 accumulator per target, even for a bf16 model, and _finish
+    # hands it over in place (the diagonal is the accumulator's memory, not a second copy).
+    cls = ESTIMATORS[estimator]
+
+    class Watched(cls):
+        def _finish(self):
+            self.before = {name: (t.dtype, t.data_ptr()) for name, t in self.sums.items()}
+            return super()._finish()
+
+    model = tiny_bert().to(torch.bfloat16)
+    targets = find_targets(model)
+    instance = Watched()
+    got = instance.estimate(model, token_batches(2, batch_size=3, seq=8), targets, progress=False)
+    assert sorted(instance.before) == sorted(t.name for t in targets)
+    assert {dtype for dtype, _ in instance.before.values()} == {torch.float32}
+    assert all(got[name].values.data_ptr() == ptr for name, (_, ptr) in instance.before.items())
+    assert instance.sums == {}  # nothing else kept
+
+
+def test_hutchinson_probes_depend_on_seed_and_batch_index_only():
+    # The probes of batch i are seeded from (seed, i), so any shard of the batches (one process's
+    # under a launcher) adds up to the whole run: the sums of batches {0, 2} and {1} give all three.
+    from senslora.estimators import probe_seed
+
+    class Shard(ESTIMATORS["hutchinson"]):
+        def __init__(self, keep, **kwargs):
+            super().__init__(**kwargs)
+            self.keep = keep
+
+        def _step(self, model, batch):
+            return super()._step(model, batch) if self.batch_index in self.keep else 0
+
+        def _finish(self):
+            self.raw = {name: t.clone() for name, t in self.sums.items()}
+            return super()._finish()
+
+    model, batches = ToyMLP(), toy_batches(sizes=(5, 3, 4))
+    targets = find_targets(model)
+    raw = {}
+    for keep in ((0, 1, 2), (0, 2), (1,)):
+        estimator = Shard(keep, seed=3)
+        estimator.estimate(model, batches, targets, progress=False)
+        raw[keep] = estimator.raw
+    for name, total in raw[(0, 1, 2)].items():
+        torch.testing.assert_close(raw[(0, 2)][name] + raw[(1,)][name], total)
+    assert len({probe_seed(s, i) for s in (3, 4) for i in (0, 1)}) == 4
 
 
 def test_gpt2_conv1d_shape_convention():

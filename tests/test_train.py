@@ -151,16 +151,17 @@ def test_only_the_last_two_checkpoints_are_kept(assets, tmp_path):
 
 def test_senslora_spends_the_lora_budget(lora_run, assets, tmp_path):
     _, lora = lora_run
-    sens = train(_config(assets, method="senslora", epochs=1), tmp_path / "rank", progress=False)
+    rank_options = {"plot": False, "budget_mode": "rank"}  # the paper's rank budget
+    sens = train(
+        _config(assets, method="senslora", epochs=1, options=rank_options), tmp_path / "rank", progress=False
+    )
     record = sens["method_record"]
     assert record["total_rank"] == 4 * 12 and sum(record["ranks"].values()) == 4 * 12
     assert sens["allocation_time_s"] > 0 and (tmp_path / "rank" / "allocation" / "allocation.json").is_file()
     assert sens["trainable_params"] == record["allocated_params"]
-    params = train(
-        _config(assets, method="senslora", epochs=1, options={"plot": False, "budget_mode": "params"}),
-        tmp_path / "params",
-        progress=False,
-    )
+    # Default for training: the same parameter budget as uniform LoRA.
+    params = train(_config(assets, method="senslora", epochs=1), tmp_path / "params", progress=False)
+    assert params["method_record"]["budget_mode"] == "params"
     assert 0.9 * lora["trainable_params"] <= params["trainable_params"] <= lora["trainable_params"]
 
 
@@ -188,7 +189,9 @@ def test_cka_layers_and_quality_data_selection(lora_run, assets, tmp_path):
     }
     result = train(_config(assets, epochs=1, options=options), tmp_path / "run", progress=False)
     assert len(result["layer_selection"]["kept"]) == 1  # 1 of the 2 blocks
-    assert result["trainable_params"] == lora["trainable_params"] // 2
+    # The kept block gets uniform LoRA's whole-model budget (rank scaled by 2: equal-budget comparisons).
+    assert result["trainable_params"] == lora["trainable_params"]
+    assert result["layer_selection"]["budget_scale"] == 2
     counts = result["data_selection"]["counts"]  # duplicates dropped, then half of the rest kept
     assert counts["input"] == 48 and counts["kept"] == counts["scored"] // 2 == result["data"]["train"]
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .cache import atomic_write_text
 from .errors import SensloraError
 
 KINDS = ("train", "allocation-probe")
@@ -155,9 +156,28 @@ def status(folder: Path) -> str | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _die_with_parent():
+    """``preexec_fn`` of a worker: on Linux the worker is killed when the bench process dies, so a
+    killed ``senslora bench`` leaves no orphan run writing into a folder the next invocation reruns."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the bench process died before prctl
+            os._exit(1)
+
+    return arm
 
 
 def run_one(kind: str, params: dict[str, Any], folder: Path) -> None:
@@ -166,7 +186,10 @@ def run_one(kind: str, params: dict[str, Any], folder: Path) -> None:
         from .train import train
 
         config = train_config(params)
-        # A run interrupted mid-training left checkpoints: continue from them.
+        # A run interrupted mid-training left checkpoints: continue from them; a folder killed
+        # before its config.json was written holds nothing to continue.
+        if folder.exists() and not (folder / "config.json").is_file():
+            shutil.rmtree(folder)
         train(config, folder, resume=folder.exists(), progress=False)
     else:
         from .pipeline import package_versions
@@ -196,17 +219,32 @@ def run_benchmark(
         runs = [r for r in runs if re.search(only, f"{r.experiment}/{r.run_id}")]
         if not runs:
             raise SensloraError(f"--only {only!r} matches no run of {config_path}")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SensloraError(f"cannot create {out} ({exc.strerror}); choose another --out") from None
-    shutil.copyfile(config_path, out / "benchmark.yaml")
+    try:
+        atomic_write_text(out / "benchmark.yaml", Path(config_path).read_text())
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     for i, run in enumerate(runs, 1):
         folder = run.folder(out)
         label = f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}"
+        meta = {
+            "experiment": run.experiment,
+            "kind": run.kind,
+            "grid": run.grid_values,
+            "params": run.params,
+            "baseline": run.baseline,
+        }
         if status(folder) == "ok":
             counts["skipped"] += 1
+            if not (folder / "bench.json").is_file():  # killed between the run's end and bench.json
+                _write_json(folder / "bench.json", meta)
             continue
         if dry_run:
             print(f"{label}: would run")
@@ -228,18 +266,12 @@ def run_benchmark(
                 capture_output=True,
                 text=True,
                 timeout=timeout,
+                preexec_fn=_die_with_parent(),
             )
             error = None if proc.returncode == 0 else _last_line(proc.stderr or proc.stdout)
         except subprocess.TimeoutExpired:
             error = f"timed out after {timeout:g} s"
         seconds = time.perf_counter() - start
-        meta = {
-            "experiment": run.experiment,
-            "kind": run.kind,
-            "grid": run.grid_values,
-            "params": run.params,
-            "baseline": run.baseline,
-        }
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / "bench.json", meta)  # which experiment and grid point, for the report
         if error is None and status(folder) == "ok":
@@ -278,7 +310,12 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
         scores: dict[str, list[float]] = {}
         for result_path in sorted((out / "runs" / experiment).glob("*/result.json")):
             result = json.loads(result_path.read_text())
-            if result.get("status") != "ok" or not result.get("history"):
+            if result.get("status") != "ok":
+                # Choosing from a partial sweep would let later runs use another value than earlier ones.
+                raise SensloraError(
+                    f"{key}: {value} needs every run of {experiment!r} to finish; {result_path.parent.name} did not"
+                )
+            if not result.get("history"):
                 continue
             last = result["history"][-1].get("validation", {})
             metric = last.get(result["primary_metric"])

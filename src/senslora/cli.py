@@ -150,10 +150,12 @@ def add_allocator_args(p: argparse.ArgumentParser, *, budget_default: str = "ran
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
+    from .distributed import current
     from .recipes import run_allocate
 
     out = run_allocate(args)
-    print(f"wrote {out}")
+    if current().is_main:
+        print(f"wrote {out}")
     return 0
 
 
@@ -166,7 +168,9 @@ def add_train_parser(sub) -> None:
     )
     g = p.add_argument_group("method and task")
     g.add_argument(
-        "--method", default="lora", help="lora, senslora, adalora, dylora, houlsby, pfeiffer, eva, cka, tsqlora, full"
+        "--method",
+        default="lora",
+        help="lora, senslora, adalora, dylora, houlsby, pfeiffer, eva, cka, tsqlora, full",
     )
     g.add_argument(
         "--task",
@@ -261,8 +265,11 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import current
+    from .recipes import check_out_parent
     from .train import config_from_args, train
 
+    check_out_parent(args.out)
     result = train(
         config_from_args(args),
         args.out,
@@ -270,6 +277,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if not current().is_main:
+        return 0  # the main process reports
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
     step = result["step_time_median_s"]
     print(
@@ -489,17 +498,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
-            print(
-                f"senslora: error: no space left on device writing {exc.filename}; free space or choose another --out",
-                file=sys.stderr,
-            )
-            return 2
-        raise
     except KeyboardInterrupt:
         print("senslora: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        problem = _write_failure(exc)
+        if problem is None:
+            raise
+        # The output folder, not the temporary file that failed (it has been removed).
+        where = getattr(args, "out", None) or getattr(args, "results", None)
+        where = f" writing {where}" if where else ""
+        print(
+            f"senslora: error: {problem}{where}; free space or choose another output folder", file=sys.stderr
+        )
+        return 2
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """A short reason if ``exc`` (or an exception it chains) is a failed write of the output: a full
+    or read-only disk. Writers in C (safetensors, ``torch.save``) raise their own exception types."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "no space left on device"
+        if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+            return "read-only file system"
+        if "No space left on device" in text or "os error 28" in text:
+            return "no space left on device"
+        if type(exc).__name__ == "SafetensorError" and "while serializing" in text:
+            return f"cannot write a checkpoint ({text.splitlines()[0]})"
+        if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "unexpected pos" in text):
+            return "cannot write a checkpoint (torch.save failed; is the disk full?)"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

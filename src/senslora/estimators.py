@@ -13,6 +13,24 @@ stored transposed and are converted here).
 - ``hutchinson``: unbiased estimate of the true diagonal, ``mean_z z * (H z)`` with Rademacher
   probes ``z`` and Hessian-vector products by double backward.
 
+Memory (large models): every estimator keeps exactly one fp32 accumulator per target matrix, a
+``d_in`` vector for ``activation`` and a ``(d_out, d_in)`` tensor for the others, on
+``accumulate_on`` (``cpu`` by default, or ``device``; ``activation``'s small vectors stay on the
+layer's device during the run and move there at the end). The end-of-run reduction over processes
+and the final division (and Hutchinson's clamp) work in place on that tensor, which becomes the
+returned :class:`~senslora.diagonal.Diagonal`: never more than one fp32 diagonal per target matrix.
+Each matrix's contribution is computed in its layer's hook as the forward (``activation``,
+``fisher``) or backward (``fisher``) pass reaches it, so besides the model's own activations only
+one layer's transient tensors are alive: ``fisher`` one per-example gradient (``B`` of them for a
+module called several times per forward); ``fisher-batch`` the batch gradient of every target and
+``hutchinson`` additionally its probe and Hessian-vector product (model dtype, per batch).
+
+Several processes (``accelerate launch`` / ``torchrun``, see :mod:`senslora.distributed`): batch
+``i`` is processed by rank ``i % world_size``, each process accumulates its shard, and the
+accumulators (sums and example / token counts) are all-reduced once, before the division, so
+every process returns the same diagonals. Hutchinson seeds the probes of batch ``i`` from
+``(seed, i)``, so they do not depend on which process runs the batch or on the number of processes.
+
 Usage::
 
     diagonals = estimate_diagonals("activation", model, batches, find_targets(model))
@@ -26,12 +44,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .diagonal import Diagonal
+from .distributed import SINGLE, Dist, current
 from .errors import SensloraError
 from .losses import LossFn, model_inputs, move_batch, per_example_loss
 from .targets import Target, _is_conv1d
@@ -118,8 +138,9 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
 class Estimator(ABC):
     """A Hessian-diagonal estimator.
 
-    Subclasses set ``name`` and implement ``_start`` (state and hooks), ``_step`` (one batch) and
-    ``_finish`` (the diagonals); :meth:`estimate` does everything they share.
+    Subclasses set ``name`` and implement ``_start`` (state and hooks), ``_step`` (one batch; its
+    index in the calibration set is ``self.batch_index``), ``_all_reduce`` (sum the accumulators
+    over processes) and ``_finish`` (the diagonals); :meth:`estimate` does everything they share.
 
     Args:
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example task loss (gradient estimators only).
@@ -147,8 +168,13 @@ class Estimator(ABC):
         device: torch.device | str | None = None,
         accumulate_on: str = "cpu",
         progress: bool = True,
+        distributed: bool | None = None,
     ) -> dict[str, Diagonal]:
-        """One diagonal per target (keys = ``Target.name``); the model is left as it was found."""
+        """One diagonal per target (keys = ``Target.name``); the model is left as it was found.
+
+        ``distributed``: ``None`` (default) shards the batches over the processes when there are
+        several (:func:`senslora.distributed.current`); ``False`` processes every batch here.
+        """
         if accumulate_on not in ACCUMULATE_ON:
             raise SensloraError(
                 f"accumulate_on must be one of {', '.join(ACCUMULATE_ON)}, got {accumulate_on!r}"
@@ -157,16 +183,29 @@ class Estimator(ABC):
         self.targets = list(targets)
         self.acc_device = device if accumulate_on == "device" else torch.device("cpu")
         self.num_examples = 0
+        dist: Dist = current() if distributed is not False else SINGLE
         trainable = [t.module.weight for t in self.targets] if self.needs_grad else None
         grad_mode = torch.enable_grad() if self.needs_grad else torch.no_grad()
         with _estimation_mode(model, trainable), grad_mode, self._context(model):
             handles = self._start()
             try:
-                for batch in tqdm(batches, desc=f"{self.name} diagonal", unit="batch", disable=not progress):
+                bar = tqdm(
+                    batches,
+                    desc=f"{self.name} diagonal",
+                    unit="batch",
+                    disable=not progress or not dist.is_main,
+                )
+                for index, batch in enumerate(bar):
+                    if dist.enabled and not dist.owns(index):
+                        continue
+                    self.batch_index = index
                     self.num_examples += self._step(model, move_batch(batch, device))
             finally:
                 for handle in handles:
                     handle.remove()
+        if dist.enabled:
+            # Once, before _finish divides: every process then holds the sums over all batches.
+            self._all_reduce(dist)
         if self.num_examples == 0:
             raise SensloraError("empty calibration set: the estimator saw no batch")
         diagonals = self._finish()
@@ -184,6 +223,12 @@ class Estimator(ABC):
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float32, device=self.acc_device)
 
+    def _all_reduce(self, dist: Dist) -> None:
+        """Sum the accumulators (``self.sums``, one per target) and the example count over processes."""
+        for t in self.targets:
+            dist.all_reduce_(self.sums[t.name])
+        self.num_examples = _reduce_counts(dist, [self.num_examples])[0]
+
     @abstractmethod
     def _start(self) -> list[RemovableHandle]:
         """Reset the accumulators and register hooks (returned so they are always removed)."""
@@ -194,7 +239,19 @@ class Estimator(ABC):
 
     @abstractmethod
     def _finish(self) -> dict[str, Diagonal]:
-        """The diagonals from the accumulators."""
+        """The diagonals from the accumulators (in place: the accumulators become the diagonals)."""
+
+
+def _reduce_counts(dist: Dist, counts: list[float]) -> list[float]:
+    """Counts summed over processes (float64: exact for any realistic number of tokens)."""
+    total = dist.all_reduce_(torch.tensor(counts, dtype=torch.float64))
+    return [type(c)(v) for c, v in zip(counts, total.tolist(), strict=True)]
+
+
+def probe_seed(seed: int, batch_index: int) -> int:
+    """Seed of the Hutchinson probes of calibration batch ``batch_index`` (one stream per batch)."""
+    state = np.random.SeedSequence([seed % 2**64, batch_index]).generate_state(1, dtype=np.uint64)
+    return int(state[0]) >> 1  # 63 bits: any torch.Generator accepts it
 
 
 class ActivationEstimator(Estimator):
@@ -246,14 +303,27 @@ class ActivationEstimator(Estimator):
         model(**model_inputs(batch))
         return _batch_size(batch)
 
+    def _all_reduce(self, dist: Dist) -> None:
+        for t in self.targets:
+            # A layer that never ran in this process's shard contributes zeros.
+            if t.name not in self.sums:
+                self.sums[t.name] = self._zeros((t.shape[1],))
+            dist.all_reduce_(self.sums[t.name])
+        names = [t.name for t in self.targets]
+        counts = _reduce_counts(dist, [self.num_examples] + [self.counts[n] for n in names])
+        self.num_examples = counts[0]
+        self.counts = dict(zip(names, counts[1:], strict=True))
+
     def _finish(self) -> dict[str, Diagonal]:
         out = {}
         for t in self.targets:
-            # 2 * mean over the counted tokens (a layer that never ran gets zeros).
+            # 2 * mean over the counted tokens (a layer that never ran gets zeros), in place.
             total = (
-                self.sums[t.name].to(self.acc_device) if t.name in self.sums else self._zeros((t.shape[1],))
+                self.sums.pop(t.name).to(self.acc_device)
+                if t.name in self.sums
+                else self._zeros((t.shape[1],))
             )
-            values = 2.0 * total / max(self.counts[t.name], 1.0)
+            values = total.mul_(2.0).div_(max(self.counts[t.name], 1.0))
             out[t.name] = Diagonal(values=values, shape=t.shape, compact=True)
         return out
 
@@ -303,7 +373,7 @@ class FisherEstimator(Estimator):
                 pending = self.pending.setdefault(name, [torch.zeros_like(grad) for _ in range(b)])
                 pending[n] += grad
             else:
-                self.sums[name] += grad.square().to(self.acc_device)
+                self.sums[name] += grad.square_().to(self.acc_device)
 
     def _step(self, model: nn.Module, batch: dict) -> int:
         self.mask = _batch_mask(batch)
@@ -323,8 +393,9 @@ class FisherEstimator(Estimator):
 
 
 def _mean_over_examples(targets: list[Target], sums: dict[str, torch.Tensor], n: int) -> dict[str, Diagonal]:
-    """Full diagonals: the accumulated sums divided by the number of examples."""
-    return {t.name: Diagonal(values=sums[t.name] / n, shape=t.shape) for t in targets}
+    """Full diagonals: the accumulated sums divided by the number of examples, in place (the sums
+    are taken out of ``sums`` and become the diagonals)."""
+    return {t.name: Diagonal(values=sums.pop(t.name).div_(n), shape=t.shape) for t in targets}
 
 
 def _as_linear(target: Target, tensor: torch.Tensor) -> torch.Tensor:
@@ -365,7 +436,8 @@ class HutchinsonEstimator(Estimator):
     """Unbiased ``diag(H) ~ mean_z z * (H z)``, Rademacher ``z``, Hessian-vector products by double backward.
 
     ``H`` is the Hessian of the batch-mean task loss; batches are weighted by their size and each
-    gets ``num_probes`` probes drawn from a generator seeded with ``seed``. Negative estimates are
+    gets ``num_probes`` probes drawn from a generator seeded with :func:`probe_seed` ``(seed, batch
+    index)``, so a batch gets the same probes whichever process runs it. Negative estimates are
     clamped to 0 at the end (count in ``Diagonal.clamped``). The model runs with eager attention.
     """
 
@@ -376,7 +448,7 @@ class HutchinsonEstimator(Estimator):
 
     def _start(self) -> list[RemovableHandle]:
         self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator()
         return []
 
     def _probe(self, weight: torch.Tensor) -> torch.Tensor:
@@ -385,6 +457,7 @@ class HutchinsonEstimator(Estimator):
         return z.to(device=weight.device, dtype=weight.dtype)
 
     def _step(self, model: nn.Module, batch: dict) -> int:
+        self.generator.manual_seed(probe_seed(self.seed, self.batch_index))
         losses = self.loss_fn(model, batch)
         b = int(losses.shape[0])
         weights = [t.module.weight for t in self.targets]
@@ -414,10 +487,10 @@ class HutchinsonEstimator(Estimator):
     def _finish(self) -> dict[str, Diagonal]:
         out = {}
         for t in self.targets:
-            values = self.sums[t.name] / self.num_examples
+            values = self.sums.pop(t.name).div_(self.num_examples)
             # The true diagonal of a non-convex loss can be negative; the metrics need >= 0.
             negative = int((values < 0).sum())
-            out[t.name] = Diagonal(values=values.clamp(min=0), shape=t.shape, clamped=negative)
+            out[t.name] = Diagonal(values=values.clamp_(min=0), shape=t.shape, clamped=negative)
         return out
 
 
@@ -438,6 +511,7 @@ def estimate_diagonals(
     progress: bool = True,
     seed: int = 0,
     num_probes: int = 1,
+    distributed: bool | None = None,
     **options: object,
 ) -> dict[str, Diagonal]:
     """Estimate the Hessian diagonal of every target matrix on calibration batches.
@@ -450,9 +524,13 @@ def estimate_diagonals(
         targets: from :func:`senslora.targets.find_targets`.
         loss_fn: per-example task loss, default :func:`senslora.losses.per_example_loss`.
         device: where batches go; ``None`` = the model's device.
-        accumulate_on: ``"cpu"`` (default) or ``"device"``: where the fp32 accumulators live.
-        progress: show a tqdm bar over batches.
+        accumulate_on: ``"cpu"`` (default) or ``"device"``: where the fp32 accumulators live (one
+            per target matrix, see the module docstring).
+        progress: show a tqdm bar over batches (on the main process only).
         seed, num_probes: the ``hutchinson`` probes.
+        distributed: ``None`` (default): under a launcher with several processes, shard the batches
+            (batch ``i`` on rank ``i % world_size``) and all-reduce the accumulators; every process
+            must then call this with the same batches. ``False``: this process does every batch.
         options: extra keyword arguments of the estimator class, if it takes any.
 
     Returns:
@@ -466,5 +544,11 @@ def estimate_diagonals(
         raise SensloraError(f"unknown option(s) {', '.join(unknown)} for estimator {estimator!r}")
     instance = cls(loss_fn=loss_fn, seed=seed, num_probes=num_probes, **options)
     return instance.estimate(
-        model, batches, targets, device=device, accumulate_on=accumulate_on, progress=progress
+        model,
+        batches,
+        targets,
+        device=device,
+        accumulate_on=accumulate_on,
+        progress=progress,
+        distributed=distributed,
     )

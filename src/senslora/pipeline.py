@@ -3,6 +3,12 @@
 ``allocate`` runs steps 1-5 (targets, Hessian diagonals, metrics, fusion, integer ranks) and
 returns an :class:`Allocation`, which turns into a PEFT ``LoraConfig`` (step 6 is ordinary LoRA
 training) and saves to / loads from a folder.
+
+Under a launcher with several processes (``accelerate launch`` / ``torchrun``) every process calls
+``allocate`` with the same model and batches: the estimation is sharded over the processes (see
+:mod:`senslora.estimators`), every process computes the same ranks from the reduced diagonals, and
+the main process's :class:`Allocation` (its timings) is broadcast so all return the same object.
+:meth:`Allocation.save` writes on the main process only.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 
 from . import __version__
 from .allocation import allocate_params, allocate_ranks
+from .distributed import SINGLE, current
 from .errors import SensloraError
 from .metrics import SCORES, MatrixScores, fuse, score_matrix
 from .peft_bridge import ALPHA_MODES, ranks_to_lora_config
@@ -108,10 +115,16 @@ class Allocation:
     def save(
         self, out_dir: str | Path, *, plot: bool = True, base_config=None, overwrite: bool = False
     ) -> Path:
-        """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically."""
+        """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically.
+
+        With several processes only the main one writes; the others return at once (call a barrier
+        before another process reads the folder).
+        """
         from .cache import atomic_dir
 
         out = Path(out_dir)
+        if not current().is_main:
+            return out
         if out.exists() and not overwrite:
             raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
         with atomic_dir(out) as tmp:
@@ -229,6 +242,7 @@ def allocate(
     progress: bool = True,
     measure_forward: bool = True,
     model_name: str = "",
+    distributed: bool | None = None,
 ) -> Allocation:
     """Allocate per-matrix LoRA ranks from Hessian-diagonal sensitivity (paper sections 3-4).
 
@@ -248,6 +262,9 @@ def allocate(
         target_modules, layers: which matrices (see :func:`senslora.targets.find_targets`).
         lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
             per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
+        distributed: ``None`` (default): with several processes, shard the calibration batches and
+            the forward-pass reference over them (every process must call ``allocate`` with the
+            same batches); ``False``: this process does everything alone.
     """
     from .estimators import ESTIMATORS, estimate_diagonals
 
@@ -299,12 +316,15 @@ def allocate(
         raise SensloraError("the calibration set is empty; pass --calib with at least one example")
     timings: dict[str, float] = {}
     device = device or next(model.parameters()).device
+    dist = current() if distributed is not False else SINGLE
 
     # Reference cost: one plain forward pass over the same batches (after one warm-up batch,
-    # so neither measurement pays the one-off start-up cost).
-    if measure_forward:
-        time_forward(model, batches[:1], device)
-        timings["forward"] = time_forward(model, batches, device)
+    # so neither measurement pays the one-off start-up cost); with several processes, over this
+    # process's shard, the batches its estimator will see.
+    local = dist.shard(batches) if dist.enabled else batches
+    if measure_forward and local:
+        time_forward(model, local[:1], device)
+        timings["forward"] = time_forward(model, local, device)
 
     # Step 2: Hessian diagonals.
     start = time.perf_counter()
@@ -319,6 +339,7 @@ def allocate(
         progress=progress,
         seed=seed,
         num_probes=num_probes,
+        distributed=distributed,
     )
     _sync(device)
     timings["estimation"] = time.perf_counter() - start
@@ -371,7 +392,7 @@ def allocate(
         )
         for i, (t, sc, th, r) in enumerate(zip(targets, scores, theta, ranks, strict=True))
     ]
-    return Allocation(
+    alloc = Allocation(
         matrices=matrices,
         avg_rank=float(avg_rank),
         total_rank=int(ranks.sum()),
@@ -400,3 +421,8 @@ def allocate(
         model=model_name,
         versions=package_versions(),
     )
+    if dist.enabled:
+        alloc.calibration["processes"] = dist.world_size
+        # The ranks are equal everywhere (same reduced diagonals); the timings are the main's.
+        alloc = dist.broadcast(alloc)
+    return alloc

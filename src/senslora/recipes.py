@@ -24,19 +24,32 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
         raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
-    parent = out.absolute().parent
-    probe = parent
+    check_out_parent(out)
+    return out
+
+
+def check_out_parent(out: str | Path) -> None:
+    """Fail before any work if the nearest existing ancestor of ``out`` is not a writable folder."""
+    probe = Path(out).absolute().parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not _writable(probe):
         raise SensloraError(f"cannot write into {probe}; choose another --out")
-    return out
 
 
 def _writable(path: Path) -> bool:
+    """Whether a folder can be created in ``path`` (tried: root passes ``os.access`` everywhere,
+    and /proc or a read-only mount pass it too)."""
     import os
+    import tempfile
 
-    return os.access(path, os.W_OK | os.X_OK)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".senslora-probe-", dir=path))
+    except OSError:
+        return False
+    return True
 
 
 def load_model_for(args: argparse.Namespace, kind: str | None = None, **extra):
@@ -82,9 +95,14 @@ def target_spec(args: argparse.Namespace):
 
 
 def run_allocate(args: argparse.Namespace) -> Path:
-    """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png."""
+    """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png.
+
+    Under ``accelerate launch`` / ``torchrun`` every process loads the model and the same calibration
+    sample, the estimation is sharded over the processes, and the main process writes the folder.
+    """
     from peft import LoraConfig, TaskType
 
+    from .distributed import current, process_device
     from .estimators import ESTIMATORS
     from .models import model_kind
     from .pipeline import allocate
@@ -92,6 +110,10 @@ def run_allocate(args: argparse.Namespace) -> Path:
     out = check_out_dir(args.out, args.overwrite)
     if args.estimator not in ESTIMATORS:
         raise SensloraError(f"unknown estimator {args.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    dist = current()
+    if dist.enabled:
+        # One device per process (cuda:<local rank>, or the CPU under gloo).
+        args = argparse.Namespace(**{**vars(args), "device": process_device(args.device, dist)})
     seed_everything(args.seed)
     attn = "eager" if args.estimator == "hutchinson" else None
     model, tokenizer = load_model_for(args, attn_implementation=attn)
@@ -128,8 +150,10 @@ def run_allocate(args: argparse.Namespace) -> Path:
         "regression": TaskType.SEQ_CLS,
     }.get(kind)
     base = LoraConfig(r=max(1, round(args.avg_rank)), lora_alpha=alloc.lora_alpha, task_type=task_type)
-    alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite)
-    _print_summary(alloc)
+    alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite)  # main only
+    dist.barrier()
+    if dist.is_main:
+        _print_summary(alloc)
     return out
 
 

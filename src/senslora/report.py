@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .cache import atomic_dir, atomic_write_text
 from .errors import SensloraError
 
 # The paper's targets, checked as ratios measured in one benchmark run.
@@ -332,8 +332,14 @@ def build_report(out: str | Path, *, command: str | None = None) -> Path:
     runs = load_runs(out)
     if not runs:
         raise SensloraError(f"{out}/runs holds no result.json; run `senslora bench CONFIG --out {out}` first")
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
+    path = out / "RESULTS.md"
+    # All or nothing: a failed write leaves the previous RESULTS.md and plots/ untouched.
+    with atomic_dir(out / "plots") as plots:
+        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command)))
+    return path
+
+
+def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None) -> list[str]:
     n_ok = sum(r["status"] == "ok" for r in runs)
     lines = [
         "# Benchmark results",
@@ -357,8 +363,4 @@ def build_report(out: str | Path, *, command: str | None = None) -> Path:
     versions = next((r.get("versions") for r in runs if r.get("versions")), {})
     if versions:
         lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
-    path = out / "RESULTS.md"
-    tmp = path.with_name(f".RESULTS.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return lines

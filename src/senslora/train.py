@@ -34,6 +34,19 @@ method that ran forward passes before training, like senslora's allocation, has 
 AdamW's state, allocated at the first step). ``peak_memory_total_mb`` is the absolute peak during
 training (allocated CUDA memory, or the process's RSS). Without ``/proc`` only the growth of
 ``ru_maxrss`` from the start of training is reported, a lower bound.
+
+Several processes (``accelerate launch --num_processes N -m senslora train ...``, or ``torchrun``):
+every process builds the same epoch order and batches; each batch of ``batch_size`` examples is
+split over the processes (rows ``rank::N``), so a step still sees ``batch_size`` examples and the
+run has the same number of steps and learning-rate schedule as with one process. The model is
+wrapped in DDP (``accelerator.prepare``); each process back-propagates ``N / batch_size`` times the
+sum of its examples' losses, so DDP's gradient average is the gradient of the batch mean loss. Method
+hooks (AdaLoRA's ``update_and_allocate``, DyLoRA's rank draw, extra losses) see the unwrapped model
+and behave identically on every process (same seeds, synchronised gradients). Only the main
+process evaluates (validation and test, on the unwrapped model), writes ``config.json``,
+``splits.json``, checkpoints (with every process's RNG state), ``adapter/`` and ``result.json``;
+the others wait at barriers and ``train`` returns the main's result everywhere. Per-step time and
+peak memory in ``result.json`` are the main process's.
 """
 
 from __future__ import annotations
@@ -56,6 +69,7 @@ import numpy as np
 import torch
 
 from .cache import atomic_dir, atomic_write_text
+from .distributed import SINGLE, Dist, current
 from .errors import SensloraError
 from .methods.base import Method, MethodContext, adapter_parameter_count, get_method
 
@@ -323,18 +337,53 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def _training_loss(model, batch: dict, method: Method) -> tuple[torch.Tensor, float]:
-    """(loss to back-propagate, task loss as a float)."""
+def _training_loss(
+    model,
+    batch: dict,
+    method: Method,
+    *,
+    unwrapped=None,
+    dist: Dist = SINGLE,
+    global_size: int = 0,
+    weight: float = 1.0,
+) -> tuple[torch.Tensor, float]:
+    """(loss to back-propagate, task loss of the whole batch as a float).
+
+    With several processes ``batch`` is this process's rows of a batch of ``global_size`` examples
+    (``weight`` 0 for a stand-in row when it got none): the loss is ``world_size / global_size``
+    times the sum of its per-example losses, so DDP's gradient average is the gradient of the whole
+    batch's mean loss; the reported task loss is summed over the processes. Method extras see
+    ``unwrapped`` (the model without its DDP wrapper).
+    """
     from .losses import per_example_loss
 
-    task_loss = per_example_loss(model, batch).mean()
-    loss = task_loss
+    losses = per_example_loss(model, batch)
+    if dist.enabled:
+        local = losses.sum() * weight
+        loss = local * (dist.world_size / global_size)
+        total = dist.all_reduce_(local.detach().double().reshape(1))
+        value = float(total.item()) / global_size
+    else:
+        loss = losses.mean()
+        value = float(loss.detach())
     extra = getattr(method, "extra_loss", None)
     if callable(extra):
-        penalty = extra(model)
+        penalty = extra(unwrapped if unwrapped is not None else model)
         if penalty is not None:
             loss = loss + penalty
-    return loss, float(task_loss.detach())
+    return loss, value
+
+
+def _local_rows(batch: dict, dist: Dist) -> tuple[dict, int, float]:
+    """(this process's rows ``rank::world_size`` of ``batch``, the batch's size, weight).
+
+    A process left without rows (a batch smaller than the number of processes) gets the first row
+    with weight 0, so that it still takes part in DDP's gradient reduction.
+    """
+    size = int(batch["input_ids"].shape[0])
+    rows = slice(dist.rank, None, dist.world_size) if dist.rank < size else slice(0, 1)
+    local = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return local, size, 1.0 if dist.rank < size else 0.0
 
 
 def _sync(device) -> None:
@@ -447,24 +496,37 @@ def checkpoints(out: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _save_checkpoint(out: Path, state: TrainState, model, optimizer, scheduler, method: Method) -> None:
+def _rng_file(rank: int) -> str:
+    """The RNG state file of process ``rank`` in a checkpoint (``rng.pt`` for the main process)."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def _save_checkpoint(
+    out: Path, state: TrainState, model, optimizer, scheduler, method: Method, dist: Dist = SINGLE
+) -> None:
+    """Write a checkpoint of ``model`` (unwrapped). With several processes: the main process writes
+    it, with every process's RNG state, and the others wait at a barrier."""
     from safetensors.torch import save_file
 
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    with atomic_dir(out / CHECKPOINTS_DIR / f"step-{state.step}") as tmp:
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        method_state = getattr(method, "state_dict", None)
-        if callable(method_state):
-            torch.save(method_state(), tmp / "method.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state)))  # last: marks the checkpoint complete
-    for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    rng_states = dist.gather(_rng_state())
+    if dist.is_main:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        with atomic_dir(out / CHECKPOINTS_DIR / f"step-{state.step}") as tmp:
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            for rank, rng in enumerate(rng_states):
+                torch.save(rng, tmp / _rng_file(rank))
+            method_state = getattr(method, "state_dict", None)
+            if callable(method_state):
+                torch.save(method_state(), tmp / "method.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(state)))  # last: marks the checkpoint complete
+        for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, method: Method) -> TrainState:
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, method: Method, rank: int = 0) -> TrainState:
     from safetensors.torch import load_file
 
     saved = load_file(str(folder / "trainable.safetensors"))
@@ -481,7 +543,9 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, method: Method) 
     # Our own files; the NumPy RNG state and method states need full unpickling.
     if callable(getattr(method, "load_state_dict", None)) and (folder / "method.pt").is_file():
         method.load_state_dict(torch.load(folder / "method.pt", weights_only=False))
-    _set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+    # This process's RNG state (a run resumed with more processes than it had: the main's).
+    rng_path = folder / _rng_file(rank)
+    _set_rng_state(torch.load(rng_path if rng_path.is_file() else folder / "rng.pt", weights_only=False))
     return TrainState(**json.loads((folder / "state.json").read_text()))
 
 
@@ -559,13 +623,17 @@ def train(
     task = load_task_for(config)
     _check_model_fits_task(config.model, task)
     accelerator = _accelerator(config.device)
+    dist = current()
     seed_everything(config.seed)
     model, tokenizer = _load_base(config, task, accelerator.device)
 
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    fresh = not out.exists() or not any(out.iterdir())
-    out.mkdir(parents=True, exist_ok=True)
+    fresh = overwrite or not out.exists() or not any(out.iterdir())
+    dist.barrier()  # every process has checked the folder before the main one touches it
+    if dist.is_main:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     try:
         return _run(
             config,
@@ -576,21 +644,23 @@ def train(
             tokenizer,
             accelerator,
             resume,
-            progress,
+            progress and dist.is_main,
             step_callback,
             wall_start,
+            dist,
         )
     except BaseException:
-        if fresh and not checkpoints(out):
+        if fresh and dist.is_main and not checkpoints(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
 def _select_data(
-    config: TrainConfig, out: Path, task, model, tokenizer, device, progress: bool
+    config: TrainConfig, out: Path, task, model, tokenizer, device, progress: bool, dist: Dist = SINGLE
 ) -> tuple[list, dict]:
     """``--data-select quality``: keep the best ``data_keep`` fraction of the train split
-    (:func:`senslora.quality.select_training_data`), saved into ``selection/`` and reused on resume."""
+    (:func:`senslora.quality.select_training_data`), saved into ``selection/`` and reused on resume.
+    With several processes every one scores the data and the main's selection is used by all."""
     from .quality import select_training_data
 
     folder = out / SELECTION_DIR
@@ -608,18 +678,27 @@ def _select_data(
             device=device,
             progress=progress,
         )
-        selection.save(folder, plot=bool(config.options.get("plot", True)))
+        if dist.is_main:
+            selection.save(folder, plot=bool(config.options.get("plot", True)))
         summary = selection.summary()
+    summary = dist.broadcast(summary)
     kept = set(summary["kept_ids"])
     train = [ex for ex in task.train if ex.id in kept]
     return train, {k: v for k, v in summary.items() if k not in ("kept_ids", "dropped")}
 
 
 def _select_layers(
-    config: TrainConfig, out: Path, model, calibration: list[dict], device, progress: bool
+    config: TrainConfig,
+    out: Path,
+    model,
+    calibration: list[dict],
+    device,
+    progress: bool,
+    dist: Dist = SINGLE,
 ) -> tuple[list[int], dict]:
     """``--layers cka``: the blocks to adapt (:func:`senslora.cka.select_layers_by_cka` on the
-    calibration batches), saved into ``cka/`` and reused on resume."""
+    calibration batches), saved into ``cka/`` and reused on resume. With several processes every
+    one computes it and the main's selection is used by all."""
     from .cka import LayerSelection, select_layers_by_cka
 
     folder = out / CKA_DIR
@@ -628,8 +707,9 @@ def _select_layers(
     else:
         ratio = float(config.options.get("layer_ratio", 0.5))
         selection = select_layers_by_cka(model, calibration, ratio, device=device, progress=progress)
-        selection.save(folder, plot=bool(config.options.get("plot", True)))
-    return list(selection.kept), selection.to_dict()
+        if dist.is_main:
+            selection.save(folder, plot=bool(config.options.get("plot", True)))
+    return dist.broadcast((list(selection.kept), selection.to_dict()))
 
 
 def _match_layer_budget(ctx: MethodContext, model, record: dict) -> None:
@@ -652,18 +732,32 @@ def _match_layer_budget(ctx: MethodContext, model, record: dict) -> None:
 
 
 def _accelerator(device):
-    from accelerate import Accelerator
+    """The run's Accelerator. Batches are split over processes (``split_batches``): a step is one
+    batch of ``batch_size`` examples whatever the number of processes, and the prepared scheduler
+    steps once per optimizer step."""
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     from .models import resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
-    return Accelerator(cpu=dev.type == "cpu")
+    return Accelerator(cpu=dev.type == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def _run(
-    config, out, task, method, model, tokenizer, accelerator, resume, progress, step_callback, wall_start
+    config,
+    out,
+    task,
+    method,
+    model,
+    tokenizer,
+    accelerator,
+    resume,
+    progress,
+    step_callback,
+    wall_start,
+    dist,
 ) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -676,7 +770,7 @@ def _run(
     extras: dict[str, Any] = {}
     if config.options.get("data_select", "none") == "quality":
         task.train, extras["data_selection"] = _select_data(
-            config, out, task, model, tokenizer, device, progress
+            config, out, task, model, tokenizer, device, progress, dist
         )
     calibration = make_batches(
         sample_examples(task.train, config.calib_samples, config.seed),
@@ -690,15 +784,16 @@ def _run(
     ctx = _method_context(config, task, calibration, total_steps, out, device, progress)
     if config.options.get("layer_select", "all") == "cka":
         ctx.options["layers"], extras["layer_selection"] = _select_layers(
-            config, out, model, calibration, device, progress
+            config, out, model, calibration, device, progress, dist
         )
         if config.options.get("layer_budget", "match") == "match":
             _match_layer_budget(ctx, model, extras["layer_selection"])
     splits = {"splits_seed": task.splits_seed, "label_names": task.label_names, **task.split_ids()}
     if resume and (out / SPLITS_NAME).is_file() and json.loads((out / SPLITS_NAME).read_text()) != splits:
         raise SensloraError(f"the data differs from {out / SPLITS_NAME}; it changed since the run started")
-    atomic_write_text(out / CONFIG_NAME, _json(config.to_dict()))
-    atomic_write_text(out / SPLITS_NAME, _json(splits))
+    if dist.is_main:
+        atomic_write_text(out / CONFIG_NAME, _json(config.to_dict()))
+        atomic_write_text(out / SPLITS_NAME, _json(splits))
 
     model = method.prepare(model, ctx).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -708,12 +803,15 @@ def _run(
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     warmup = math.ceil(config.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    # With several processes the model comes back wrapped in DDP; hooks, evaluation and saving
+    # use the unwrapped model (the same parameters).
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
 
     state = TrainState()
     last = checkpoints(out)[-1] if resume and checkpoints(out) else None
     if last is not None:
-        state = _load_checkpoint(last, model, optimizer, scheduler, method)
+        state = _load_checkpoint(last, unwrapped, optimizer, scheduler, method, dist.rank)
         state.resumed_at.append(state.step)
 
     memory = _PeakMemory(device)
@@ -732,15 +830,20 @@ def _run(
             batch_size=config.batch_size,
         )
         for index in range(state.batch, len(batches)):
-            batch = move_batch(batches[index], device)
+            batch, global_size, weight = batches[index], 0, 1.0
+            if dist.enabled:
+                batch, global_size, weight = _local_rows(batch, dist)
+            batch = move_batch(batch, device)
             start = time.perf_counter()
-            method.on_step_begin(model, state.step)
-            loss, task_loss = _training_loss(model, batch, method)
+            method.on_step_begin(unwrapped, state.step)
+            loss, task_loss = _training_loss(
+                model, batch, method, unwrapped=unwrapped, dist=dist, global_size=global_size, weight=weight
+            )
             accelerator.backward(loss)
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
-            method.on_optimizer_step(model, state.step)
+            method.on_optimizer_step(unwrapped, state.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             _sync(device)
@@ -758,7 +861,7 @@ def _run(
             bar.set_postfix(loss=f"{task_loss:.4f}")
             if config.save_every and state.step % config.save_every == 0 and state.batch < len(batches):
                 _record_memory(state, memory)
-                _save_checkpoint(out, state, model, optimizer, scheduler, method)
+                _save_checkpoint(out, state, unwrapped, optimizer, scheduler, method, dist)
             if step_callback is not None:
                 step_callback(state.step)
         _record_memory(state, memory)
@@ -767,13 +870,14 @@ def _run(
             "step": state.step,
             "train_loss": state.loss_sum / max(1, state.batch),
         }
-        if config.eval_each_epoch:
+        if config.eval_each_epoch and dist.is_main:
+            # The main process evaluates; the others wait in _save_checkpoint.
             start = time.perf_counter()
             entry["validation"] = _evaluate(
-                model, tokenizer, task.validation, task, config, method, device, False
+                unwrapped, tokenizer, task.validation, task, config, method, device, False
             )
             state.eval_time_s += time.perf_counter() - start
-            model.train()
+        model.train()
         state.history.append(entry)
         state.epoch, state.batch, state.loss_sum = epoch + 1, 0, 0.0
         if progress:
@@ -782,57 +886,61 @@ def _run(
                 f"epoch {epoch + 1}: train_loss={entry['train_loss']:.4f}"
                 + (f", validation {shown}" if shown else "")
             )
-        _save_checkpoint(out, state, model, optimizer, scheduler, method)
+        _save_checkpoint(out, state, unwrapped, optimizer, scheduler, method, dist)
     bar.close()
 
-    start = time.perf_counter()
-    metrics = _evaluate(model, tokenizer, task.test, task, config, method, device, progress)
-    test_time = time.perf_counter() - start
-    unwrapped = accelerator.unwrap_model(model)
-    with atomic_dir(out / ADAPTER_DIR) as tmp:
-        method.save(unwrapped, tmp)
-    times = state.step_times
-    result = {
-        "status": "ok",
-        "method": config.method,
-        "task": task.name,
-        "model": config.model,
-        "seed": config.seed,
-        "problem": task.problem,
-        "primary_metric": task.primary_metric,
-        "metrics": metrics,
-        "history": state.history,
-        "trainable_params": counts["adapter"],
-        "budget_params": counts["budget"],
-        "trainable_params_total": counts["trainable"],
-        "total_params": counts["total"],
-        "steps": state.step,
-        "train_time_s": state.train_time_s,
-        "step_time_mean_s": statistics.fmean(times) if times else None,
-        "step_time_median_s": statistics.median(times) if times else None,
-        "eval_time_s": state.eval_time_s,
-        "test_time_s": test_time,
-        "wall_time_s": time.perf_counter() - wall_start,
-        "peak_memory_mb": state.peak_memory_mb,
-        "peak_memory_total_mb": state.peak_memory_total_mb,
-        "peak_memory_measure": memory.measure,
-        "allocation_time_s": method.record.get("allocation_time_s"),
-        "method_record": method.record,
-        "data": {
-            "train": len(task.train),
-            "validation": len(task.validation),
-            "test": len(task.test),
-            "splits_seed": task.splits_seed,
-        },
-        "resumed_at": state.resumed_at,
-        **extras,
-        "config": config.to_dict(),
-        "versions": package_versions(),
-    }
-    atomic_write_text(out / RESULT_NAME, _json(result))
-    if not config.keep_checkpoints:
-        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
-    return json.loads(_json(result))
+    result = None
+    if dist.is_main:
+        start = time.perf_counter()
+        metrics = _evaluate(unwrapped, tokenizer, task.test, task, config, method, device, progress)
+        test_time = time.perf_counter() - start
+        with atomic_dir(out / ADAPTER_DIR) as tmp:
+            method.save(unwrapped, tmp)
+        times = state.step_times
+        result = {
+            "status": "ok",
+            "method": config.method,
+            "task": task.name,
+            "model": config.model,
+            "seed": config.seed,
+            "problem": task.problem,
+            "primary_metric": task.primary_metric,
+            "metrics": metrics,
+            "history": state.history,
+            "trainable_params": counts["adapter"],
+            "budget_params": counts["budget"],
+            "trainable_params_total": counts["trainable"],
+            "total_params": counts["total"],
+            "steps": state.step,
+            "processes": dist.world_size,
+            "train_time_s": state.train_time_s,
+            "step_time_mean_s": statistics.fmean(times) if times else None,
+            "step_time_median_s": statistics.median(times) if times else None,
+            "eval_time_s": state.eval_time_s,
+            "test_time_s": test_time,
+            "wall_time_s": time.perf_counter() - wall_start,
+            "peak_memory_mb": state.peak_memory_mb,
+            "peak_memory_total_mb": state.peak_memory_total_mb,
+            "peak_memory_measure": memory.measure,
+            "allocation_time_s": method.record.get("allocation_time_s"),
+            "method_record": method.record,
+            "data": {
+                "train": len(task.train),
+                "validation": len(task.validation),
+                "test": len(task.test),
+                "splits_seed": task.splits_seed,
+            },
+            "resumed_at": state.resumed_at,
+            **extras,
+            "config": config.to_dict(),
+            "versions": package_versions(),
+        }
+        atomic_write_text(out / RESULT_NAME, _json(result))
+        if not config.keep_checkpoints:
+            shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+        result = json.loads(_json(result))
+    # The other processes wait here for the main's test evaluation and files.
+    return dist.broadcast(result)
 
 
 # ------------------------------------------------------------------------------------- evaluate

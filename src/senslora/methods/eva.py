@@ -89,6 +89,8 @@ class EVA(Method):
             forward_fn=forward,
             prepare_model_inputs_fn=_token_positions,
             show_progress_bar=False,
+            # Every process has all calibration batches (as with one process): no gathering.
+            gather_distributed_inputs=False,
         )
         seconds = time.perf_counter() - start
         built = peft_ranks(peft_model)

@@ -83,6 +83,7 @@ class SensLoRA(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
 
+        from ..distributed import current
         from ..pipeline import Allocation, allocate
 
         base = uniform_lora_config(model, ctx, self.name)
@@ -112,7 +113,9 @@ class SensLoRA(Method):
                 **options,
             )
             if folder is not None:
+                # With several processes the main one writes, the others wait.
                 alloc.save(folder, plot=bool(ctx.options.get("plot", True)), base_config=base)
+                current().barrier()
         ranks = alloc.ranks
         self.record.update(
             allocation_time_s=alloc.timings.get("total", 0.0),
