@@ -206,3 +206,13 @@ def test_best_of_refuses_a_partial_sweep(tmp_path):
     (failed / "result.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
     with pytest.raises(SensloraError, match="needs every run"):
         resolve_params({"lr": "best-of:sweep"}, tmp_path)
+
+
+def test_report_shows_selection_costs_against_a_forward_pass(tmp_path):
+    result = _train_result("cka", 0, 0.8, 0.5)
+    result["layer_selection"] = {"timings": {"forward": 2.0, "hidden_states": 2.0, "cka": 0.2}}
+    result["data_selection"] = {"timings": {"forward": 1.0, "score": 0.9, "dedupe": 0.0}}
+    _fake_run(tmp_path, "main", "method=cka,seed=0", {"method": "cka", "seed": 0}, result)
+    text = build_report(tmp_path).read_text()
+    assert "| CKA layer selection / one forward pass (1 runs) | 1.100 |" in text
+    assert "| quality scoring / one forward pass (1 runs) | 0.900 |" in text

@@ -289,6 +289,7 @@ def targets_section(runs: list[dict]) -> list[str]:
             )
             verdict = "report" if target is None else ("pass" if ratio <= target else "**FAIL**")
             rows.append([label, f"{ratio:.3f}", "–" if target is None else f"≤ {target}", verdict])
+    rows += _selection_cost_rows(runs)
     if not rows:
         return []
     return (
@@ -296,6 +297,40 @@ def targets_section(runs: list[dict]) -> list[str]:
         + _table(["quantity", "measured", "target", "verdict"], rows)
         + [""]
     )
+
+
+def _selection_cost_rows(runs: list[dict]) -> list[list[str]]:
+    """CKA and quality scoring against one plain forward pass over the same examples (mean over runs)."""
+    cka, quality = [], []
+    for r in runs:
+        if r["status"] != "ok":
+            continue
+        t = (r.get("layer_selection") or {}).get("timings") or {}
+        if t.get("forward"):
+            cka.append((t["hidden_states"] + t.get("cka", 0.0)) / t["forward"])
+        t = (r.get("data_selection") or {}).get("timings") or {}
+        if t.get("forward"):
+            quality.append((t["score"] + t.get("dedupe", 0.0)) / t["forward"])
+    rows = []
+    if cka:
+        rows.append(
+            [
+                f"CKA layer selection / one forward pass ({len(cka)} runs)",
+                f"{statistics.fmean(cka):.3f}",
+                "≈ 1 (one forward)",
+                "report",
+            ]
+        )
+    if quality:
+        rows.append(
+            [
+                f"quality scoring / one forward pass ({len(quality)} runs)",
+                f"{statistics.fmean(quality):.3f}",
+                "≤ 1 (≤ 2 with IFD)",
+                "report",
+            ]
+        )
+    return rows
 
 
 def _method_pairs(runs: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
