@@ -157,7 +157,7 @@ def test_report_tables_paired_differences_and_targets(tmp_path):
     text = build_report(tmp_path).read_text()
     assert "| method=senslora | 3 | 0.8167 ± 0.0153 |" in text
     assert "| method=senslora | 3 | +0.0167 |" in text and "2/3" in text
-    assert "| allocation / forward (m, 8 examples) | 1.10 | ≤ 1.25 | pass |" in text
+    assert "| allocation / forward (cost: m, 8 examples, seed 0) | 1.10 | ≤ 1.25 | pass |" in text
     assert "senslora / lora per-step time (main: (single setting)) | 1.100 | ≤ 1.03 | **FAIL** |" in text
     assert (tmp_path / "plots" / "main.png").exists()
 

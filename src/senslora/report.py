@@ -269,7 +269,7 @@ def targets_section(runs: list[dict]) -> list[str]:
             v = r["ratio_to_forward"]
             rows.append(
                 [
-                    f"allocation / forward ({r['model']}, {r['examples']} examples)",
+                    f"allocation / forward ({r['_meta']['experiment']}: {r['model']}, {r['examples']} examples, seed {r.get('params', {}).get('seed', 0)})",
                     f"{v:.2f}",
                     f"≤ {TARGET_ALLOC_OVER_FORWARD}",
                     "pass" if v <= TARGET_ALLOC_OVER_FORWARD else "**FAIL**",
