@@ -83,7 +83,6 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
     lines = [f"## Experiment `{name}` (training)", ""]
     if not ok:
         return lines + ["No completed run.", ""]
-    primary = ok[0]["primary_metric"]
     metric_names = sorted({m for r in ok for m in r["metrics"]})
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in ok:
@@ -107,14 +106,28 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
         mems = [r["peak_memory_mb"] for r in members if r.get("peak_memory_mb") is not None]
         cells.append(_fmt(statistics.fmean(mems), 0) if mems else "–")
         rows.append(cells)
-    lines += [f"Primary metric: **{primary}** (test split; mean ± sample std over seeds).", ""]
+    # Tasks differ in their primary metric (accuracy, pearson, rougeL): compare each on its own.
+    by_primary: dict[str, list[dict]] = defaultdict(list)
+    for r in ok:
+        by_primary[r["primary_metric"]].append(r)
+    primaries = ", ".join(
+        f"**{p}** ({', '.join(sorted({str(r.get('task', '?')) for r in rs}))})" for p, rs in by_primary.items()
+    )
+    lines += [f"Test-split metrics, mean ± sample std over seeds. Primary metric: {primaries}.", ""]
     lines += _table(header, rows) + [""]
 
     baseline = ok[0]["_meta"].get("baseline") or {}
-    if baseline:
-        lines += paired_section(ok, baseline, primary)
-    _bar_plot(name, groups, primary, plots)
-    lines += [f"![{name}](plots/{name}.png)", ""]
+    for primary, members in by_primary.items():
+        if baseline:
+            lines += paired_section(members, baseline, primary)
+        plot_name = name if len(by_primary) == 1 else f"{name}-{primary}"
+        _bar_plot(
+            plot_name,
+            {k: [r for r in g if r["primary_metric"] == primary] for k, g in groups.items()},
+            primary,
+            plots,
+        )
+        lines += [f"![{plot_name}](plots/{plot_name}.png)", ""]
     return lines
 
 
