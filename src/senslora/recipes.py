@@ -94,6 +94,27 @@ def target_spec(args: argparse.Namespace):
     return args.targets
 
 
+def allocator_options(args: argparse.Namespace) -> dict:
+    """The allocator flags (``add_allocator_args``) as :func:`senslora.pipeline.allocate` keywords;
+    ``senslora train`` passes the same dict as method options."""
+    return {
+        "estimator": args.estimator,
+        "score": args.score,
+        "fusion": args.fusion,
+        "strategy": args.strategy,
+        "categories": args.categories,
+        "topk_fraction": args.topk_fraction,
+        "alpha": args.alpha,
+        "r_min": args.r_min,
+        "r_max": args.r_max,
+        "budget_mode": args.budget,
+        "alpha_mode": args.alpha_mode,
+        "num_probes": args.num_probes,
+        "accumulate_on": args.accumulate_on,
+        "target_modules": target_spec(args),
+    }
+
+
 def run_allocate(args: argparse.Namespace) -> Path:
     """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png.
 
@@ -123,24 +144,11 @@ def run_allocate(args: argparse.Namespace) -> Path:
         model,
         batches,
         avg_rank=args.avg_rank,
-        estimator=args.estimator,
-        score=args.score,
-        fusion=args.fusion,
-        strategy=args.strategy,
-        categories=args.categories,
-        topk_fraction=args.topk_fraction,
-        alpha=args.alpha,
-        r_min=args.r_min,
-        r_max=args.r_max,
-        budget_mode=args.budget,
-        target_modules=target_spec(args),
         lora_alpha=args.lora_alpha,
-        alpha_mode=args.alpha_mode,
         seed=args.seed,
-        accumulate_on=args.accumulate_on,
-        num_probes=args.num_probes,
         progress=not args.no_progress,
         model_name=args.model,
+        **allocator_options(args),
     )
     alloc.calibration["source"] = args.calib
     alloc.calibration["max_length"] = args.max_length

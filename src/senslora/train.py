@@ -1017,23 +1017,10 @@ def evaluate_run(
 # ------------------------------------------------------------------------------------- CLI glue
 def config_from_args(args) -> TrainConfig:
     """A :class:`TrainConfig` from the ``senslora train`` flags."""
-    from .recipes import target_spec
+    from .recipes import allocator_options
 
     options: dict[str, Any] = {
-        "estimator": args.estimator,
-        "score": args.score,
-        "fusion": args.fusion,
-        "strategy": args.strategy,
-        "categories": args.categories,
-        "topk_fraction": args.topk_fraction,
-        "alpha": args.alpha,
-        "r_min": args.r_min,
-        "r_max": args.r_max,
-        "budget_mode": args.budget,
-        "alpha_mode": args.alpha_mode,
-        "num_probes": args.num_probes,
-        "accumulate_on": args.accumulate_on,
-        "target_modules": target_spec(args),
+        **allocator_options(args),
         "layer_select": args.layers,
         "layer_ratio": args.layer_ratio,
         "data_select": args.data_select,
