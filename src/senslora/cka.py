@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import SensloraError
-from .pipeline import _sync, time_forward
+from .pipeline import sync_device, time_forward
 
 TOKEN_CHOICES = ("auto", "first", "last")
 
@@ -332,7 +332,7 @@ def select_layers_by_cka(
         timings["forward"] = time_forward(model, batches, device)
     start = time.perf_counter()
     reps = collect_block_representations(model, batches, device=device, progress=progress, token=resolved)
-    _sync(device)
+    sync_device(device)
     timings["hidden_states"] = time.perf_counter() - start
     start = time.perf_counter()
     scores = cka_from_representations(reps)

@@ -194,13 +194,14 @@ def time_forward(model, batches: Sequence[dict], device=None) -> float:
         start = time.perf_counter()
         for b in batches:
             model(**model_inputs(move_batch(b, device)))
-        _sync(device)
+        sync_device(device)
         return time.perf_counter() - start
     finally:
         model.train(was_training)
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
+    """Wait for queued CUDA work so wall-clock timings are honest (no-op on the CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -341,7 +342,7 @@ def allocate(
         num_probes=num_probes,
         distributed=distributed,
     )
-    _sync(device)
+    sync_device(device)
     timings["estimation"] = time.perf_counter() - start
 
     # Step 3: the three metrics per matrix.

@@ -111,7 +111,8 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
     for r in ok:
         by_primary[r["primary_metric"]].append(r)
     primaries = ", ".join(
-        f"**{p}** ({', '.join(sorted({str(r.get('task', '?')) for r in rs}))})" for p, rs in by_primary.items()
+        f"**{p}** ({', '.join(sorted({str(r.get('task', '?')) for r in rs}))})"
+        for p, rs in by_primary.items()
     )
     lines += [f"Test-split metrics, mean ± sample std over seeds. Primary metric: {primaries}.", ""]
     lines += _table(header, rows) + [""]

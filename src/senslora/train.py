@@ -72,6 +72,7 @@ from .cache import atomic_dir, atomic_write_text
 from .distributed import SINGLE, Dist, current
 from .errors import SensloraError
 from .methods.base import Method, MethodContext, adapter_parameter_count, get_method
+from .pipeline import sync_device
 
 CONFIG_NAME = "config.json"
 SPLITS_NAME = "splits.json"
@@ -384,11 +385,6 @@ def _local_rows(batch: dict, dist: Dist) -> tuple[dict, int, float]:
     rows = slice(dist.rank, None, dist.world_size) if dist.rank < size else slice(0, 1)
     local = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return local, size, 1.0 if dist.rank < size else 0.0
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _record_memory(state: TrainState, memory: _PeakMemory) -> None:
@@ -846,7 +842,7 @@ def _run(
             method.on_optimizer_step(unwrapped, state.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            _sync(device)
+            sync_device(device)
             seconds = time.perf_counter() - start
             state.train_time_s += seconds
             if warm:
