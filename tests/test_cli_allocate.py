@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import save_tiny_bert_with_minilm_tokenizer
 
 from senslora.cli import main
 
@@ -12,25 +13,10 @@ from senslora.cli import main
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     """A tiny random BERT classifier saved as an HF folder with the real MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from senslora.models import resolve_model_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
     folder = tmp_path_factory.mktemp("models") / "tiny-bert"
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_bert_with_minilm_tokenizer(
+        folder, max_position_embeddings=128, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
+    )
 
 
 def run(args, capsys):

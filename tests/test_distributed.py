@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_bert, token_batches
+from tiny import tiny_bert, token_batches, write_sentiment_csv
 
 from senslora.cli import main
 from senslora.estimators import estimate_diagonals
@@ -114,15 +114,7 @@ def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist-assets")
     tiny_bert().save_pretrained(root / "bert")
     make_word_tokenizer().save_pretrained(root / "bert")
-    rng = random.Random(0)
-    with open(root / "sentiment.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        for _ in range(60):
-            positive = rng.random() < 0.5
-            word = rng.choice(["good", "great"] if positive else ["bad", "awful"])
-            filler = " ".join(rng.choice(["very", "not", "one", "two"]) for _ in range(rng.randint(0, 3)))
-            writer.writerow([f"the film is {word} {filler}".strip(), "pos" if positive else "neg"])
+    write_sentiment_csv(root / "sentiment.csv")
     return root
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
+from tiny import save_tiny_bert_with_minilm_tokenizer
 
 from senslora.cli import build_parser, main
 from senslora.train import checkpoints, config_from_args, train
@@ -45,25 +45,10 @@ WORDS_NEG = ["bad", "awful", "poor", "dull"]
 def assets(tmp_path_factory) -> Path:
     """A tiny random BERT (dropout on, so a resume must restore the RNG) saved with the real MiniLM
     tokenizer, an 80-row sentiment CSV, and a fake finished benchmark for `report`."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from senslora.models import resolve_model_path
-
     root = tmp_path_factory.mktemp("fault-assets")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=2,
-        hidden_dropout_prob=0.1,
+    save_tiny_bert_with_minilm_tokenizer(
+        root / "model", max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
     )
-    BertForSequenceClassification(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
     rng = random.Random(0)
     with open(root / "task.csv", "w", newline="") as fh:
         writer = csv.writer(fh)

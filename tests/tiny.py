@@ -60,3 +60,31 @@ def token_batches(
             b["labels"] = ids.masked_fill(mask == 0, -100)
         out.append(b)
     return out
+
+
+def save_tiny_bert_with_minilm_tokenizer(folder, **overrides):
+    """A tiny random BERT classifier saved as an HF folder with the real MiniLM tokenizer."""
+    from transformers import AutoTokenizer
+
+    from senslora.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    tiny_bert(vocab_size=tok.vocab_size, **overrides).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_sentiment_csv(path, n: int = 60, seed: int = 0) -> None:
+    """``n`` rows of text,label with word-level sentiment ("good"/"great" vs "bad"/"awful")."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for _ in range(n):
+            positive = rng.random() < 0.5
+            word = rng.choice(["good", "great"] if positive else ["bad", "awful"])
+            filler = " ".join(rng.choice(["very", "not", "one", "two"]) for _ in range(rng.randint(0, 3)))
+            writer.writerow([f"the film is {word} {filler}".strip(), "pos" if positive else "neg"])
