@@ -216,3 +216,24 @@ def test_report_shows_selection_costs_against_a_forward_pass(tmp_path):
     text = build_report(tmp_path).read_text()
     assert "| CKA layer selection / one forward pass (1 runs) | 1.100 |" in text
     assert "| quality scoring / one forward pass (1 runs) | 0.900 |" in text
+
+
+def test_per_method_overrides_set_params_without_changing_run_ids(tmp_path):
+    cfg = load_config(
+        write(
+            tmp_path / "b.yaml",
+            """
+experiments:
+  - name: e
+    grid: {method: [lora, full], seed: [0]}
+    params: {lr: 0.002}
+    per_method: {full: {lr: "best-of:lr-full", epochs: 3}}
+""",
+        )
+    )
+    lora, full = expand(cfg)
+    assert (lora.run_id, full.run_id) == ("method=lora,seed=0", "method=full,seed=0")
+    assert lora.params["lr"] == 0.002 and "epochs" not in lora.params
+    assert full.params["lr"] == "best-of:lr-full" and full.params["epochs"] == 3
+    with pytest.raises(SensloraError, match="per_method"):
+        load_config(write(tmp_path / "c.yaml", "experiments: [{name: a, per_method: {full: 3}}]"))

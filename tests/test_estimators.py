@@ -92,6 +92,48 @@ def test_activation_equals_hessian_of_layerwise_reconstruction_loss():
     torch.testing.assert_close(got.dense().double(), exact, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
+def test_activation_squares_each_shared_input_once_and_matches_per_layer_hooks(make, monkeypatch):
+    from senslora.estimators import ActivationEstimator
+
+    model = make()
+    batches = token_batches(2, batch_size=4)  # padded
+    targets = find_targets(model)
+    # Reference: every target's own masked mean of x^2, from its own hook.
+    sums = {t.name: torch.zeros(t.shape[1], dtype=torch.float64) for t in targets}
+    counts = dict.fromkeys(sums, 0.0)
+    handles = []
+    for t in targets:
+        def hook(m, i, o, name=t.name):
+            x = i[0].detach()[current["mask"]].double()
+            sums[name] += x.square().sum(dim=0)
+            counts[name] += x.shape[0]
+        handles.append(t.module.register_forward_hook(hook))
+    current = {}
+    with torch.no_grad():
+        for b in batches:
+            current["mask"] = b["attention_mask"].bool()
+            model(**model_inputs(b))
+    for h in handles:
+        h.remove()
+    calls = []
+    original = ActivationEstimator._column_sums
+    monkeypatch.setattr(
+        ActivationEstimator, "_column_sums", lambda self, x: calls.append(1) or original(self, x)
+    )
+    got = estimate_diagonals("activation", model, batches, targets, progress=False)
+    for t in targets:
+        torch.testing.assert_close(got[t.name].values.double(), 2 * sums[t.name] / counts[t.name], rtol=1e-5, atol=1e-6)
+    # bert: q/k/v share one input (4 distinct of 6 targets per layer); llama: q/k/v and gate/up
+    # (4 distinct of 7).
+    assert len(calls) == 4 * 2 * len(batches) < len(targets) * len(batches)
+    # Inference-mode tensors have no version counter: no reuse, same values.
+    with torch.inference_mode():
+        again = estimate_diagonals("activation", model, batches, targets, progress=False)
+    for t in targets:
+        torch.testing.assert_close(again[t.name].values, got[t.name].values)
+
+
 def test_activation_counts_2d_inputs_per_example():
     model, batches = ToyMLP(), toy_batches()
     x = torch.cat([b["input_ids"] for b in batches])

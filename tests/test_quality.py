@@ -239,6 +239,27 @@ def test_trimmed_loss_high_drops_suspected_noise_then_keeps_highest():
     assert select_by_quality(exs, scores, 0.5)[1] == rec
 
 
+def test_stratified_selection_keeps_the_class_balance():
+    # A random head favours class 0, so every class-1 example has a higher loss than any class-0 one:
+    # unstratified, the loss rules would keep (almost) only class 1.
+    labels = [i % 3 == 0 for i in range(30)]  # 10 of class 1, 20 of class 0
+    exs = [Example(text=f"t{i}", label=int(y), id=f"e{i}") for i, y in enumerate(labels)]
+    scores = [{"id": ex.id, "loss": (10.0 if ex.label else 1.0) + i / 100} for i, ex in enumerate(exs)]
+    kept, rec = select_by_quality(exs, scores, 0.5, rule="loss-high")
+    assert sum(e.label for e in kept) == 10  # the plain rule: all of class 1
+    kept, rec = select_by_quality(exs, scores, 0.5, rule="loss-high", stratify=True)
+    assert rec["stratified"] and len(kept) == 15
+    assert sum(e.label for e in kept) == 5  # 1/3 of 15 is class 1, the highest-loss ones
+    assert {e.id for e in kept if e.label} == {"e27", "e24", "e21", "e18", "e15"}
+    assert {e.id for e in kept if not e.label} == {f"e{i}" for i in range(29, 14, -1) if i % 3}
+    # keep = 0.5 of 7 items with labels 4:3 -> k = 3: shares 1.71 / 1.29 -> 2 and 1.
+    exs7, scores7 = _loss_scores([float(i) for i in range(7)])
+    for i, ex in enumerate(exs7):
+        ex.label = int(i >= 4)
+    kept, _ = select_by_quality(exs7, scores7, 0.5, rule="loss-low", stratify=True)
+    assert [e.id for e in kept] == ["e0", "e1", "e4"]
+
+
 def test_simple_loss_rules_and_ties():
     exs, scores = _loss_scores([3.0, 1.0, 2.0, 2.0, 0.5, None])
     kept, rec = select_by_quality(exs, scores, 0.5, rule="loss-high")

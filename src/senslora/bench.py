@@ -10,6 +10,7 @@ Config format (see ``benchmarks/*.yaml``)::
         grid: {method: [lora, senslora], seed: [0, 1, 2]}   # cartesian product; a mapping value
                                                             # sets several params at once
         params: {task: movie-polarity, avg_rank: 4}          # fixed for this experiment
+        per_method: {full: {lr: "best-of:lr-full"}}          # overrides for one method's runs
         baseline: {method: lora}                  # report: paired differences against this row
 
 ``train`` runs are :func:`senslora.train.train` with :class:`~senslora.train.TrainConfig` fields
@@ -18,6 +19,9 @@ Config format (see ``benchmarks/*.yaml``)::
 memory peak is its own, a crash cannot stop the others). Runs whose ``result.json`` says
 ``status: ok`` are skipped, so an interrupted benchmark resumes where it stopped; a failed run is
 recorded with its error and retried on the next invocation.
+
+A value ``"best-of:EXPERIMENT"`` is replaced, just before the run starts, by the value of that
+parameter that maximised the validation metric in EXPERIMENT (e.g. a learning-rate sweep).
 """
 
 from __future__ import annotations
@@ -103,6 +107,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
         grid = exp.get("grid", {}) or {}
         if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
             raise SensloraError(f"experiment {exp['name']!r}: `grid:` must map names to non-empty lists")
+        per_method = exp.get("per_method", {}) or {}
+        if not isinstance(per_method, dict) or not all(isinstance(v, dict) for v in per_method.values()):
+            raise SensloraError(
+                f"experiment {exp['name']!r}: `per_method:` must map method names to parameter mappings"
+            )
     return cfg
 
 
@@ -124,6 +133,9 @@ def expand(cfg: dict[str, Any]) -> list[Run]:
                     params.update(value)
                 else:
                     params[key] = value
+            # Parameters that differ by method (e.g. a learning rate tuned for that method alone);
+            # they do not enter the run id, which names only the grid point.
+            params.update((exp.get("per_method") or {}).get(params.get("method"), {}))
             runs.append(Run(exp["name"], kind, params, values, exp.get("baseline") or {}))
     return runs
 

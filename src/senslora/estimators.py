@@ -70,6 +70,14 @@ def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
     return int(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
 
 
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference-mode tensors, which have none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 def _token_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The (B, T) bool mask of real tokens for a (B, T, d) layer input, or None if every row counts.
 
@@ -257,7 +265,8 @@ def probe_seed(seed: int, batch_index: int) -> int:
 class ActivationEstimator(Estimator):
     """``h_ij = 2 mean_t x_tj^2`` over calibration tokens (padding masked), compact ``(d_in,)``.
 
-    The hook does one square and one masked column sum per call. Its ``d_in`` sums stay on the
+    The hook does one square and one masked column sum per distinct input: targets that read the
+    same tensor (q/k/v, gate/up) reuse the previous hook's sums. Its ``d_in`` sums stay on the
     layer's own device during the run (no host sync per layer) and move to ``accumulate_on`` at
     the end.
     """
@@ -269,29 +278,38 @@ class ActivationEstimator(Estimator):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts = {t.name: 0.0 for t in self.targets}
         self.mask: torch.Tensor | None = None
+        self._last: tuple | None = None  # (input, its version, column sums, count) of the last hook
         return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            x = inputs[0].detach()
-            # x_tj^2 in fp32, one row per token (or per example for 2-D inputs).
-            sq = x.float().square().reshape(-1, x.shape[-1])
-            mask = _token_mask(x, self.mask)
-            if mask is None:
-                # Every row counts.
-                col_sums = sq.sum(dim=0)
-                self.counts[name] += sq.shape[0]
+            x = inputs[0]
+            last = self._last
+            version = _version(x)
+            if last is not None and last[0] is x and version is not None and last[1] == version:
+                # Same input as the previous target (q/k/v, or gate/up, read one hidden state):
+                # its column sums are already computed.
+                col_sums, count = last[2], last[3]
             else:
-                # Padding rows get weight 0: a matrix-vector product, no copy of the real rows
-                # (inf/NaN at padding would surface as the non-finite error).
-                col_sums = self.row_weights.to(sq.device) @ sq
-                self.counts[name] += self.mask_count
+                col_sums, count = self._column_sums(x.detach())
+                self._last = (x, version, col_sums, count)
+            self.counts[name] += count
             if name in self.sums:
                 self.sums[name] += col_sums
             else:
-                self.sums[name] = col_sums
+                self.sums[name] = col_sums.clone()  # its own buffer: col_sums may be shared
 
         return hook
+
+    def _column_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``sum_t x_tj^2`` over the counted rows of ``x`` (fp32), and how many rows counted."""
+        # x_tj^2 in fp32, one row per token (or per example for 2-D inputs).
+        sq = x.float().square().reshape(-1, x.shape[-1])
+        if _token_mask(x, self.mask) is None:
+            return sq.sum(dim=0), float(sq.shape[0])  # every row counts
+        # Padding rows get weight 0: a matrix-vector product, no copy of the real rows
+        # (inf/NaN at padding would surface as the non-finite error).
+        return self.row_weights.to(sq.device) @ sq, self.mask_count
 
     def _step(self, model: nn.Module, batch: dict) -> int:
         # The hooks read the mask of the batch being forwarded.
@@ -300,7 +318,10 @@ class ActivationEstimator(Estimator):
             # 1.0 per real token, 0.0 per padding position, flattened like the hook's rows.
             self.row_weights = self.mask.reshape(-1).float()
             self.mask_count = float(self.mask.sum())
-        model(**model_inputs(batch))
+        try:
+            model(**model_inputs(batch))
+        finally:
+            self._last = None  # do not keep the batch's last activation alive
         return _batch_size(batch)
 
     def _all_reduce(self, dist: Dist) -> None:
@@ -342,6 +363,7 @@ class FisherEstimator(Estimator):
     def _start(self) -> list[RemovableHandle]:
         self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
         self.mask: torch.Tensor | None = None
+        self._last: tuple | None = None  # (input, its version, column sums, count) of the last hook
         return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
 
     def _hook(self, name: str):
