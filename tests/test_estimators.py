@@ -104,10 +104,12 @@ def test_activation_squares_each_shared_input_once_and_matches_per_layer_hooks(m
     counts = dict.fromkeys(sums, 0.0)
     handles = []
     for t in targets:
+
         def hook(m, i, o, name=t.name):
             x = i[0].detach()[current["mask"]].double()
             sums[name] += x.square().sum(dim=0)
             counts[name] += x.shape[0]
+
         handles.append(t.module.register_forward_hook(hook))
     current = {}
     with torch.no_grad():
@@ -123,7 +125,9 @@ def test_activation_squares_each_shared_input_once_and_matches_per_layer_hooks(m
     )
     got = estimate_diagonals("activation", model, batches, targets, progress=False)
     for t in targets:
-        torch.testing.assert_close(got[t.name].values.double(), 2 * sums[t.name] / counts[t.name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            got[t.name].values.double(), 2 * sums[t.name] / counts[t.name], rtol=1e-5, atol=1e-6
+        )
     # bert: q/k/v share one input (4 distinct of 6 targets per layer); llama: q/k/v and gate/up
     # (4 distinct of 7).
     assert len(calls) == 4 * 2 * len(batches) < len(targets) * len(batches)

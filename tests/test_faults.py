@@ -173,6 +173,15 @@ CASES = {
         "allocate", lambda c: ["--out", c.file() / "out"], "cannot write into"
     ),
     "allocate --out in /proc": Case("allocate", lambda c: ["--out", PROC_OUT], "cannot write into /proc"),
+    "allocate --device-map missing file": Case(
+        "allocate", lambda c: ["--device-map", c.tmp / "map.json"], "neither auto/balanced/sequential"
+    ),
+    "allocate --offload-folder without a map": Case(
+        "allocate", lambda c: ["--offload-folder", c.tmp / "off"], "only applies with --device-map"
+    ),
+    "allocate --max-memory malformed": Case(
+        "allocate", lambda c: ["--device-map", "auto", "--max-memory", "20GiB"], "DEVICE=SIZE"
+    ),
     # train
     "train --epochs 0": Case("train", lambda c: ["--epochs", "0"], "expected a positive integer"),
     "train --lr abc": Case("train", lambda c: ["--lr", "abc"], "expected a number"),

@@ -460,6 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
         "write allocation.json, lora_config/ and ranks.png into --out.",
     )
     add_model_args(p)
+    g = p.add_argument_group("models larger than the GPU (accelerate big-model loading)")
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="auto, balanced, sequential, or a JSON file mapping module names to a GPU index, "
+        "cpu or disk; offloaded blocks visit the GPU one at a time (activation estimator only)",
+    )
+    g.add_argument("--offload-folder", default=None, help="where blocks mapped to disk are stored")
+    g.add_argument(
+        "--max-memory", default=None, help="per-device memory caps for auto maps, e.g. 0=20GiB,cpu=60GiB"
+    )
     add_calib_args(p)
     add_allocator_args(p)
     p.add_argument(

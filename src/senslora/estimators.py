@@ -60,8 +60,9 @@ ACCUMULATE_ON = ("cpu", "device")
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    from .models import input_device
+
+    return input_device(model)
 
 
 def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:

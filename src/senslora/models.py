@@ -230,6 +230,9 @@ def load_model(
     device: Any = None,
     dtype: Any = None,
     attn_implementation: str | None = None,
+    device_map: Any = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    max_memory: dict[Any, str] | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from an alias or a local HF folder, never from the network.
 
@@ -244,6 +247,11 @@ def load_model(
         dtype: ``torch.dtype`` or ``float32``/``bfloat16``/``float16``/``auto``; default float32.
         attn_implementation: passed to ``from_pretrained`` when given (``"eager"`` is needed for
             double backward, e.g. Hutchinson, on CPU).
+        device_map, offload_folder, max_memory: big-model loading through accelerate (passed to
+            ``from_pretrained``; ``device`` is then ignored). ``"auto"`` fills the GPUs, then CPU
+            RAM, then ``offload_folder`` on disk; offloaded blocks are moved to the GPU one at a
+            time during each forward pass by accelerate's hooks, so a model larger than the GPU
+            can be calibrated (with the ``activation`` estimator, which needs no backward pass).
 
     New heads are freshly initialised by transformers (seed torch first for reproducibility).
     The tokenizer always has a pad token (its EOS if it had none) and ``model.config.pad_token_id``
@@ -273,6 +281,12 @@ def load_model(
         kind = _auto_kind(config)
 
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch_dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if kind == "classification":
@@ -318,8 +332,32 @@ def load_model(
         generation_config.pad_token_id = tokenizer.pad_token_id
     if kind == "causal-lm":
         tokenizer.padding_side = "right"
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
     return model, tokenizer
+
+
+def offloaded(model: Any) -> bool:
+    """Whether accelerate keeps some of ``model``'s weights off the execution devices (CPU/disk)."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    devices = {str(d) for d in placement.values()}
+    return "disk" in devices or ("cpu" in devices and len(devices) > 1)
+
+
+def input_device(model: Any) -> Any:
+    """Where a batch for ``model`` goes (a ``torch.device``): its first parameter's device, or for a
+    model dispatched by accelerate (``hf_device_map``), the first execution device (a GPU if any,
+    else the CPU)."""
+    import torch
+
+    placement = getattr(model, "hf_device_map", None)
+    if placement:
+        for where in placement.values():
+            if str(where) not in ("cpu", "disk", "meta"):
+                return torch.device(f"cuda:{where}" if isinstance(where, int) else str(where))
+        return torch.device("cpu")
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def model_kind(model: Any) -> str:

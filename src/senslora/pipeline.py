@@ -31,6 +31,7 @@ from .allocation import allocate_params, allocate_ranks
 from .distributed import SINGLE, current
 from .errors import SensloraError
 from .metrics import SCORES, MatrixScores, fuse, score_matrix
+from .models import input_device
 from .peft_bridge import ALPHA_MODES, ranks_to_lora_config
 from .targets import find_targets
 
@@ -187,7 +188,7 @@ def time_forward(model, batches: Sequence[dict], device=None) -> float:
     """Seconds for one plain forward pass over ``batches`` (the reference cost of allocation)."""
     from .losses import model_inputs, move_batch
 
-    device = device or next(model.parameters()).device
+    device = device or input_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -316,7 +317,7 @@ def allocate(
     if not batches:
         raise SensloraError("the calibration set is empty; pass --calib with at least one example")
     timings: dict[str, float] = {}
-    device = device or next(model.parameters()).device
+    device = device or input_device(model)
     dist = current() if distributed is not False else SINGLE
 
     # Reference cost: one plain forward pass over the same batches (after one warm-up batch,

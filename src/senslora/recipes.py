@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 
@@ -61,6 +62,50 @@ def load_model_for(args: argparse.Namespace, kind: str | None = None, **extra):
     return load_model(
         args.model, kind=kind, num_labels=num_labels, device=args.device, dtype=args.dtype, **extra
     )
+
+
+def big_model_options(args: argparse.Namespace) -> dict:
+    """``device_map`` / ``offload_folder`` / ``max_memory`` for :func:`senslora.models.load_model`."""
+    device_map = getattr(args, "device_map", None)
+    if device_map is None:
+        for flag in ("offload_folder", "max_memory"):
+            if getattr(args, flag, None) is not None:
+                raise SensloraError(
+                    f"--{flag.replace('_', '-')} only applies with --device-map; add --device-map auto"
+                )
+        return {}
+    if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        path = Path(device_map)
+        if not path.is_file():
+            raise SensloraError(
+                f"--device-map {device_map!r} is neither auto/balanced/sequential nor a JSON file; "
+                "pass one of those"
+            )
+        try:
+            device_map = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SensloraError(f"--device-map file {path} is not valid JSON ({exc})") from None
+        if not isinstance(device_map, dict) or not device_map:
+            raise SensloraError(f"--device-map file {path} must hold a JSON object of module name -> device")
+    options: dict = {"device_map": device_map}
+    if getattr(args, "offload_folder", None) is not None:
+        options["offload_folder"] = args.offload_folder
+    if getattr(args, "max_memory", None) is not None:
+        options["max_memory"] = parse_max_memory(args.max_memory)
+    return options
+
+
+def parse_max_memory(text: str) -> dict:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", "cpu": "60GiB"}``."""
+    out: dict = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or not key or not value:
+            raise SensloraError(
+                f"--max-memory {text!r} is not DEVICE=SIZE[,DEVICE=SIZE]; e.g. 0=20GiB,cpu=60GiB"
+            )
+        out[int(key) if key.isdigit() else key] = value
+    return out
 
 
 def calibration_batches(args: argparse.Namespace, tokenizer, kind: str) -> list[dict]:
@@ -125,7 +170,7 @@ def run_allocate(args: argparse.Namespace) -> Path:
 
     from .distributed import current, process_device
     from .estimators import ESTIMATORS
-    from .models import model_kind
+    from .models import model_kind, offloaded
     from .pipeline import allocate
 
     out = check_out_dir(args.out, args.overwrite)
@@ -137,7 +182,18 @@ def run_allocate(args: argparse.Namespace) -> Path:
         args = argparse.Namespace(**{**vars(args), "device": process_device(args.device, dist)})
     seed_everything(args.seed)
     attn = "eager" if args.estimator == "hutchinson" else None
-    model, tokenizer = load_model_for(args, attn_implementation=attn)
+    big = big_model_options(args)
+    if big and dist.enabled:
+        raise SensloraError(
+            "--device-map spreads one model over devices; it cannot be combined with one process per "
+            "device (accelerate launch / torchrun): run a single process"
+        )
+    model, tokenizer = load_model_for(args, attn_implementation=attn, **big)
+    if offloaded(model) and args.estimator != "activation":
+        raise SensloraError(
+            f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
+            "(cpu/disk) blocks do not support; use --estimator activation or a --device-map on GPUs only"
+        )
     kind = model_kind(model)
     batches = calibration_batches(args, tokenizer, kind)
     alloc = allocate(

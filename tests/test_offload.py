@@ -1,0 +1,102 @@
+"""Big-model calibration: weights offloaded by accelerate (here to disk) give the same allocation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_word_tokenizer
+from tiny import tiny_llama, token_batches
+
+from senslora.cli import main
+from senslora.models import input_device, load_model, offloaded
+from senslora.pipeline import allocate
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    folder = tmp_path / "llama"
+    tiny_llama().save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _disk_map(model) -> dict[str, str]:
+    # Block 1 lives on disk: accelerate loads its weights for each forward pass only.
+    return {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+
+
+def test_activation_allocation_with_a_block_on_disk_equals_the_in_memory_one(llama_folder, tmp_path):
+    plain, _ = load_model(llama_folder, device="cpu")
+    batches = token_batches(3, batch_size=4)
+    reference = allocate(plain, batches, avg_rank=2, progress=False)
+    big, _ = load_model(llama_folder, device_map=_disk_map(plain), offload_folder=tmp_path / "offload")
+    assert offloaded(big) and not offloaded(plain)
+    assert input_device(big) == torch.device("cpu")
+    # The offloaded block's weights are not in memory between forward passes.
+    assert big.model.layers[1].self_attn.q_proj.weight.device == torch.device("meta")
+    got = allocate(big, batches, avg_rank=2, progress=False)
+    assert got.ranks == reference.ranks
+    for a, b in zip(got.matrices, reference.matrices, strict=True):
+        assert (a.name, a.s_global, a.s_topk) == (
+            b.name,
+            pytest.approx(b.s_global, rel=1e-5),
+            pytest.approx(b.s_topk, rel=1e-5),
+        )
+
+
+def test_cli_device_map_offloads_and_refuses_gradient_estimators(llama_folder, tmp_path, capsys):
+    (tmp_path / "calib.txt").write_text("hello world\nthe cat sat on the mat\n" * 8)
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(_disk_map(None)))
+    common = [
+        "allocate",
+        "--model",
+        str(llama_folder),
+        "--calib",
+        str(tmp_path / "calib.txt"),
+        "--calib-samples",
+        "8",
+        "--avg-rank",
+        "2",
+        "--no-progress",
+    ]
+    out = tmp_path / "alloc"
+    assert (
+        main(
+            [
+                *common,
+                "--device-map",
+                str(map_file),
+                "--offload-folder",
+                str(tmp_path / "off"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert len(json.loads((out / "allocation.json").read_text())["matrices"]) == 14
+    code = main(
+        [
+            *common,
+            "--device-map",
+            str(map_file),
+            "--offload-folder",
+            str(tmp_path / "off"),
+            "--estimator",
+            "fisher",
+            "--out",
+            str(tmp_path / "alloc2"),
+        ]
+    )
+    assert code == 2 and not (tmp_path / "alloc2").exists()
+    assert "activation" in capsys.readouterr().err
