@@ -395,6 +395,18 @@ def build_report(out: str | Path, *, command: str | None = None) -> Path:
     return path
 
 
+def _projection(by_exp: dict[str, list[dict]]) -> list[str]:
+    """The 8B projection from the first probe experiment with 3+ calibration sizes on smollm2."""
+    from .projection import projection_lines
+
+    for members in by_exp.values():
+        probes = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "allocation-probe"]
+        lines = projection_lines(probes) if probes else []
+        if lines:
+            return lines
+    return []
+
+
 def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None) -> list[str]:
     n_ok = sum(r["status"] == "ok" for r in runs)
     lines = [
@@ -416,6 +428,7 @@ def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None)
             lines += (
                 ["Failed runs:", ""] + [f"- `{r['_dir'].name}`: {r.get('error', '?')}" for r in failed] + [""]
             )
+    lines += _projection(by_exp)
     versions = next((r.get("versions") for r in runs if r.get("versions")), {})
     if versions:
         lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
