@@ -88,6 +88,26 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
+def load_json_record(path: str | os.PathLike[str], filename: str, parse, *, missing: str, invalid: str = ""):
+    """``parse(json)`` of ``path`` (a file, or a folder holding ``filename``), with one-line errors.
+
+    ``missing`` ends the error when there is no such file; ``invalid`` (if given) ends the error
+    when the file does not parse.
+    """
+    from .errors import SensloraError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / filename
+    if not p.is_file():
+        raise SensloraError(f"no {filename} at {p}; {missing}")
+    try:
+        return parse(json.loads(p.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+        tail = f"; {invalid}" if invalid else ""
+        raise SensloraError(f"{p} is not a valid {filename} ({type(exc).__name__}: {exc}){tail}") from None
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()

@@ -266,15 +266,11 @@ class LayerSelection:
     @classmethod
     def load(cls, path: str | Path) -> LayerSelection:
         """Read a folder written by :meth:`save` (or its ``cka.json``)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "cka.json"
-        if not p.is_file():
-            raise SensloraError(f"no cka.json at {p}; pass a folder written by the CKA layer selection")
-        try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-            raise SensloraError(f"{p} is not a valid cka.json ({type(exc).__name__}: {exc})") from None
+        from .cache import load_json_record
+
+        return load_json_record(
+            path, "cka.json", cls.from_dict, missing="pass a folder written by the CKA layer selection"
+        )
 
     def plot(self, path: str | Path) -> None:
         """Bar chart of CKA per block, kept blocks highlighted."""

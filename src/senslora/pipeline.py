@@ -140,17 +140,15 @@ class Allocation:
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
         """Read an allocation folder (or its ``allocation.json``)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "allocation.json"
-        if not p.is_file():
-            raise SensloraError(f"no allocation.json at {p}; pass a folder written by `senslora allocate`")
-        try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
-            raise SensloraError(
-                f"{p} is not a valid allocation.json ({type(exc).__name__}: {exc}); rerun `senslora allocate`"
-            ) from None
+        from .cache import load_json_record
+
+        return load_json_record(
+            path,
+            "allocation.json",
+            cls.from_dict,
+            missing="pass a folder written by `senslora allocate`",
+            invalid="rerun `senslora allocate`",
+        )
 
 
 def package_versions() -> dict[str, str]:
