@@ -162,7 +162,7 @@ def projection_lines(probes: Sequence[dict], *, model: str = "smollm2") -> list[
         m = memory_gib(big, estimator)
         lines.append(
             f"| {estimator}{' / hutchinson' if estimator == 'fisher' else ''} | {m['weights']:.2f} | "
-            f"{m['accumulators']:.4f} | {m['gradients']:.2f} | {m['total']:.2f} |"
+            f"{m['accumulators']:.3g} | {m['gradients']:.2f} | {m['total']:.2f} |"
         )
     lines += [
         "",
