@@ -266,8 +266,8 @@ def probe_seed(seed: int, batch_index: int) -> int:
 class ActivationEstimator(Estimator):
     """``h_ij = 2 mean_t x_tj^2`` over calibration tokens (padding masked), compact ``(d_in,)``.
 
-    The hook does one square and one masked column sum per distinct input: targets that read the
-    same tensor (q/k/v, gate/up) reuse the previous hook's sums. Its ``d_in`` sums stay on the
+    The hook does one square (into a reused scratch buffer) and one masked column sum per distinct
+    input: targets that read the same tensor (q/k/v, gate/up) reuse the previous hook's sums. Its ``d_in`` sums stay on the
     layer's own device during the run (no host sync per layer) and move to ``accumulate_on`` at
     the end.
     """
@@ -280,6 +280,7 @@ class ActivationEstimator(Estimator):
         self.counts = {t.name: 0.0 for t in self.targets}
         self.mask: torch.Tensor | None = None
         self._last: tuple | None = None  # (input, its version, column sums, count) of the last hook
+        self._scratch: torch.Tensor | None = None
         return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
 
     def _hook(self, name: str):
@@ -304,13 +305,21 @@ class ActivationEstimator(Estimator):
 
     def _column_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``sum_t x_tj^2`` over the counted rows of ``x`` (fp32), and how many rows counted."""
-        # x_tj^2 in fp32, one row per token (or per example for 2-D inputs).
-        sq = x.float().square().reshape(-1, x.shape[-1])
+        # x_tj^2 in fp32, one row per token (or per example for 2-D inputs), written into a scratch
+        # buffer reused across calls (a fresh activation-sized tensor per call costs page faults).
+        rows = x.reshape(-1, x.shape[-1])
+        buf = self._scratch
+        if buf is None or buf.numel() < rows.numel() or buf.device != rows.device:
+            buf = self._scratch = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
+        sq = buf[: rows.numel()].view(rows.shape)
+        sq.copy_(rows)
+        sq.square_()
         if _token_mask(x, self.mask) is None:
             return sq.sum(dim=0), float(sq.shape[0])  # every row counts
         # Padding rows get weight 0: a matrix-vector product, no copy of the real rows
         # (inf/NaN at padding would surface as the non-finite error).
-        return self.row_weights.to(sq.device) @ sq, self.mask_count
+        # (torch.mv on the transposed view is ~1.5x faster on CPU than ``weights @ sq``.)
+        return torch.mv(sq.T, self.row_weights.to(sq.device)), self.mask_count
 
     def _step(self, model: nn.Module, batch: dict) -> int:
         # The hooks read the mask of the batch being forwarded.
@@ -337,6 +346,7 @@ class ActivationEstimator(Estimator):
         self.counts = dict(zip(names, counts[1:], strict=True))
 
     def _finish(self) -> dict[str, Diagonal]:
+        self._scratch = None
         out = {}
         for t in self.targets:
             # 2 * mean over the counted tokens (a layer that never ran gets zeros), in place.
@@ -365,6 +375,7 @@ class FisherEstimator(Estimator):
         self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
         self.mask: torch.Tensor | None = None
         self._last: tuple | None = None  # (input, its version, column sums, count) of the last hook
+        self._scratch: torch.Tensor | None = None
         return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
 
     def _hook(self, name: str):
