@@ -22,23 +22,22 @@ def llama_folder(tmp_path):
     return folder
 
 
-def _disk_map(model) -> dict[str, str]:
-    # Block 1 lives on disk: accelerate loads its weights for each forward pass only.
-    return {
-        "model.embed_tokens": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
+# Block 1 lives on disk: accelerate loads its weights for each forward pass only.
+DISK_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 def test_activation_allocation_with_a_block_on_disk_equals_the_in_memory_one(llama_folder, tmp_path):
     plain, _ = load_model(llama_folder, device="cpu")
     batches = token_batches(3, batch_size=4)
     reference = allocate(plain, batches, avg_rank=2, progress=False)
-    big, _ = load_model(llama_folder, device_map=_disk_map(plain), offload_folder=tmp_path / "offload")
+    big, _ = load_model(llama_folder, device_map=DISK_MAP, offload_folder=tmp_path / "offload")
     assert offloaded(big) and not offloaded(plain)
     assert input_device(big) == torch.device("cpu")
     # The offloaded block's weights are not in memory between forward passes.
@@ -56,7 +55,7 @@ def test_activation_allocation_with_a_block_on_disk_equals_the_in_memory_one(lla
 def test_cli_device_map_offloads_and_refuses_gradient_estimators(llama_folder, tmp_path, capsys):
     (tmp_path / "calib.txt").write_text("hello world\nthe cat sat on the mat\n" * 8)
     map_file = tmp_path / "map.json"
-    map_file.write_text(json.dumps(_disk_map(None)))
+    map_file.write_text(json.dumps(DISK_MAP))
     common = [
         "allocate",
         "--model",
@@ -68,35 +67,14 @@ def test_cli_device_map_offloads_and_refuses_gradient_estimators(llama_folder, t
         "--avg-rank",
         "2",
         "--no-progress",
+        "--device-map",
+        str(map_file),
+        "--offload-folder",
+        str(tmp_path / "off"),
     ]
     out = tmp_path / "alloc"
-    assert (
-        main(
-            [
-                *common,
-                "--device-map",
-                str(map_file),
-                "--offload-folder",
-                str(tmp_path / "off"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main([*common, "--out", str(out)]) == 0
     assert len(json.loads((out / "allocation.json").read_text())["matrices"]) == 14
-    code = main(
-        [
-            *common,
-            "--device-map",
-            str(map_file),
-            "--offload-folder",
-            str(tmp_path / "off"),
-            "--estimator",
-            "fisher",
-            "--out",
-            str(tmp_path / "alloc2"),
-        ]
-    )
+    code = main([*common, "--estimator", "fisher", "--out", str(tmp_path / "alloc2")])
     assert code == 2 and not (tmp_path / "alloc2").exists()
     assert "activation" in capsys.readouterr().err

@@ -54,15 +54,10 @@ from .diagonal import Diagonal
 from .distributed import SINGLE, Dist, current
 from .errors import SensloraError
 from .losses import LossFn, model_inputs, move_batch, per_example_loss
+from .models import input_device
 from .targets import Target, _is_conv1d
 
 ACCUMULATE_ON = ("cpu", "device")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    from .models import input_device
-
-    return input_device(model)
 
 
 def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
@@ -188,7 +183,7 @@ class Estimator(ABC):
             raise SensloraError(
                 f"accumulate_on must be one of {', '.join(ACCUMULATE_ON)}, got {accumulate_on!r}"
             )
-        device = torch.device(device) if device is not None else _model_device(model)
+        device = torch.device(device) if device is not None else input_device(model)
         self.targets = list(targets)
         self.acc_device = device if accumulate_on == "device" else torch.device("cpu")
         self.num_examples = 0
@@ -267,9 +262,9 @@ class ActivationEstimator(Estimator):
     """``h_ij = 2 mean_t x_tj^2`` over calibration tokens (padding masked), compact ``(d_in,)``.
 
     The hook does one square (into a reused scratch buffer) and one masked column sum per distinct
-    input: targets that read the same tensor (q/k/v, gate/up) reuse the previous hook's sums. Its ``d_in`` sums stay on the
-    layer's own device during the run (no host sync per layer) and move to ``accumulate_on`` at
-    the end.
+    input: targets that read the same tensor (q/k/v, gate/up) reuse the previous hook's sums. Its
+    ``d_in`` sums stay on the layer's own device during the run (no host sync per layer) and move
+    to ``accumulate_on`` at the end.
     """
 
     name = "activation"
@@ -374,8 +369,6 @@ class FisherEstimator(Estimator):
     def _start(self) -> list[RemovableHandle]:
         self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
         self.mask: torch.Tensor | None = None
-        self._last: tuple | None = None  # (input, its version, column sums, count) of the last hook
-        self._scratch: torch.Tensor | None = None
         return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
 
     def _hook(self, name: str):

@@ -124,7 +124,8 @@ def projection_lines(probes: Sequence[dict], *, model: str = "smollm2") -> list[
     a, b, r2 = linear_fit(tokens, seconds)
     overhead = statistics.median(paired_ratio(r["runs"]) for r in rows)
     # Achieved CPU throughput on the measured model (2 N FLOPs per token of a forward pass).
-    measured_params = rows[0]["model_bytes"] / 4  # fp32 probes
+    dtype = (rows[0].get("params") or {}).get("dtype", "float32")  # the probe's default is float32
+    measured_params = rows[0]["model_bytes"] / (2 if dtype in ("bfloat16", "float16") else 4)
     cpu_flops = statistics.median(2 * measured_params * r["tokens"] / r["forward_s"] for r in rows)
     big = llama31_8b()
     lines = [
