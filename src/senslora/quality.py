@@ -29,7 +29,8 @@ Default rules (``rule="auto"``):
 Classification data is selected per label (:func:`_stratified`): each class keeps its share of
 the kept count, in the rule's order within the class. Without this, a loss ranked under a freshly
 initialised head, which favours one class, keeps mostly the other class, and the model trained on
-it predicts one class (measured: chance accuracy on movie-polarity, results/paper before the fix).
+it predicts one class (seen as chance accuracy on movie-polarity in an earlier benchmark run, since
+replaced).
 
 Set-aside items are used only when too few others remain (least suspicious first), so the kept
 count is always ``floor(keep * n)``. The simple alternatives ``loss-high`` and ``loss-low`` rank by
