@@ -327,9 +327,12 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
                 raise SensloraError(
                     f"{key}: {value} needs every run of {experiment!r} to finish; {result_path.parent.name} did not"
                 )
-            if not result.get("history"):
+            if result.get("split") == "validation":
+                last = result.get("metrics", {})  # a validation-only run: its final evaluation
+            elif not result.get("history"):
                 continue
-            last = result["history"][-1].get("validation", {})
+            else:
+                last = result["history"][-1].get("validation", {})
             metric = last.get(result["primary_metric"])
             if metric is not None:
                 scores.setdefault(json.dumps(result["config"][key]), []).append(metric)

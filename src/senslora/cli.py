@@ -81,34 +81,91 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
 def add_allocator_args(p: argparse.ArgumentParser, *, budget_default: str = "rank") -> None:
     """Allocator flags. ``budget_default``: ``rank`` for ``allocate`` (the paper's budget), ``params``
     for ``train`` (methods are compared at equal trainable parameters)."""
+    from .diagonal import SALIENCIES
+    from .estimators import SINK_MODES
     from .metrics import FUSIONS, SCORES
     from .peft_bridge import ALPHA_MODES
     from .pipeline import BUDGET_MODES, STRATEGIES
+    from .presets import DEFAULT_PRESET, PRESETS
+    from .shaping import NORMALIZE
 
     g = p.add_argument_group("allocation")
     g.add_argument(
         "--avg-rank", type=_finite_float, default=4, help="average LoRA rank (paper: 4 for NLU, 8 for NLG)"
     )
     g.add_argument(
-        "--estimator",
-        default="activation",
-        help="Hessian-diagonal estimator: activation, fisher, fisher-batch, hutchinson",
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help=f"allocation recipe: robust (the default, chosen on validation data; docs/METHOD-NOTES.md) "
+        f"or paper (Sensitivity-LoRA as published); the flags below override it (default {DEFAULT_PRESET})",
     )
     g.add_argument(
-        "--score", default="fused", choices=SCORES, help="allocation weight (fused is the paper's)"
+        "--estimator",
+        default=None,
+        help="Hessian-diagonal estimator: activation, fisher, fisher-batch, hutchinson (default: the preset's, activation)",
+    )
+    g.add_argument(
+        "--sink",
+        default=None,
+        choices=SINK_MODES,
+        help="activation: drop each sequence's first token (decoders' attention sink, massive "
+        "activations) or keep it (paper) (default: the preset's; robust: drop)",
+    )
+    g.add_argument(
+        "--token-trim",
+        type=_finite_float,
+        default=None,
+        help="activation: leave out this fraction of each batch's highest-energy tokens, in [0, 0.5) (default 0)",
+    )
+    g.add_argument(
+        "--saliency",
+        default=None,
+        choices=SALIENCIES,
+        help="hessian: h_ij (paper); obd: h_ij * w_ij^2, Optimal Brain Damage (default hessian)",
+    )
+    g.add_argument(
+        "--score", default=None, choices=SCORES, help="allocation weight (default fused, the paper's)"
     )
     g.add_argument(
         "--fusion",
-        default="sigma-mu2",
+        default=None,
         choices=list(FUSIONS),
-        help="metric weights: sigma/mu^2 (paper) or 0.5/mu",
+        help="metric weights: sigma/mu^2 (paper, default) or 0.5/mu",
     )
     g.add_argument(
-        "--strategy", default="sra", choices=STRATEGIES, help="SRA (proportional) or PRA (rank categories)"
+        "--strategy",
+        default=None,
+        choices=STRATEGIES,
+        help="SRA (proportional, default) or PRA (rank categories)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=_finite_float,
+        default=None,
+        help="allocate by theta^T, T in (0, 1]; 1 is the paper's proportional rule (default 1)",
+    )
+    g.add_argument(
+        "--normalize",
+        default=None,
+        choices=NORMALIZE,
+        help="role: compare each matrix only with the same role in other layers (q with q, down with "
+        "down) (default none)",
+    )
+    g.add_argument(
+        "--rho",
+        type=_finite_float,
+        default=None,
+        help="cap every rank at rho x the average rank (EVA's rule), >= 1; 0: no cap "
+        "(default: the preset's; robust: 2, paper: 0)",
     )
     g.add_argument("--categories", type=_positive_int, default=3, help="PRA: number of rank categories")
-    g.add_argument("--topk-fraction", type=_finite_float, default=0.5, help="Top-k: k = fraction x N")
-    g.add_argument("--alpha", type=_finite_float, default=0.85, help="Effective Rank energy threshold")
+    g.add_argument(
+        "--topk-fraction", type=_finite_float, default=None, help="Top-k: k = fraction x N (default 0.5)"
+    )
+    g.add_argument(
+        "--alpha", type=_finite_float, default=None, help="Effective Rank energy threshold (default 0.85)"
+    )
     g.add_argument("--r-min", type=int, default=1, help="smallest rank per matrix (0 drops matrices)")
     g.add_argument(
         "--r-max", type=int, default=None, help="largest rank per matrix (default min(d_in, d_out))"
@@ -210,6 +267,12 @@ def add_train_parser(sub) -> None:
     g.add_argument(
         "--batch-size", type=_positive_int, default=16, help="examples per step (also for evaluation)"
     )
+    g.add_argument(
+        "--eval-batch-size",
+        type=_positive_int,
+        default=None,
+        help="examples per evaluation batch (default: --batch-size)",
+    )
     g.add_argument("--epochs", type=_positive_int, default=3, help="passes over the train split")
     g.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens (>= 8)")
     g.add_argument(
@@ -238,6 +301,12 @@ def add_train_parser(sub) -> None:
     g.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after a successful run")
     g.add_argument(
         "--no-eval-each-epoch", action="store_true", help="skip the validation pass after each epoch"
+    )
+    g.add_argument(
+        "--eval-split",
+        default="test",
+        choices=["test", "validation"],
+        help="split of the final evaluation in result.json (validation: for sweeps that must not read test)",
     )
     add_allocator_args(p, budget_default="params")
     g = p.add_argument_group("layer and data selection")
@@ -355,6 +424,36 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from .recipes import run_layers
 
     print(f"wrote {run_layers(args)}")
+    return 0
+
+
+def add_diagnose_parser(sub) -> None:
+    p = sub.add_parser(
+        "diagnose",
+        help="where each matrix's sensitivity comes from (tokens, channels) -> diagnosis.json",
+        description="Split every target matrix's activation trace S_global over calibration tokens and "
+        "input channels (share of the top 1%%, share of each sequence's first token, leading channels and "
+        "token strings), and the per-example Fisher diagonal over channels and rows.",
+    )
+    add_model_args(p)
+    add_calib_args(p)
+    p.add_argument(
+        "--estimators", default="activation,fisher", help="comma list: activation, fisher (default both)"
+    )
+    p.add_argument(
+        "--fraction", type=_finite_float, default=0.01, help="top fraction of tokens / channels (default 0.01)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_diagnose)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .recipes import run_diagnose
+
+    print(f"wrote {run_diagnose(args)}")
     return 0
 
 
@@ -485,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_layers_parser(sub)
     add_select_data_parser(sub)
+    add_diagnose_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
     return parser

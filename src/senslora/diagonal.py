@@ -53,3 +53,22 @@ class Diagonal:
         if self.compact:
             return self.values.unsqueeze(0).expand(self.shape[0], -1).clone()
         return self.values.clone()
+
+
+SALIENCIES = ("hessian", "obd")
+
+
+def weight_saliency(d: Diagonal, weight: torch.Tensor) -> Diagonal:
+    """Optimal-Brain-Damage saliency ``h_ij * w_ij^2`` (LeCun et al. 1989) as a full diagonal.
+
+    Under a relative perturbation ``dW = eps * W`` the second-order loss change is
+    ``eps^2 / 2 * sum_ij h_ij w_ij^2``, so this weighs each entry's curvature by the size of the
+    weight it sits on. ``weight`` is ``(d_out, d_in)`` (nn.Linear convention). The result is dense
+    (``d_out x d_in`` fp32, built on the CPU one matrix at a time).
+    """
+    if tuple(weight.shape) != tuple(d.shape):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} for a diagonal of shape {d.shape}")
+    w2 = weight.detach().to("cpu", torch.float32).square()
+    h = d.values.detach().to("cpu", torch.float32)
+    values = w2.mul_(h.unsqueeze(0) if d.compact else h)
+    return Diagonal(values=values, shape=d.shape, compact=False, clamped=d.clamped)

@@ -39,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -58,6 +59,8 @@ from .models import input_device
 from .targets import Target, _is_conv1d
 
 ACCUMULATE_ON = ("cpu", "device")
+# ``activation``: keep each sequence's first real token (the paper) or leave it out (``drop``).
+SINK_MODES = ("keep", "drop")
 
 
 def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
@@ -270,6 +273,15 @@ class ActivationEstimator(Estimator):
     name = "activation"
     needs_grad = False
 
+    def __init__(self, *, sink: str = "keep", token_trim: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if sink not in SINK_MODES:
+            raise SensloraError(f"--sink must be one of {', '.join(SINK_MODES)}, got {sink!r}")
+        if not (isinstance(token_trim, (int, float)) and 0 <= token_trim < 0.5):
+            raise SensloraError(f"--token-trim must be in [0, 0.5), got {token_trim}")
+        self.sink = sink
+        self.token_trim = float(token_trim)
+
     def _start(self) -> list[RemovableHandle]:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts = {t.name: 0.0 for t in self.targets}
@@ -309,20 +321,29 @@ class ActivationEstimator(Estimator):
         sq = buf[: rows.numel()].view(rows.shape)
         sq.copy_(rows)
         sq.square_()
-        if _token_mask(x, self.mask) is None:
+        masked = _token_mask(x, self.mask) is not None
+        if not masked and not self.token_trim:
             return sq.sum(dim=0), float(sq.shape[0])  # every row counts
-        # Padding rows get weight 0: a matrix-vector product, no copy of the real rows
-        # (inf/NaN at padding would surface as the non-finite error).
+        weights = self.row_weights.to(sq.device) if masked else sq.new_ones(sq.shape[0])
+        count = self.mask_count if masked else float(sq.shape[0])
+        if self.token_trim:
+            weights, count = _trim_rows(sq, weights, count, self.token_trim)
+        # Padding (and trimmed / sink) rows get weight 0: a matrix-vector product, no copy of the
+        # real rows (inf/NaN at padding would surface as the non-finite error).
         # (torch.mv on the transposed view is ~1.5x faster on CPU than ``weights @ sq``.)
-        return torch.mv(sq.T, self.row_weights.to(sq.device)), self.mask_count
+        return torch.mv(sq.T, weights), count
 
     def _step(self, model: nn.Module, batch: dict) -> int:
         # The hooks read the mask of the batch being forwarded.
         self.mask = _batch_mask(batch)
+        if self.mask is None and self.sink == "drop" and batch.get("input_ids") is not None:
+            self.mask = torch.ones(batch["input_ids"].shape[:2], dtype=torch.bool, device=batch["input_ids"].device)
         if self.mask is not None:
-            # 1.0 per real token, 0.0 per padding position, flattened like the hook's rows.
-            self.row_weights = self.mask.reshape(-1).float()
-            self.mask_count = float(self.mask.sum())
+            # 1.0 per counted token, 0.0 per padding position (and per sink token with
+            # sink="drop"), flattened like the hook's rows.
+            counted = self.mask & ~first_tokens(self.mask) if self.sink == "drop" else self.mask
+            self.row_weights = counted.reshape(-1).float()
+            self.mask_count = float(counted.sum())
         try:
             model(**model_inputs(batch))
         finally:
@@ -353,6 +374,27 @@ class ActivationEstimator(Estimator):
             values = total.mul_(2.0).div_(max(self.counts[t.name], 1.0))
             out[t.name] = Diagonal(values=values, shape=t.shape, compact=True)
         return out
+
+
+def first_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the first real token of each sequence (left or right padding alike), where
+    decoders put their attention sink and its massive activations."""
+    return mask & (mask.long().cumsum(dim=1) == 1)
+
+
+def _trim_rows(
+    sq: torch.Tensor, weights: torch.Tensor, count: float, fraction: float
+) -> tuple[torch.Tensor, float]:
+    """Zero the weights of the ``floor(fraction * count)`` counted rows of largest energy
+    ``sum_j sq_tj`` (a trimmed mean over this batch's tokens)."""
+    k = int(math.floor(fraction * count))
+    if k == 0:
+        return weights, count
+    energy = torch.mv(sq, torch.ones(sq.shape[1], dtype=sq.dtype, device=sq.device)) * weights
+    drop = torch.topk(energy, k, sorted=False).indices
+    weights = weights.clone()
+    weights[drop] = 0.0
+    return weights, count - k
 
 
 class FisherEstimator(Estimator):

@@ -33,6 +33,17 @@ from .errors import SensloraError
 from .metrics import SCORES, MatrixScores, fuse, score_matrix
 from .models import input_device
 from .peft_bridge import ALPHA_MODES, ranks_to_lora_config
+from .presets import DEFAULT_PRESET, recipe_name, resolve
+from .shaping import (
+    NORMALIZE,
+    check_rho,
+    check_temperature,
+    concentration,
+    concentration_warning,
+    normalize_by_role,
+    rank_cap,
+    temper,
+)
 from .targets import find_targets
 
 STRATEGIES = ("sra", "pra")
@@ -85,7 +96,18 @@ class Allocation:
     seed: int = 0
     model: str = ""
     versions: dict[str, str] = field(default_factory=dict)
-    format_version: int = 1
+    # The recipe (presets.py); the defaults are the paper's, so older allocation.json files load.
+    preset: str = "paper"
+    recipe: str = "paper"
+    sink: str = "keep"
+    token_trim: float = 0.0
+    saliency: str = "hessian"
+    temperature: float = 1.0
+    normalize: str = "none"
+    rho: float | None = 0
+    rank_cap: int | None = None  # floor(rho x avg_rank) when rho is set
+    concentration: dict[str, float] = field(default_factory=dict)
+    format_version: int = 2
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -215,18 +237,84 @@ def _ranks_for(
     return allocate_ranks(theta, total, strategy=strategy, r_min=r_min, r_max=r_max, categories=categories)
 
 
+def _shape_theta(theta, names, costs, *, budget_mode, temperature, normalize) -> np.ndarray:
+    """θ after the recipe's tempering and role normalisation (identity for the paper's recipe).
+
+    With role normalisation under a parameter budget, θ is multiplied by each matrix's cost per
+    rank, so that the *ranks* (not the parameters) follow θ relative to the role's mean.
+    """
+    if normalize not in NORMALIZE:
+        raise SensloraError(f"--normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    out = temper(theta, temperature) if temperature != 1 else np.asarray(theta, dtype=np.float64)
+    if normalize == "role":
+        out = normalize_by_role(out, names)
+        if budget_mode == "params":
+            out = out * costs / costs.mean()
+    return out
+
+
+def _check_recipe(recipe: dict) -> None:
+    from .diagonal import SALIENCIES
+    from .estimators import ESTIMATORS
+
+    if recipe["estimator"] not in ESTIMATORS:
+        raise SensloraError(
+            f"unknown estimator {recipe['estimator']!r}; choose one of {', '.join(ESTIMATORS)}"
+        )
+    if recipe["score"] not in SCORES:
+        raise SensloraError(f"unknown score {recipe['score']!r}; choose one of {', '.join(SCORES)}")
+    if recipe["strategy"] not in STRATEGIES:
+        raise SensloraError(
+            f"unknown strategy {recipe['strategy']!r}; choose one of {', '.join(STRATEGIES)}"
+        )
+    if recipe["saliency"] not in SALIENCIES:
+        raise SensloraError(
+            f"--saliency must be one of {', '.join(SALIENCIES)}, got {recipe['saliency']!r}"
+        )
+    if not 0 < recipe["topk_fraction"] <= 1:
+        raise SensloraError(f"--topk-fraction must be in (0, 1], got {recipe['topk_fraction']}")
+    if not 0 < recipe["alpha"] <= 1:
+        raise SensloraError(f"--alpha must be in (0, 1], got {recipe['alpha']}")
+    if recipe["estimator"] != "activation" and (recipe["sink"] != "keep" or recipe["token_trim"]):
+        raise SensloraError(
+            "--sink drop and --token-trim apply to the activation estimator only; "
+            "pass --sink keep --token-trim 0 with another --estimator"
+        )
+    check_temperature(recipe["temperature"])
+    check_rho(recipe["rho"])
+
+
+def _weight_of(target) -> torch.Tensor:
+    from .targets import _is_conv1d
+
+    w = target.module.weight
+    if w.device.type == "meta":
+        raise SensloraError(
+            f"--saliency obd needs the weights, and {target.name} is offloaded; "
+            "load the model without --device-map cpu/disk or use --saliency hessian"
+        )
+    return w.T if _is_conv1d(target.module) else w
+
+
 def allocate(
     model,
     calibration_batches: Iterable[dict],
     *,
     avg_rank: float = 4,
-    estimator: str = "activation",
-    score: str = "fused",
-    fusion: str = "sigma-mu2",
-    strategy: str = "sra",
+    preset: str | None = None,
+    estimator: str | None = None,
+    sink: str | None = None,
+    token_trim: float | None = None,
+    saliency: str | None = None,
+    score: str | None = None,
+    fusion: str | None = None,
+    strategy: str | None = None,
     categories: int = 3,
-    topk_fraction: float = 0.5,
-    alpha: float = 0.85,
+    topk_fraction: float | None = None,
+    alpha: float | None = None,
+    temperature: float | None = None,
+    normalize: str | None = None,
+    rho: float | None = None,
     r_min: int = 1,
     r_max: int | None = None,
     budget_mode: str = "rank",
@@ -246,13 +334,24 @@ def allocate(
 ) -> Allocation:
     """Allocate per-matrix LoRA ranks from Hessian-diagonal sensitivity (paper sections 3-4).
 
+    The recipe (``estimator`` ... ``rho``) starts from ``preset`` (:mod:`senslora.presets`:
+    ``robust``, the default, or ``paper``, the published method unchanged); every recipe argument
+    left at None takes the preset's value.
+
     Args:
         model: any torch / HF model; it is not modified (hooks are removed, modes restored).
         calibration_batches: dicts of tensors (``input_ids``, ``attention_mask``, and ``labels`` for
             the ``fisher`` / ``hutchinson`` estimators), e.g. from :func:`senslora.data.make_batches`.
         avg_rank: average rank; the budget is ``avg_rank * number of target matrices`` ranks
             (``budget_mode="rank"``) or that many uniform-LoRA parameters (``"params"``).
+        preset: ``robust`` (default) or ``paper``.
         estimator: ``activation`` (paper, forward only), ``fisher``, ``hutchinson`` (see estimators).
+        sink, token_trim: activation statistics: ``sink="drop"`` leaves out each sequence's first
+            real token (decoders' attention sink); ``token_trim`` drops that fraction of each
+            batch's highest-energy tokens per matrix input.
+        saliency: ``hessian`` (paper: h_ij) or ``obd`` (h_ij * w_ij^2, Optimal Brain Damage).
+        temperature, normalize: θ^temperature; ``normalize="role"`` divides θ by its role's mean.
+        rho: every rank <= floor(rho * avg_rank) (EVA's cap); 0 for none.
         score: ``fused`` (paper) or a single metric ``global`` / ``local`` / ``topk`` / ``effective-rank``.
         fusion: ``sigma-mu2`` (paper: beta, gamma = sigma / mu^2) or ``equal`` (0.5 / mu).
         strategy: ``sra`` (proportional, eq. 15) or ``pra`` (``categories`` rank steps, section 4.4).
@@ -266,22 +365,35 @@ def allocate(
             the forward-pass reference over them (every process must call ``allocate`` with the
             same batches); ``False``: this process does everything alone.
     """
-    from .estimators import ESTIMATORS, estimate_diagonals
+    from .diagonal import weight_saliency
+    from .estimators import estimate_diagonals
 
-    if estimator not in ESTIMATORS:
-        raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    if score not in SCORES:
-        raise SensloraError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    if strategy not in STRATEGIES:
-        raise SensloraError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    recipe = resolve(
+        preset,
+        estimator=estimator,
+        sink=sink,
+        token_trim=token_trim,
+        saliency=saliency,
+        score=score,
+        fusion=fusion,
+        strategy=strategy,
+        topk_fraction=topk_fraction,
+        alpha=alpha,
+        temperature=temperature,
+        normalize=normalize,
+        rho=rho,
+    )
+    if recipe["estimator"] != "activation" and sink is None and token_trim is None:
+        # The preset's token statistics belong to the activation estimator; gradient estimators
+        # see every token through the task loss.
+        recipe.update(sink="keep", token_trim=0.0)
+    _check_recipe(recipe)
+    estimator, score, fusion, strategy = (recipe[k] for k in ("estimator", "score", "fusion", "strategy"))
+    topk_fraction, alpha = recipe["topk_fraction"], recipe["alpha"]
     if budget_mode not in BUDGET_MODES:
         raise SensloraError(f"unknown budget mode {budget_mode!r}; choose one of {', '.join(BUDGET_MODES)}")
     if alpha_mode not in ALPHA_MODES:
         raise SensloraError(f"unknown alpha mode {alpha_mode!r}; choose one of {', '.join(ALPHA_MODES)}")
-    if not 0 < topk_fraction <= 1:
-        raise SensloraError(f"--topk-fraction must be in (0, 1], got {topk_fraction}")
-    if not 0 < alpha <= 1:
-        raise SensloraError(f"--alpha must be in (0, 1], got {alpha}")
     if r_min < 0:
         raise SensloraError(f"--r-min must be >= 0, got {r_min}")
     if categories < 1:
@@ -297,6 +409,9 @@ def allocate(
         if r_max < max(r_min, 1):
             raise SensloraError(f"--r-max {r_max} is below --r-min {r_min}; raise --r-max")
         caps = np.minimum(caps, r_max)
+    cap = rank_cap(avg_rank, recipe["rho"])
+    if cap is not None:
+        caps = np.minimum(caps, cap)
     if avg_rank < r_min:
         raise SensloraError(
             f"--avg-rank {avg_rank} is below --r-min {r_min}; raise --avg-rank or lower --r-min"
@@ -340,7 +455,10 @@ def allocate(
         seed=seed,
         num_probes=num_probes,
         distributed=distributed,
+        **({"sink": recipe["sink"], "token_trim": recipe["token_trim"]} if estimator == "activation" else {}),
     )
+    if recipe["saliency"] == "obd":
+        diagonals = {t.name: weight_saliency(diagonals[t.name], _weight_of(t)) for t in targets}
     sync_device(device)
     timings["estimation"] = time.perf_counter() - start
 
@@ -351,7 +469,12 @@ def allocate(
 
     # Steps 4-5: fuse into theta and turn into integer ranks.
     start = time.perf_counter()
+    names = [t.name for t in targets]
+    shape = dict(
+        budget_mode=budget_mode, temperature=recipe["temperature"], normalize=recipe["normalize"]
+    )
     theta, weights = fuse(scores, fusion=fusion, score=score)
+    theta = _shape_theta(theta, names, costs, **shape)
     alloc_kwargs = dict(
         total=total,
         budget_mode=budget_mode,
@@ -374,7 +497,7 @@ def allocate(
         warnings.simplefilter("ignore")
         for s in FIGURE3_SCORES:
             th, _ = fuse(scores, fusion=fusion, score=s)
-            by_score[s] = _ranks_for(th, **alloc_kwargs)
+            by_score[s] = _ranks_for(_shape_theta(th, names, costs, **shape), **alloc_kwargs)
 
     matrices = [
         MatrixAllocation(
@@ -420,7 +543,20 @@ def allocate(
         seed=seed,
         model=model_name,
         versions=package_versions(),
+        preset=DEFAULT_PRESET if preset is None else preset,
+        recipe=recipe_name(preset, recipe),
+        sink=recipe["sink"],
+        token_trim=float(recipe["token_trim"]),
+        saliency=recipe["saliency"],
+        temperature=float(recipe["temperature"]),
+        normalize=recipe["normalize"],
+        rho=recipe["rho"],
+        rank_cap=cap,
+        concentration=concentration(ranks, [m.params for m in matrices], r_min, caps),
     )
+    note = concentration_warning(names, [m.params for m in matrices], costs * avg_rank)
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
     if dist.enabled:
         alloc.calibration["processes"] = dist.world_size
         # The ranks are equal everywhere (same reduced diagonals); the timings are the main's.

@@ -142,14 +142,13 @@ def target_spec(args: argparse.Namespace):
 def allocator_options(args: argparse.Namespace) -> dict:
     """The allocator flags (``add_allocator_args``) as :func:`senslora.pipeline.allocate` keywords;
     ``senslora train`` passes the same dict as method options."""
+    from .presets import RECIPE_KEYS
+
+    # Recipe flags left unset (None) take the --preset's values inside allocate().
     return {
-        "estimator": args.estimator,
-        "score": args.score,
-        "fusion": args.fusion,
-        "strategy": args.strategy,
+        "preset": args.preset,
+        **{k: getattr(args, k) for k in RECIPE_KEYS},
         "categories": args.categories,
-        "topk_fraction": args.topk_fraction,
-        "alpha": args.alpha,
         "r_min": args.r_min,
         "r_max": args.r_max,
         "budget_mode": args.budget,
@@ -173,9 +172,13 @@ def run_allocate(args: argparse.Namespace) -> Path:
     from .models import model_kind, offloaded
     from .pipeline import allocate
 
+    from .presets import resolve
+
     out = check_out_dir(args.out, args.overwrite)
-    if args.estimator not in ESTIMATORS:
-        raise SensloraError(f"unknown estimator {args.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    estimator = resolve(args.preset, estimator=args.estimator)["estimator"]
+    if estimator not in ESTIMATORS:
+        raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    args = argparse.Namespace(**{**vars(args), "estimator": estimator})
     dist = current()
     if dist.enabled:
         # One device per process (cuda:<local rank>, or the CPU under gloo).
@@ -224,9 +227,16 @@ def run_allocate(args: argparse.Namespace) -> Path:
 def _print_summary(alloc) -> None:
     t = alloc.timings
     ratio = f", {t['ratio_to_forward']:.2f}x one forward pass" if "ratio_to_forward" in t else ""
+    c = alloc.concentration
     print(
         f"{len(alloc.matrices)} matrices, {alloc.total_rank} ranks, {alloc.trainable_params:,} LoRA parameters "
         f"(uniform: {alloc.uniform_params:,}); allocation took {t['total']:.2f} s{ratio}"
+    )
+    print(
+        f"recipe {alloc.recipe}: ranks {min(alloc.ranks.values())}..{max(alloc.ranks.values())} "
+        f"(median {c['median_rank']:g}), top matrix {c['top_matrix_share']:.1%} and top 5% "
+        f"{c['top5pct_share']:.1%} of the LoRA parameters, rank Gini {c['rank_gini']:.2f}, "
+        f"{c['at_r_min']} at r_min, {c['at_r_max']} at r_max"
     )
 
 
@@ -287,4 +297,63 @@ def run_select_data(args: argparse.Namespace) -> Path:
     )
     selection.save(out, overwrite=args.overwrite)
     print(f"kept {len(kept)} of {len(task.train)} training examples (rule {selection.rule})")
+    return out
+
+
+def run_diagnose(args: argparse.Namespace) -> Path:
+    """``senslora diagnose``: where S_global sits (tokens, channels) per matrix -> diagnosis.json."""
+    from .cache import atomic_dir
+    from .diagnosis import diagnose_activation, diagnose_diagonals, summarize
+    from .estimators import estimate_diagonals
+    from .models import model_kind
+    from .targets import find_targets
+
+    out = check_out_dir(args.out, args.overwrite)
+    if not 0 < args.fraction < 1:
+        raise SensloraError(f"--fraction must be in (0, 1), got {args.fraction}")
+    seed_everything(args.seed)
+    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
+    unknown = sorted(set(estimators) - {"activation", "fisher"})
+    if unknown or not estimators:
+        raise SensloraError(f"--estimators takes activation and/or fisher, got {args.estimators!r}")
+    args = argparse.Namespace(**{**vars(args), "estimator": "fisher" if "fisher" in estimators else "activation"})
+    model, tokenizer = load_model_for(args)
+    batches = calibration_batches(args, tokenizer, model_kind(model))
+    targets = find_targets(model)
+    report: dict = {"model": args.model, "calib": args.calib, "fraction": args.fraction}
+    if "activation" in estimators:
+        act = diagnose_activation(model, batches, targets, tokenizer=tokenizer, fraction=args.fraction)
+        act["distribution"] = {
+            k: summarize(act["matrices"], k)
+            for k in ("top_token_share", "position0_share", "top_channel_share")
+        }
+        report["activation"] = act
+    if "fisher" in estimators:
+        diags = estimate_diagonals("fisher", model, batches, targets, progress=not args.no_progress)
+        fis = {"matrices": diagnose_diagonals(diags, args.fraction)}
+        traces = {n: float(d.values.double().sum()) for n, d in diags.items()}
+        total = sum(traces.values()) or 1.0
+        lead = sorted(traces, key=traces.get, reverse=True)[: max(1, round(0.05 * len(traces)))]
+        fis["summary"] = {
+            "lead_matrices": lead,
+            "lead_share_of_s_global": sum(traces[n] for n in lead) / total,
+        }
+        fis["distribution"] = {
+            k: summarize(fis["matrices"], k) for k in ("top_channel_share", "top_row_share")
+        }
+        report["fisher"] = fis
+    with atomic_dir(out) as tmp:
+        (tmp / "diagnosis.json").write_text(json.dumps(report, indent=1) + "\n")
+    for name in estimators:
+        s = report[name]["summary"]
+        print(
+            f"{name}: the top 5% of matrices hold {s['lead_share_of_s_global']:.0%} of S_global "
+            f"(first: {s['lead_matrices'][0]})"
+        )
+    if "activation" in report:
+        s = report["activation"]["summary"]
+        print(
+            f"activation: {s['lead_top_tokens_at_position0']:.0%} of their top {args.fraction:.0%} tokens "
+            f"are the first token; most common: {[t for t, _ in s['lead_top_token_strings'][:3]]}"
+        )
     return out

@@ -114,8 +114,14 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
         f"**{p}** ({', '.join(sorted({str(r.get('task', '?')) for r in rs}))})"
         for p, rs in by_primary.items()
     )
-    lines += [f"Test-split metrics, mean ± sample std over seeds. Primary metric: {primaries}.", ""]
+    splits = sorted({r.get("split", "test") for r in ok})
+    lines += [
+        f"{'/'.join(s.capitalize() for s in splits)}-split metrics, mean ± sample std over seeds. "
+        f"Primary metric: {primaries}.",
+        "",
+    ]
     lines += _table(header, rows) + [""]
+    lines += allocation_shape_section(ok)
 
     baseline = ok[0]["_meta"].get("baseline") or {}
     for primary, members in by_primary.items():
@@ -130,6 +136,48 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
         )
         lines += [f"![{plot_name}](plots/{plot_name}.png)", ""]
     return lines
+
+
+def _same_setting(run: dict, setting: dict) -> bool:
+    grid = run["_meta"]["grid"]
+    return all(json.dumps(grid.get(k), sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in setting.items())
+
+
+def allocation_shape_section(ok: list[dict]) -> list[str]:
+    """Concentration of the allocated ranks per setting (senslora runs), and whether a setting
+    allocates exactly the ranks of the experiment's baseline (then its metric differences are
+    training noise, not an effect of the setting)."""
+    alloc = [r for r in ok if (r.get("method_record") or {}).get("concentration")]
+    if not alloc:
+        return []
+    baseline = alloc[0]["_meta"].get("baseline") or {}
+    base_ranks = {
+        r["seed"]: r["method_record"].get("ranks")
+        for r in ok
+        if baseline and _same_setting(r, baseline) and (r.get("method_record") or {}).get("ranks")
+    }
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in alloc:
+        groups[_row_key(r)].append(r)
+    header = ["setting", "recipe", "median rank", "max / avg rank", "top matrix", "top 5%", "rank Gini"]
+    header += ["ranks vs baseline"] if base_ranks else []
+    rows = []
+    for key, members in groups.items():
+        conc = [m["method_record"]["concentration"] for m in members]
+        cell = lambda k, d=2: _fmt(statistics.fmean(c[k] for c in conc), d)  # noqa: E731
+        row = [_label(key), str(members[0]["method_record"].get("recipe", "?")), cell("median_rank", 1)]
+        row += [cell("max_rank_over_avg"), cell("top_matrix_share", 3), cell("top5pct_share", 3), cell("rank_gini")]
+        if base_ranks:
+            same = [m["method_record"].get("ranks") == base_ranks.get(m["seed"]) for m in members]
+            row.append("baseline" if baseline and _same_setting(members[0], baseline) else
+                       ("**no change in ranks**" if all(same) else f"differ ({sum(not x for x in same)}/{len(same)} seeds)"))
+        rows.append(row)
+    return [
+        "Allocation shape (mean over seeds; shares are of the LoRA parameters, the top 5% of matrices by parameters):",
+        "",
+        *_table(header, rows),
+        "",
+    ]
 
 
 def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:

@@ -92,6 +92,8 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+EVAL_SPLITS = ("test", "validation")
+
 @dataclass
 class TrainConfig:
     """Everything that defines a fine-tuning run (saved as ``config.json``)."""
@@ -116,7 +118,10 @@ class TrainConfig:
     lora_alpha: float | None = _f(None, "LoRA alpha of the uniform reference (default 2 x avg_rank)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA / adapter input")
     lr: float = _f(5e-4, "peak learning rate of AdamW (the paper: 5e-4)")
-    batch_size: int = _f(16, "examples per optimizer step (also the evaluation batch size)")
+    batch_size: int = _f(16, "examples per optimizer step (also the evaluation batch size by default)")
+    eval_batch_size: int | None = _f(
+        None, "examples per evaluation batch (default: batch_size); larger is faster for generation"
+    )
     epochs: int = _f(3, "passes over the train split")
     max_length: int = _f(128, "truncate examples to this many tokens (at least 8)")
     max_new_tokens: int = _f(32, "generation tasks: tokens generated per answer at evaluation")
@@ -128,6 +133,11 @@ class TrainConfig:
     save_every: int = _f(0, "write a checkpoint every n optimizer steps (0: only at each epoch end)")
     keep_checkpoints: bool = _f(False, "keep checkpoints/ after a successful run")
     eval_each_epoch: bool = _f(True, "evaluate on the validation split after each epoch")
+    eval_split: str = _f(
+        "test",
+        "split of the final evaluation (result.json metrics): test, or validation for sweeps that "
+        "choose settings and must not read the test split",
+    )
     device: str | None = _f(None, "torch device (default: cuda if available, else cpu)")
     dtype: str = _f("float32", "model dtype: float32, bfloat16, float16")
     options: dict[str, Any] = field(
@@ -163,10 +173,14 @@ class TrainConfig:
 
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 8:
             raise SensloraError(f"--max-length must be at least 8, got {self.max_length!r}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise SensloraError(
+                f"--eval-split must be one of {', '.join(EVAL_SPLITS)}, got {self.eval_split!r}"
+            )
         for name in ("batch_size", "epochs", "max_new_tokens", "calib_samples"):
             positive_int(name, getattr(self, name))
         positive_int("save_every", self.save_every, 0)
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "eval_batch_size"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
         number("avg_rank", self.avg_rank, 0, open_low=True)
@@ -310,7 +324,7 @@ def _evaluate(
         tokenizer,
         examples,
         task,
-        batch_size=config.batch_size,
+        batch_size=config.eval_batch_size or config.batch_size,
         max_length=config.max_length,
         max_new_tokens=config.max_new_tokens,
         device=device,
@@ -888,7 +902,8 @@ def _run(
     result = None
     if dist.is_main:
         start = time.perf_counter()
-        metrics = _evaluate(unwrapped, tokenizer, task.test, task, config, method, device, progress)
+        final = task.test if config.eval_split == "test" else task.validation
+        metrics = _evaluate(unwrapped, tokenizer, final, task, config, method, device, progress)
         test_time = time.perf_counter() - start
         with atomic_dir(out / ADAPTER_DIR) as tmp:
             method.save(unwrapped, tmp)
@@ -902,6 +917,7 @@ def _run(
             "problem": task.problem,
             "primary_metric": task.primary_metric,
             "metrics": metrics,
+            "split": config.eval_split,
             "history": state.history,
             "trainable_params": counts["adapter"],
             "budget_params": counts["budget"],
@@ -1047,6 +1063,7 @@ def config_from_args(args) -> TrainConfig:
         lora_dropout=args.lora_dropout,
         lr=args.lr,
         batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
         epochs=args.epochs,
         max_length=args.max_length,
         max_new_tokens=args.max_new_tokens,
@@ -1058,6 +1075,7 @@ def config_from_args(args) -> TrainConfig:
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         eval_each_epoch=not args.no_eval_each_epoch,
+        eval_split=args.eval_split,
         device=args.device,
         dtype=args.dtype,
         options=options,

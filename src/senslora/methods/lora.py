@@ -15,18 +15,15 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..presets import RECIPE_KEYS
 from ._shared import method_targets, peft_task_type, uniform_rank
 from .base import Method, MethodContext, register
 
 # Options passed from ``ctx.options`` to :func:`senslora.pipeline.allocate` when set.
 ALLOCATOR_OPTIONS = (
-    "estimator",
-    "score",
-    "fusion",
-    "strategy",
+    "preset",
+    *RECIPE_KEYS,
     "categories",
-    "topk_fraction",
-    "alpha",
     "r_min",
     "r_max",
     "budget_mode",
@@ -121,6 +118,7 @@ class SensLoRA(Method):
             allocation_time_s=alloc.timings.get("total", 0.0),
             allocation_forward_s=alloc.timings.get("forward"),
             allocation_reused=reused,
+            recipe=alloc.recipe,
             estimator=alloc.estimator,
             score=alloc.score,
             fusion=alloc.fusion,
@@ -129,6 +127,7 @@ class SensLoRA(Method):
             total_rank=alloc.total_rank,
             rank_min=min(ranks.values()),
             rank_max=max(ranks.values()),
+            concentration=alloc.concentration,
             allocated_params=alloc.trainable_params,
             uniform_params=alloc.uniform_params,
             ranks=ranks,
