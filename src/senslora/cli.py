@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import SensloraError
+from .errors import SensloraError, Terminated, raise_on_sigterm
 
 
 def _positive_int(text: str) -> int:
@@ -498,8 +498,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_warnings()
+    raise_on_sigterm()
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("senslora: terminated (SIGTERM); checkpoints are kept, rerun with --resume", file=sys.stderr)
+        return 143
     except SensloraError as exc:
         print(f"senslora: error: {exc}", file=sys.stderr)
         return 2
@@ -523,6 +528,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"senslora: error: {problem}{where}; free space or choose another output folder", file=sys.stderr
         )
         return 2
+
+
+def _show_warnings() -> None:
+    """senslora's own warnings (dropped rows, truncated texts, a stale lock taken over) as
+    ``senslora: warning: ...`` lines on stderr."""
+    import logging
+
+    class StderrHandler(logging.StreamHandler):
+        @property
+        def stream(self):  # the stderr of the moment (tests and callers may replace it)
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
+    logger = logging.getLogger("senslora")
+    if not any(type(h).__name__ == "StderrHandler" for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("senslora: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _write_failure(exc: BaseException) -> str | None:

@@ -70,7 +70,8 @@ import torch
 
 from .cache import atomic_dir, atomic_write_text
 from .distributed import SINGLE, Dist, current
-from .errors import SensloraError
+from .errors import SensloraError, loading
+from .guard import model_input, task_input, writing
 from .methods.base import Method, MethodContext, adapter_parameter_count, get_method
 from .pipeline import sync_device
 
@@ -523,6 +524,12 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(folder: Path, model, optimizer, scheduler, method: Method, rank: int = 0) -> TrainState:
+    fix = f"delete {folder} to resume from the checkpoint before it, or rerun with --overwrite"
+    with loading("the checkpoint", folder, fix):
+        return _read_checkpoint(folder, model, optimizer, scheduler, method, rank)
+
+
+def _read_checkpoint(folder: Path, model, optimizer, scheduler, method: Method, rank: int) -> TrainState:
     from safetensors.torch import load_file
 
     saved = load_file(str(folder / "trainable.safetensors"))
@@ -550,6 +557,8 @@ def _check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
     """Refuse a folder that holds something else than what this call may continue or replace."""
     if resume and overwrite:
         raise SensloraError("pass either --resume or --overwrite, not both")
+    if resume and not out.exists():
+        raise SensloraError(f"--resume: {out} does not exist; drop --resume to start a new run there")
     if not out.exists() or overwrite:
         return
     if not out.is_dir():
@@ -607,19 +616,27 @@ def train(
 
     Every input is checked (config values, method, task data, model, the task's model kind) before
     the folder is touched; an error before the first checkpoint removes the folder this call created.
+    The run folder must be apart from the model folder and the task data, and is locked while the
+    run writes it (:mod:`senslora.guard`).
     """
-    from .recipes import seed_everything
-
     wall_start = time.perf_counter()
     config.validate()
     method = get_method(config.method)
     config = replace(config, options={**config.options, **method.implied_options})
     out = Path(out_dir)
-    _check_out_dir(out, config, resume=resume, overwrite=overwrite)
+    dist = current()
+    with writing(out, [model_input(config.model), task_input(config.task)], lock=dist.is_main):
+        _check_out_dir(out, config, resume=resume, overwrite=overwrite)
+        return _train(config, out, method, resume, overwrite, progress, step_callback, wall_start, dist)
+
+
+def _train(config, out, method, resume, overwrite, progress, step_callback, wall_start, dist) -> dict:
+    """:func:`train` once the run folder is checked and locked."""
+    from .recipes import seed_everything
+
     task = load_task_for(config)
     _check_model_fits_task(config.model, task)
     accelerator = _accelerator(config.device)
-    dist = current()
     seed_everything(config.seed)
     model, tokenizer = _load_base(config, task, accelerator.device)
 
@@ -947,10 +964,11 @@ def read_result(run_dir: str | Path) -> dict[str, Any]:
         raise SensloraError(
             f"{run_dir} is not a completed run folder (no {RESULT_NAME}); run `senslora train` (or --resume it)"
         )
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SensloraError(f"{path} is not readable JSON ({exc})") from None
+    with loading("the run result", path, f"rerun `senslora train` for {run_dir}"):
+        result = json.loads(path.read_text())
+    if not isinstance(result, dict):
+        raise SensloraError(f"{path} is not a run result (a JSON object); rerun `senslora train` for {run_dir}")
+    return result
 
 
 def evaluate_run(
@@ -967,20 +985,27 @@ def evaluate_run(
     ``merge_to`` writes the merged model and tokenizer as a plain Hugging Face folder (PEFT's
     ``merge_and_unload``, or the method's ``merge``), usable as ``--model``.
     """
-    from .models import resolve_device
-    from .recipes import seed_everything
-
     run = Path(run_dir)
     result = read_result(run)
     config = TrainConfig.from_dict(result.get("config", {}))
     if device is not None:
         config = replace(config, device=device)
     method = get_method(config.method)
-    if merge_to is not None:
-        if Path(merge_to).exists() and not overwrite:
-            raise SensloraError(f"merge folder {merge_to} already exists; remove it or pass --overwrite")
-        if not method.is_peft and not callable(getattr(method, "merge", None)):
-            raise SensloraError(f"method {config.method} cannot be merged into the base model")
+    if merge_to is None:
+        return _evaluate_run(run, result, config, method, None, device, progress)
+    if Path(merge_to).exists() and not overwrite:
+        raise SensloraError(f"merge folder {merge_to} already exists; remove it or pass --overwrite")
+    if not method.is_peft and not callable(getattr(method, "merge", None)):
+        raise SensloraError(f"method {config.method} cannot be merged into the base model")
+    inputs = [("the run folder", run), model_input(config.model), task_input(config.task)]
+    with writing(merge_to, inputs, flag="--merge"):
+        return _evaluate_run(run, result, config, method, Path(merge_to), device, progress)
+
+
+def _evaluate_run(run: Path, result: dict, config: TrainConfig, method: Method, merge_to, device, progress):
+    from .models import resolve_device
+    from .recipes import seed_everything
+
     task = load_task_for(config)
     try:
         saved_test = json.loads((run / SPLITS_NAME).read_text())["test"]
@@ -994,12 +1019,17 @@ def evaluate_run(
     seed_everything(config.seed)
     model, tokenizer = _load_base(config, task, dev)
     ctx = _method_context(config, task, [], int(result.get("steps", 1)), run, dev, progress)
-    model = method.load(model, run / ADAPTER_DIR, ctx).to(dev)
+    adapter = run / ADAPTER_DIR
+    if not adapter.is_dir():
+        raise SensloraError(f"{run} has no {ADAPTER_DIR}/ folder; rerun `senslora train` for it")
+    with loading("the adapter", adapter, f"rerun `senslora train` for {run}"):
+        model = method.load(model, adapter, ctx)
+    model = model.to(dev)
     metrics = _evaluate(model, tokenizer, task.test, task, config, method, dev, progress)
     metrics = json.loads(_json(metrics))
     if merge_to is not None:
         merged = model.merge_and_unload() if method.is_peft else method.merge(model)
-        with atomic_dir(Path(merge_to)) as tmp:
+        with atomic_dir(merge_to) as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
     return {
