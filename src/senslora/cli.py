@@ -416,7 +416,7 @@ def add_bench_parser(sub) -> None:
         "--timeout",
         type=_finite_float,
         default=3600,
-        help="seconds before one run is stopped and marked failed",
+        help="seconds before one run is stopped and marked failed (0: no limit)",
     )
     p.add_argument("--dry-run", action="store_true", help="list pending runs without running them")
     p.add_argument("--report", action="store_true", help="write RESULTS.md afterwards")

@@ -96,7 +96,13 @@ def _make_parents(folder: Path) -> list[Path]:
     while not probe.exists():
         created.append(probe)
         probe = probe.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        for made in created:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise SensloraError(f"cannot create {folder} ({exc.strerror or exc}); choose another --out") from None
     return created
 
 

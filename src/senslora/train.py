@@ -73,6 +73,7 @@ from .distributed import SINGLE, Dist, current
 from .errors import SensloraError, loading
 from .guard import model_input, task_input, writing
 from .methods.base import Method, MethodContext, adapter_parameter_count, get_method
+from .options import check_options, parse_option
 from .pipeline import sync_device
 
 CONFIG_NAME = "config.json"
@@ -197,6 +198,7 @@ class TrainConfig:
             json.dumps(self.options)
         except (TypeError, ValueError) as exc:
             raise SensloraError(f"method options must be JSON values ({exc})") from None
+        check_options(self.options, get_method(self.method))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (what ``config.json`` holds)."""
@@ -1052,15 +1054,7 @@ def config_from_args(args) -> TrainConfig:
         "data_select": args.data_select,
         "data_keep": args.data_keep,
     }
-    for item in args.option or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SensloraError(f"--option takes KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        options[key.strip().replace("-", "_")] = value
+    options.update(parse_option(item) for item in args.option or [])
     return TrainConfig(
         method=args.method,
         model=args.model,
