@@ -12,6 +12,12 @@ from collections.abc import Sequence
 from .errors import SensloraError, Terminated, raise_on_sigterm
 
 
+LOOSE_HELP = (
+    "generic tasks: read a label column mixing numbers and text as class names, and merge class names "
+    "differing only in case or spaces (default: both are errors naming the rows)"
+)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -192,6 +198,7 @@ def add_train_parser(sub) -> None:
         choices=["classification", "regression", "generation"],
         help="generic tasks: problem type (default: inferred from the labels)",
     )
+    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
     g.add_argument(
         "--split-seed", type=int, default=0, help="seed of the 80/10/10 split (independent of --seed)"
     )
@@ -282,7 +289,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
     step = result["step_time_median_s"]
     print(
-        f"{result['method']} on {result['task']}: test {shown}; {result['trainable_params']:,} trainable adapter "
+        f"{result['method']} on {result['task']} ({result['labels']}): test {shown}; {result['trainable_params']:,} trainable adapter "
         f"parameters; {result['steps']} steps" + (f", {step:.3f} s/step (median)" if step is not None else "")
     )
     print(f"wrote {args.out}")
@@ -375,6 +382,7 @@ def add_select_data_parser(sub) -> None:
     g.add_argument("--text-pair-column", default=None)
     g.add_argument("--label-column", default="label")
     g.add_argument("--problem", default=None, choices=["classification", "regression", "generation"])
+    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
     g.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
     g.add_argument(
         "--max-train-samples",

@@ -328,9 +328,23 @@ def load_model(
         generation_config.pad_token_id = tokenizer.pad_token_id
     if kind == "causal-lm":
         tokenizer.padding_side = "right"
+    positions = model_positions(model.config)
+    if positions is not None and positions < (tokenizer.model_max_length or positions + 1):
+        tokenizer.model_max_length = positions  # make_batches truncates to it (with a warning)
     if device_map is None:
         model.to(dev)
     return model, tokenizer
+
+
+def model_positions(config: Any) -> int | None:
+    """How many token positions the model has (``max_position_embeddings`` / ``n_positions``;
+    RoBERTa-style models lose their padding offset), or None if its config does not say."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(positions, int) or positions < 1:
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions
 
 
 # Files one of which every saved tokenizer has (fast: tokenizer.json; slow: a vocabulary or model file).
@@ -352,8 +366,13 @@ def check_device_map(auto_cls: Any, config: Any, device_map: dict, extra: dict) 
     """Refuse a ``--device-map`` JSON that names a module the model does not have."""
     from accelerate import init_empty_weights
 
+    import copy
+
+    config = copy.deepcopy(config)
+    for key, value in extra.items():  # num_labels / problem_type, as from_pretrained sets them
+        setattr(config, key, value)
     with init_empty_weights():
-        skeleton = auto_cls.from_config(config, **extra)
+        skeleton = auto_cls.from_config(config)
     names = {name for name, _ in skeleton.named_modules()}
     unknown = sorted(str(k) for k in device_map if k not in names)
     if unknown:

@@ -300,7 +300,9 @@ def _select_data(args: argparse.Namespace, out: Path) -> Path:
         problem=args.problem,
         split_seed=args.split_seed,
         max_train_samples=args.max_train_samples,
+        loose_labels=args.loose_labels,
     )
+    print(f"task {task.name}: {task.describe()}")
     seed_everything(args.seed)
     num_labels = task.num_labels if task.problem == "classification" else 2
     model, tokenizer = load_model(

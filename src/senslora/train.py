@@ -111,6 +111,9 @@ class TrainConfig:
     problem: str | None = _f(
         None, "generic tasks: classification, regression or generation (default: inferred)"
     )
+    loose_labels: bool = _f(
+        False, "generic tasks: read mixed number/text labels as class names, merge case/space variants"
+    )
     split_seed: int = _f(0, "seed of the 80/10/10 split, independent of the training seed")
     max_train_samples: int | None = _f(None, "use only the first n examples of the (shuffled) train split")
     max_eval_samples: int | None = _f(None, "use only the first n examples of the validation and test splits")
@@ -242,6 +245,7 @@ def load_task_for(config: TrainConfig):
         split_seed=config.split_seed,
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
+        loose_labels=config.loose_labels,
     )
 
 
@@ -582,6 +586,7 @@ def _check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
         raise SensloraError(
             f"{out} is not a senslora run folder (no readable {CONFIG_NAME}); choose another --out"
         ) from None
+    saved = TrainConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else {}  # newer fields: defaults
     current = config.to_dict()
     differ = sorted(
         k for k in set(saved) | set(current) if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)
@@ -919,6 +924,7 @@ def _run(
             "model": config.model,
             "seed": config.seed,
             "problem": task.problem,
+            "labels": task.describe(),
             "primary_metric": task.primary_metric,
             "metrics": metrics,
             "history": state.history,
@@ -1063,6 +1069,7 @@ def config_from_args(args) -> TrainConfig:
         text_pair_column=args.text_pair_column,
         label_column=args.label_column,
         problem=args.problem,
+        loose_labels=args.loose_labels,
         split_seed=args.split_seed,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
