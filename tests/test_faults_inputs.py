@@ -17,22 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults import (  # noqa: F401  (assets is a fixture)
-    GOOD_YAML,
-    Ctx,
-    _senslora,
-    _wait_for,
-    assert_one_error_line,
-    assets,
-    base_args,
-    run_cli,
-    tree,
-)
+import test_faults
+from test_faults import GOOD_YAML, Ctx, _senslora, _wait_for, assert_one_error_line, base_args, run_cli, tree
 
 from senslora.errors import SensloraError
 from senslora.guard import lock_path, output_lock
 from senslora.tasks import load_task
 from senslora.train import checkpoints
+
+assets = test_faults.assets  # the same tiny model and task CSV (a module-scoped fixture)
 
 
 def _csv(path: Path, rows: list[list[str]], header=("text", "label")) -> Path:
@@ -126,7 +119,9 @@ OVERLAPS = {
     "bench --out holds a run's task data": (
         "bench",
         lambda c, f: [
-            c.yaml(f"experiments: [{{name: e, grid: {{seed: [0]}}, params: {{task: 'csv:{f / 'task.csv'}'}}}}]\n"),
+            c.yaml(
+                f"experiments: [{{name: e, grid: {{seed: [0]}}, params: {{task: 'csv:{f / 'task.csv'}'}}}}]\n"
+            ),
             "--out",
             f,
         ],
@@ -136,7 +131,9 @@ OVERLAPS = {
 
 
 @pytest.mark.parametrize("name", list(OVERLAPS))
-def test_an_output_that_overlaps_an_input_is_refused_before_anything_is_written(name, assets, tmp_path, capsys):
+def test_an_output_that_overlaps_an_input_is_refused_before_anything_is_written(
+    name, assets, tmp_path, capsys
+):
     command, extra, relation = OVERLAPS[name]
     c = Ctx(assets, tmp_path)
     folder = _inputs_folder(c)
@@ -149,7 +146,14 @@ def test_an_output_that_overlaps_an_input_is_refused_before_anything_is_written(
 
 
 def test_every_writing_subcommand_has_an_overlap_case():
-    assert {case[0] for case in OVERLAPS.values()} == {"allocate", "train", "layers", "select-data", "evaluate", "bench"}
+    assert {case[0] for case in OVERLAPS.values()} == {
+        "allocate",
+        "train",
+        "layers",
+        "select-data",
+        "evaluate",
+        "bench",
+    }
 
 
 # ------------------------------------------------------------------------------------ 2. lock
@@ -170,7 +174,9 @@ def test_a_second_writer_of_the_same_folder_gets_one_line(assets, tmp_path, caps
         before = tree(tmp_path)
         for command in ("allocate", "train"):
             code, _, err = run_cli(base_args(command, c), capsys)
-            assert_one_error_line(code, err, f"being written by another senslora process \\(pid {holder.pid} ")
+            assert_one_error_line(
+                code, err, f"being written by another senslora process \\(pid {holder.pid} "
+            )
         assert tree(tmp_path) == before
     finally:
         holder.kill()
@@ -190,7 +196,10 @@ def test_a_stale_lock_of_a_dead_process_is_reported_and_taken_over(assets, tmp_p
 def test_the_lock_is_exclusive_in_one_process_too(tmp_path):
     with output_lock(tmp_path / "a" / "b" / "out") as path:
         assert path.read_text().split()[0] == str(os.getpid())
-        with pytest.raises(SensloraError, match="being written by another"), output_lock(tmp_path / "a" / "b" / "out"):
+        with (
+            pytest.raises(SensloraError, match="being written by another"),
+            output_lock(tmp_path / "a" / "b" / "out"),
+        ):
             pass
     assert not (tmp_path / "a").exists()  # parents made for the lock are removed again
 
@@ -330,10 +339,15 @@ LABEL_CASES = {
         "differ only in case or spaces .*'pos ' in row 8",
     ),
     "list labels in JSONL": (
-        lambda p: p.with_suffix(".jsonl").write_text(
-            "".join(json.dumps({"text": t, "label": [lab] if i == 2 else lab}) + "\n" for i, (t, lab) in enumerate(_rows()))
-        )
-        and p.with_suffix(".jsonl"),
+        lambda p: (
+            p.with_suffix(".jsonl").write_text(
+                "".join(
+                    json.dumps({"text": t, "label": [lab] if i == 2 else lab}) + "\n"
+                    for i, (t, lab) in enumerate(_rows())
+                )
+            )
+            and p.with_suffix(".jsonl")
+        ),
         "holds a list or an object in row 3",
     ),
     "every text empty": (lambda p: _csv(p, [["", lab] for _, lab in _rows()]), "every text of .* is empty"),
@@ -435,7 +449,11 @@ BENCH_CASES = {
         [],
         "unknown allocation-probe parameter\\(s\\) repeat",
     ),
-    "--only not a regex": (GOOD_YAML, ["--only", "seed=(0"], "--only 'seed=\\(0' is not a valid regular expression"),
+    "--only not a regex": (
+        GOOD_YAML,
+        ["--only", "seed=(0"],
+        "--only 'seed=\\(0' is not a valid regular expression",
+    ),
     "--timeout negative": (GOOD_YAML, ["--timeout", "-1"], "--timeout must be a number of seconds >= 0"),
 }
 
@@ -447,7 +465,9 @@ def test_bench_configs_are_checked_in_full_before_any_run(name, dry_run, assets,
     c = Ctx(assets, tmp_path)
     config = c.yaml(text)
     before = tree(tmp_path)
-    code, _, err = run_cli(["bench", config, "--out", c.out, *extra, *(["--dry-run"] if dry_run else [])], capsys)
+    code, _, err = run_cli(
+        ["bench", config, "--out", c.out, *extra, *(["--dry-run"] if dry_run else [])], capsys
+    )
     assert_one_error_line(code, err, message)
     assert tree(tmp_path) == before
 

@@ -20,6 +20,10 @@ memory peak is its own, a crash cannot stop the others). Runs whose ``result.jso
 ``status: ok`` are skipped, so an interrupted benchmark resumes where it stopped; a failed run is
 recorded with its error and retried on the next invocation.
 
+The whole config is checked before any run (:func:`check_runs`): unknown keys at every level,
+and every run's TrainConfig (or probe keywords) built and validated as its worker will, so a
+``--dry-run`` fails exactly when a real run would fail on its config.
+
 A value ``"best-of:EXPERIMENT"`` is replaced, just before the run starts, by the value of that
 parameter that maximised the validation metric in EXPERIMENT (e.g. a learning-rate sweep).
 """
@@ -99,7 +103,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
     _known_keys(cfg, CONFIG_KEYS, f"benchmark config {p}")
     defaults = cfg.get("defaults") or {}
     if not isinstance(defaults, dict):
-        raise SensloraError(f"benchmark config {p}: `defaults:` must map a kind ({', '.join(KINDS)}) to parameters")
+        raise SensloraError(
+            f"benchmark config {p}: `defaults:` must map a kind ({', '.join(KINDS)}) to parameters"
+        )
     _known_keys(defaults, KINDS, f"`defaults:` of {p}")
     for kind, params in defaults.items():
         if not isinstance(params or {}, dict):
@@ -181,7 +187,9 @@ def _check_probe(params: dict[str, Any], keys: set[str]) -> None:
     for key in ("calib_samples", "batch_size", "repeats", "num_probes", "max_length"):
         value = params.get(key, 8)
         if isinstance(value, bool) or not isinstance(value, int) or value < (8 if key == "max_length" else 1):
-            raise SensloraError(f"{key} must be an integer >= {8 if key == 'max_length' else 1}, got {value!r}")
+            raise SensloraError(
+                f"{key} must be an integer >= {8 if key == 'max_length' else 1}, got {value!r}"
+            )
     for key in ("model", "calib", "estimator", "dtype"):
         if not isinstance(params.get(key, ""), str):
             raise SensloraError(f"{key} must be a string, got {params[key]!r}")

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from .errors import SensloraError, Terminated, raise_on_sigterm
 
-
 LOOSE_HELP = (
     "generic tasks: read a label column mixing numbers and text as class names, and merge class names "
     "differing only in case or spaces (default: both are errors naming the rows)"

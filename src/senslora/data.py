@@ -328,7 +328,9 @@ def _to_label(value: Any, where: str, column: str) -> float | int:
             f"{where}: label {value!r} in column {column!r} is not a number; labels must be integers "
             "0..K-1 (classification) or numbers (regression)"
         )
-    raise SensloraError(f"{where}: label column {column!r} holds {type(value).__name__} {value!r}, not a number")
+    raise SensloraError(
+        f"{where}: label column {column!r} holds {type(value).__name__} {value!r}, not a number"
+    )
 
 
 @dataclass(frozen=True)

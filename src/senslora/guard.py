@@ -38,7 +38,9 @@ def model_input(spec: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
     return "the model folder", None if name is None or name in MODEL_ALIASES else Path(name).expanduser()
 
 
-def data_input(spec: str | os.PathLike[str] | None, what: str = "the calibration data") -> tuple[str, Path | None]:
+def data_input(
+    spec: str | os.PathLike[str] | None, what: str = "the calibration data"
+) -> tuple[str, Path | None]:
     """A ``--calib`` value or a task spec (``csv:PATH`` / ``jsonl:PATH`` / ``disk:PATH``) as an input."""
     from .data import CALIB_ALIASES
 

@@ -308,7 +308,9 @@ def load_model(
             "the base model folder to get a fresh head"
         )
     check_tokenizer_files(path)
-    with loading("the tokenizer from", path, f"save a working tokenizer there (tokenizer.save_pretrained({path!r}))"):
+    with loading(
+        "the tokenizer from", path, f"save a working tokenizer there (tokenizer.save_pretrained({path!r}))"
+    ):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if isinstance(device_map, dict):
         check_device_map(auto_cls, config, device_map, extra)
@@ -348,7 +350,14 @@ def model_positions(config: Any) -> int | None:
 
 
 # Files one of which every saved tokenizer has (fast: tokenizer.json; slow: a vocabulary or model file).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def check_tokenizer_files(path: str | os.PathLike[str]) -> None:
@@ -364,9 +373,9 @@ def check_tokenizer_files(path: str | os.PathLike[str]) -> None:
 
 def check_device_map(auto_cls: Any, config: Any, device_map: dict, extra: dict) -> None:
     """Refuse a ``--device-map`` JSON that names a module the model does not have."""
-    from accelerate import init_empty_weights
-
     import copy
+
+    from accelerate import init_empty_weights
 
     config = copy.deepcopy(config)
     for key, value in extra.items():  # num_labels / problem_type, as from_pretrained sets them

@@ -23,7 +23,10 @@ replaced by the validation split, with a new validation split carved out of trai
 Classification labels map to 0..C-1 deterministically: integer labels in numeric order, any other
 labels as sorted strings. With the data's own splits the classes are the train split's and a label
 outside them in another split is an error. Without ``problem`` a generic task is classification
-unless a label is a non-integer number (then regression).
+unless a label is a non-integer number (then regression); a column mixing numbers and text, or
+integer labels with a few (< 10%) fractional ones, is an error naming the rows, as are missing
+labels, list labels, class names differing only in case or spaces (``loose_labels`` allows the
+mixed column and merges the variants), and a class without a train example.
 """
 
 from __future__ import annotations
@@ -395,7 +398,9 @@ def _examples(
             raise SensloraError(f"{where} has no {role} column {column!r}; columns present: {shown}")
     cells = [(i + 1, row.get(label)) for i, row in enumerate(records.rows)]
     if problem == "generation":  # answers are text: only an absent one is missing
-        check_label_cells([(r, None if v is None or not str(v).strip() else v) for r, v in cells], where, label)
+        check_label_cells(
+            [(r, None if v is None or not str(v).strip() else v) for r, v in cells], where, label
+        )
     else:
         check_label_cells(cells, where, label)
     examples = []

@@ -586,7 +586,9 @@ def _check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
         raise SensloraError(
             f"{out} is not a senslora run folder (no readable {CONFIG_NAME}); choose another --out"
         ) from None
-    saved = TrainConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else {}  # newer fields: defaults
+    saved = (
+        TrainConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else {}
+    )  # newer fields: defaults
     current = config.to_dict()
     differ = sorted(
         k for k in set(saved) | set(current) if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)
@@ -616,7 +618,8 @@ def train(
         out_dir: the run folder. It must not hold a completed run (unless ``overwrite``) nor an
             unfinished one (unless ``resume`` or ``overwrite``).
         resume: continue from the last complete checkpoint in ``out_dir`` (start afresh when there
-            is none); the config must equal the saved one except for the device.
+            is none; a folder that does not exist is an error); the config must equal the saved one
+            except for the device.
         overwrite: replace whatever ``out_dir`` holds (only once the inputs have been checked).
         progress: show progress bars and a line per epoch.
         step_callback: called with the step number after every optimizer step (and checkpoint).
@@ -975,7 +978,9 @@ def read_result(run_dir: str | Path) -> dict[str, Any]:
     with loading("the run result", path, f"rerun `senslora train` for {run_dir}"):
         result = json.loads(path.read_text())
     if not isinstance(result, dict):
-        raise SensloraError(f"{path} is not a run result (a JSON object); rerun `senslora train` for {run_dir}")
+        raise SensloraError(
+            f"{path} is not a run result (a JSON object); rerun `senslora train` for {run_dir}"
+        )
     return result
 
 
