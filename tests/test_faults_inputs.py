@@ -317,10 +317,13 @@ def _class_only_in_test(path: Path) -> Path:
 
 
 LABEL_CASES = {
-    "NaN label": (lambda p: _csv(p, _rows()[:5] + [["x", "NaN"]] + _rows()[5:]), "no value .* in row 6"),
+    "NaN label": (
+        lambda p: _csv(p, _rows()[:5] + [["x", "NaN"]] + _rows()[5:]),
+        "row 6 has no label in column 'label' \\(empty, NaN, None or null\\)",
+    ),
     "None and null labels": (
         lambda p: _csv(p, _rows()[:3] + [["x", "None"], ["y", "null"]] + _rows()[3:]),
-        "no value .* in rows 4, 5",
+        "rows 4, 5 have no label",
     ),
     "one text value in a score column": (
         lambda p: _csv(p, [[f"t {i}", f"{i / 7:.3f}"] for i in range(40)] + [["x", "high"]]),
@@ -392,7 +395,11 @@ def test_empty_texts_are_dropped_with_a_count(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("calib.csv", "text,label\nthe film,NaN\n", "row 1: label column 'label' has no value"),
+        (
+            "calib.csv",
+            "text,label\nthe film,NaN\n",
+            "row 1: label column 'label' is empty or missing \\('NaN'\\)",
+        ),
         ("calib.jsonl", '{"text": ""}\n{"text": "  "}\n', "every text of calibration set .* is empty"),
     ],
 )

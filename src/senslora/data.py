@@ -273,8 +273,9 @@ def check_label_cells(cells: Sequence[tuple[Any, Any]], where: str, column: str)
     ``cells``: ``(row, value)`` pairs of one label column."""
     missing = [row for row, value in cells if is_missing(value)]
     if missing:
+        verb = "have" if len(missing) > 1 else "has"
         raise SensloraError(
-            f"{where}: label column {column!r} has no value (empty, NaN, None or null) in {name_rows(missing)}; "
+            f"{where}: {name_rows(missing)} {verb} no label in column {column!r} (empty, NaN, None or null); "
             "fill those labels in or remove the rows"
         )
     nested = [row for row, value in cells if isinstance(value, (list, dict, tuple))]
@@ -300,7 +301,7 @@ def drop_empty_texts(examples: list[Example], where: str) -> list[Example]:
 def _to_label(value: Any, where: str, column: str) -> float | int:
     if is_missing(value):
         raise SensloraError(
-            f"{where}: label column {column!r} has no value ({value!r}); fill the label in or remove the row"
+            f"{where}: label column {column!r} is empty or missing ({value!r}); fill the label in or remove the row"
         )
     if isinstance(value, (list, dict, tuple)):
         raise SensloraError(
