@@ -510,3 +510,36 @@ def test_sigterm_is_one_line_exit_143_checkpoints_kept_nothing_temporary(assets,
     assert checkpoints(c.out) and not (c.out / "result.json").exists()
     leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock")]
     assert leftovers == []
+
+
+def test_sigterm_to_bench_stops_its_worker_the_same_way(assets, tmp_path):
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        f"""
+defaults:
+  train: {{model: "{assets / "model"}", task: "csv:{assets / "task.csv"}", epochs: 3, batch_size: 4,
+          max_length: 16, calib_samples: 8, save_every: 1, options.plot: false, device: cpu}}
+experiments:
+  - {{name: e, kind: train, grid: {{seed: [0]}}}}
+"""
+    )
+    run = tmp_path / "results" / "runs" / "e" / "seed=0"
+    proc = subprocess.Popen(
+        _senslora("bench", config, "--out", tmp_path / "results"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: [p for p in checkpoints(run) if int(p.name[5:]) >= 2], proc, "checkpoint step-2")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert checkpoints(run) and not (run / "result.json").exists()
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock")]
+    assert leftovers == []

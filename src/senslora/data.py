@@ -18,6 +18,7 @@ User data: ``.txt`` (one example per non-empty line), ``.csv`` / ``.tsv`` (heade
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import importlib.util
@@ -666,23 +667,22 @@ def _class_label(label: float | int, ex: Example) -> int:
     return int(value)
 
 
-_WARNED_LIMITS: set[tuple[int, int]] = set()
-
-
 def _within_positions(tokenizer: Any, max_length: int) -> int:
     """``max_length``, or the tokenizer's ``model_max_length`` (set to the model's positions by
-    :func:`senslora.models.load_model`) when that is smaller, with a warning once per process."""
+    :func:`senslora.models.load_model`) when that is smaller, with a warning once per tokenizer."""
     limit = getattr(tokenizer, "model_max_length", None)
     if not isinstance(limit, int) or limit >= max_length:
         return max_length
-    if (limit, max_length) not in _WARNED_LIMITS:
-        _WARNED_LIMITS.add((limit, max_length))
+    warned = getattr(tokenizer, "_senslora_warned", set())
+    if (limit, max_length) not in warned:
         logger.warning(
             "--max-length %d exceeds the model's %d positions; texts are truncated to %d tokens",
             max_length,
             limit,
             limit,
         )
+        with contextlib.suppress(AttributeError, TypeError):
+            tokenizer._senslora_warned = warned | {(limit, max_length)}
     return limit
 
 

@@ -586,9 +586,8 @@ def _check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
         raise SensloraError(
             f"{out} is not a senslora run folder (no readable {CONFIG_NAME}); choose another --out"
         ) from None
-    saved = (
-        TrainConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else {}
-    )  # newer fields: defaults
+    # Fields added since the run started take their defaults.
+    saved = TrainConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else {}
     current = config.to_dict()
     differ = sorted(
         k for k in set(saved) | set(current) if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)
@@ -597,6 +596,12 @@ def _check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
         raise SensloraError(
             f"--resume needs the settings of the interrupted run ({saved_path}); these differ: {', '.join(differ)}"
         )
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of a run folder that --resume reuses, with a one-line error when it is damaged."""
+    with loading(what, path, "the run folder is damaged: rerun with --overwrite"):
+        return json.loads(path.read_text())
 
 
 def _json(data: Any) -> str:
@@ -688,7 +693,7 @@ def _select_data(
 
     folder = out / SELECTION_DIR
     if (folder / "selection.json").is_file():
-        summary = json.loads((folder / "selection.json").read_text())
+        summary = _read_json(folder / "selection.json", "the data selection")
     else:
         _, selection = select_training_data(
             model,
@@ -812,7 +817,7 @@ def _run(
         if config.options.get("layer_budget", "match") == "match":
             _match_layer_budget(ctx, model, extras["layer_selection"])
     splits = {"splits_seed": task.splits_seed, "label_names": task.label_names, **task.split_ids()}
-    if resume and (out / SPLITS_NAME).is_file() and json.loads((out / SPLITS_NAME).read_text()) != splits:
+    if resume and (out / SPLITS_NAME).is_file() and _read_json(out / SPLITS_NAME, "the splits") != splits:
         raise SensloraError(f"the data differs from {out / SPLITS_NAME}; it changed since the run started")
     if dist.is_main:
         atomic_write_text(out / CONFIG_NAME, _json(config.to_dict()))
