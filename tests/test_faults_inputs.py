@@ -491,25 +491,32 @@ def test_train_option_keys_and_values_are_strict(option, message, assets, tmp_pa
 
 
 # ------------------------------------------------------------------------------- 6. SIGTERM
-def test_sigterm_is_one_line_exit_143_checkpoints_kept_nothing_temporary(assets, tmp_path):
-    c = Ctx(assets, tmp_path)
-    argv = [*base_args("train", c), "--save-every", "1", "--epochs", "3", "--batch-size", "4"]
+def _terminated_after_checkpoint_2(argv: list, run: Path, root: Path) -> str:
+    """Run the CLI, SIGTERM it once ``run`` has checkpoint step-2; its stderr, after checking exit
+    143, no traceback, the checkpoints kept, no result, and no temporary folder or lock under ``root``."""
     proc = subprocess.Popen(_senslora(*argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: [p for p in checkpoints(c.out) if int(p.name[5:]) >= 2], proc, "checkpoint step-2")
+        _wait_for(lambda: [p for p in checkpoints(run) if int(p.name[5:]) >= 2], proc, "checkpoint step-2")
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert checkpoints(run) and not (run / "result.json").exists()
+    leftovers = [p.name for p in root.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock")]
+    assert leftovers == []
+    return err
+
+
+def test_sigterm_is_one_line_exit_143_checkpoints_kept_nothing_temporary(assets, tmp_path):
+    c = Ctx(assets, tmp_path)
+    argv = [*base_args("train", c), "--save-every", "1", "--epochs", "3", "--batch-size", "4"]
+    err = _terminated_after_checkpoint_2(argv, c.out, tmp_path)
     lines = [line for line in err.splitlines() if line.startswith("senslora")]
     assert lines == ["senslora: terminated (SIGTERM); checkpoints are kept, rerun with --resume"], err
-    assert "Traceback" not in err
-    assert checkpoints(c.out) and not (c.out / "result.json").exists()
-    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock")]
-    assert leftovers == []
 
 
 def test_sigterm_to_bench_stops_its_worker_the_same_way(assets, tmp_path):
@@ -524,22 +531,4 @@ experiments:
 """
     )
     run = tmp_path / "results" / "runs" / "e" / "seed=0"
-    proc = subprocess.Popen(
-        _senslora("bench", config, "--out", tmp_path / "results"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _wait_for(lambda: [p for p in checkpoints(run) if int(p.name[5:]) >= 2], proc, "checkpoint step-2")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, err
-    assert "Traceback" not in err
-    assert checkpoints(run) and not (run / "result.json").exists()
-    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock")]
-    assert leftovers == []
+    _terminated_after_checkpoint_2(["bench", config, "--out", tmp_path / "results"], run, tmp_path)
