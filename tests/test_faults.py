@@ -210,7 +210,9 @@ CASES = {
     "train --out in /proc": Case("train", lambda c: ["--out", PROC_OUT], "cannot write into /proc"),
     # evaluate (reads result.json)
     "evaluate corrupt result.json": Case(
-        "evaluate", lambda c: [c.file("result.json", '{"status": "ok", "metr').parent], "not readable JSON"
+        "evaluate",
+        lambda c: [c.file("result.json", '{"status": "ok", "metr').parent],
+        "cannot load the run result",
     ),
     # layers
     "layers --layer-ratio 0": Case("layers", lambda c: ["--layer-ratio", "0"], r"must be in \(0, 1\]"),

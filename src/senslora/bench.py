@@ -20,6 +20,10 @@ memory peak is its own, a crash cannot stop the others). Runs whose ``result.jso
 ``status: ok`` are skipped, so an interrupted benchmark resumes where it stopped; a failed run is
 recorded with its error and retried on the next invocation.
 
+The whole config is checked before any run (:func:`check_runs`): unknown keys at every level,
+and every run's TrainConfig (or probe keywords) built and validated as its worker will, so a
+``--dry-run`` fails exactly when a real run would fail on its config.
+
 A value ``"best-of:EXPERIMENT"`` is replaced, just before the run starts, by the value of that
 parameter that maximised the validation metric in EXPERIMENT (e.g. a learning-rate sweep).
 """
@@ -41,8 +45,11 @@ from typing import Any
 
 from .cache import atomic_write_text
 from .errors import SensloraError
+from .guard import writing
 
 KINDS = ("train", "allocation-probe")
+CONFIG_KEYS = ("defaults", "experiments")
+EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline")
 RESULT_NAME = "result.json"
 
 
@@ -93,10 +100,24 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise SensloraError(f"benchmark config {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("experiments"), list) or not cfg["experiments"]:
         raise SensloraError(f"benchmark config {p} needs a non-empty `experiments:` list")
+    _known_keys(cfg, CONFIG_KEYS, f"benchmark config {p}")
+    defaults = cfg.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise SensloraError(
+            f"benchmark config {p}: `defaults:` must map a kind ({', '.join(KINDS)}) to parameters"
+        )
+    _known_keys(defaults, KINDS, f"`defaults:` of {p}")
+    for kind, params in defaults.items():
+        if not isinstance(params or {}, dict):
+            raise SensloraError(f"benchmark config {p}: `defaults: {kind}:` must be a mapping of parameters")
     names = set()
     for i, exp in enumerate(cfg["experiments"]):
         if not isinstance(exp, dict) or "name" not in exp:
             raise SensloraError(f"experiment #{i} in {p} needs a `name:`")
+        _known_keys(exp, EXPERIMENT_KEYS, f"experiment {exp['name']!r} in {p}")
+        for key in ("params", "baseline"):
+            if not isinstance(exp.get(key) or {}, dict):
+                raise SensloraError(f"experiment {exp['name']!r}: `{key}:` must be a mapping")
         if exp["name"] in names:
             raise SensloraError(f"experiment name {exp['name']!r} appears twice in {p}")
         names.add(exp["name"])
@@ -113,6 +134,65 @@ def load_config(path: str | Path) -> dict[str, Any]:
                 f"experiment {exp['name']!r}: `per_method:` must map method names to parameter mappings"
             )
     return cfg
+
+
+def _known_keys(mapping: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = [str(k) for k in mapping if k not in known]
+    if unknown:
+        raise SensloraError(
+            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; the keys are {', '.join(known)}"
+        )
+
+
+def check_runs(cfg: dict[str, Any], runs: list[Run]) -> None:
+    """Build every run's configuration as its worker will (``train``: the TrainConfig, validated as
+    :func:`senslora.train.train` validates it; ``allocation-probe``: the probe's keywords), so that a
+    bad value fails before any run, and ``--dry-run`` fails exactly when a real run would."""
+    import inspect
+
+    from .profiling import allocation_probe
+
+    order = [exp["name"] for exp in cfg["experiments"]]
+    probe_keys = set(inspect.signature(allocation_probe).parameters)
+    for run in runs:
+        where = f"run {run.experiment}/{run.run_id}"
+        params = {}
+        for key, value in run.params.items():
+            if isinstance(value, str) and value.startswith(BEST_OF):
+                source = value[len(BEST_OF) :]
+                if source not in order or order.index(source) >= order.index(run.experiment):
+                    raise SensloraError(
+                        f"{where}: {key}: {value} names no experiment before {run.experiment!r}; "
+                        "name an earlier experiment of this config"
+                    )
+                continue  # chosen when the run starts; its type is checked then
+            params[key] = value
+        try:
+            if run.kind == "train":
+                train_config(params).validate()
+            else:
+                _check_probe(params, probe_keys)
+        except SensloraError as exc:
+            raise SensloraError(f"{where}: {exc}") from None
+        except TypeError as exc:
+            raise SensloraError(f"{where}: {exc}") from None
+
+
+def _check_probe(params: dict[str, Any], keys: set[str]) -> None:
+    unknown = sorted(set(params) - keys)
+    if unknown:
+        raise SensloraError(
+            f"unknown allocation-probe parameter(s) {', '.join(unknown)}; use {', '.join(sorted(keys))}"
+        )
+    for key in ("calib_samples", "batch_size", "repeats", "num_probes", "max_length"):
+        value = params.get(key, 8)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (8 if key == "max_length" else 1):
+            raise SensloraError(
+                f"{key} must be an integer >= {8 if key == 'max_length' else 1}, got {value!r}"
+            )
+    for key in ("model", "calib", "estimator", "dtype"):
+        if not isinstance(params.get(key, ""), str):
+            raise SensloraError(f"{key} must be a string, got {params[key]!r}")
 
 
 def expand(cfg: dict[str, Any]) -> list[Run]:
@@ -226,11 +306,34 @@ def run_benchmark(
     """Run every pending run of the config; returns counts of ok / failed / skipped runs."""
     cfg = load_config(config_path)
     out = Path(out)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise SensloraError(f"--timeout must be a number of seconds >= 0 (0: no limit), got {timeout!r}")
     runs = expand(cfg)
+    check_runs(cfg, runs)
     if only:
-        runs = [r for r in runs if re.search(only, f"{r.experiment}/{r.run_id}")]
+        try:
+            pattern = re.compile(only)
+        except re.error as exc:
+            raise SensloraError(f"--only {only!r} is not a valid regular expression ({exc})") from None
+        runs = [r for r in runs if pattern.search(f"{r.experiment}/{r.run_id}")]
         if not runs:
             raise SensloraError(f"--only {only!r} matches no run of {config_path}")
+    with writing(out, _bench_inputs(config_path, runs)):
+        return _run_all(config_path, out, runs, timeout or None, dry_run)
+
+
+def _bench_inputs(config_path: str | Path, runs: list[Run]) -> list:
+    from .guard import data_input, model_input, task_input
+
+    inputs: list = [("the benchmark config", Path(config_path))]
+    for params in {json.dumps(r.params, sort_keys=True, default=str): r.params for r in runs}.values():
+        inputs += [model_input(params.get("model")), task_input(params.get("task"))]
+        if "calib" in params:
+            inputs.append(data_input(params["calib"]))
+    return inputs
+
+
+def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry_run: bool) -> dict[str, int]:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -272,17 +375,7 @@ def run_benchmark(
             print(f"{label}: FAILED: {exc}", flush=True)
             continue
         spec = json.dumps({"kind": run.kind, "params": params, "folder": str(folder)})
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "senslora.bench", spec],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                preexec_fn=_die_with_parent(),
-            )
-            error = None if proc.returncode == 0 else _last_line(proc.stderr or proc.stdout)
-        except subprocess.TimeoutExpired:
-            error = f"timed out after {timeout:g} s"
+        error = _run_worker(spec, timeout)
         seconds = time.perf_counter() - start
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / "bench.json", meta)  # which experiment and grid point, for the report
@@ -343,16 +436,51 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
     return resolved
 
 
+def _run_worker(spec: str, timeout: float | None) -> str | None:
+    """Run one worker process; its error line, or None. On Ctrl-C / SIGTERM the worker gets SIGTERM
+    too and is waited for, so that it removes its temporary folders and keeps its checkpoints."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "senslora.bench", spec],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_die_with_parent(),
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return f"timed out after {timeout:g} s"
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+        raise
+    return None if proc.returncode == 0 else _last_line(stderr or stdout)
+
+
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
 
 
 def _worker(spec: str) -> int:
+    from .errors import Terminated, raise_on_sigterm
+
     data = json.loads(spec)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    raise_on_sigterm()
     try:
         run_one(data["kind"], data["params"], Path(data["folder"]))
+    except Terminated:
+        print("senslora: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except SensloraError as exc:
         print(f"senslora: error: {exc}", file=sys.stderr)
         return 2

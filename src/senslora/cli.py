@@ -9,7 +9,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import SensloraError
+from .errors import SensloraError, Terminated, raise_on_sigterm
+
+LOOSE_HELP = (
+    "generic tasks: read a label column mixing numbers and text as class names, and merge class names "
+    "differing only in case or spaces (default: both are errors naming the rows)"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -249,6 +254,7 @@ def add_train_parser(sub) -> None:
         choices=["classification", "regression", "generation"],
         help="generic tasks: problem type (default: inferred from the labels)",
     )
+    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
     g.add_argument(
         "--split-seed", type=int, default=0, help="seed of the 80/10/10 split (independent of --seed)"
     )
@@ -351,7 +357,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
     step = result["step_time_median_s"]
     print(
-        f"{result['method']} on {result['task']}: test {shown}; {result['trainable_params']:,} trainable adapter "
+        f"{result['method']} on {result['task']} ({result['labels']}): test {shown}; {result['trainable_params']:,} trainable adapter "
         f"parameters; {result['steps']} steps" + (f", {step:.3f} s/step (median)" if step is not None else "")
     )
     print(f"wrote {args.out}")
@@ -474,6 +480,7 @@ def add_select_data_parser(sub) -> None:
     g.add_argument("--text-pair-column", default=None)
     g.add_argument("--label-column", default="label")
     g.add_argument("--problem", default=None, choices=["classification", "regression", "generation"])
+    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
     g.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
     g.add_argument(
         "--max-train-samples",
@@ -515,7 +522,7 @@ def add_bench_parser(sub) -> None:
         "--timeout",
         type=_finite_float,
         default=3600,
-        help="seconds before one run is stopped and marked failed",
+        help="seconds before one run is stopped and marked failed (0: no limit)",
     )
     p.add_argument("--dry-run", action="store_true", help="list pending runs without running them")
     p.add_argument("--report", action="store_true", help="write RESULTS.md afterwards")
@@ -598,8 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_warnings()
+    raise_on_sigterm()
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("senslora: terminated (SIGTERM); checkpoints are kept, rerun with --resume", file=sys.stderr)
+        return 143
     except SensloraError as exc:
         print(f"senslora: error: {exc}", file=sys.stderr)
         return 2
@@ -623,6 +635,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"senslora: error: {problem}{where}; free space or choose another output folder", file=sys.stderr
         )
         return 2
+
+
+def _show_warnings() -> None:
+    """senslora's own warnings (dropped rows, truncated texts, a stale lock taken over) as
+    ``senslora: warning: ...`` lines on stderr."""
+    import logging
+
+    class StderrHandler(logging.StreamHandler):
+        @property
+        def stream(self):  # the stderr of the moment (tests and callers may replace it)
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
+    logger = logging.getLogger("senslora")
+    if not any(type(h).__name__ == "StderrHandler" for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("senslora: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _write_failure(exc: BaseException) -> str | None:

@@ -18,6 +18,7 @@ User data: ``.txt`` (one example per non-empty line), ``.csv`` / ``.tsv`` (heade
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import importlib.util
@@ -247,16 +248,73 @@ def _to_text(value: Any, where: str, column: str) -> str:
     raise SensloraError(f"{where}: column {column!r} must hold text, found {type(value).__name__} {value!r}")
 
 
+# Spellings of a missing value in a label cell (compared stripped and lower-cased).
+MISSING_SPELLINGS = ("", "nan", "none", "null")
+
+
+def is_missing(value: Any) -> bool:
+    """Whether a label cell holds no value: None, a float NaN, or a string spelling one."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in MISSING_SPELLINGS
+
+
+def name_rows(rows: Sequence[Any], limit: int = 5) -> str:
+    """``rows 3, 7, 9`` (the first ``limit``, then how many more)."""
+    shown = ", ".join(str(r) for r in rows[:limit])
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
+
+
+def check_label_cells(cells: Sequence[tuple[Any, Any]], where: str, column: str) -> None:
+    """Refuse missing values (:data:`MISSING_SPELLINGS`) and list / dict labels, naming the rows.
+
+    ``cells``: ``(row, value)`` pairs of one label column."""
+    missing = [row for row, value in cells if is_missing(value)]
+    if missing:
+        verb = "have" if len(missing) > 1 else "has"
+        raise SensloraError(
+            f"{where}: {name_rows(missing)} {verb} no label in column {column!r} (empty, NaN, None or null); "
+            "fill those labels in or remove the rows"
+        )
+    nested = [row for row, value in cells if isinstance(value, (list, dict, tuple))]
+    if nested:
+        raise SensloraError(
+            f"{where}: label column {column!r} holds a list or an object in {name_rows(nested)}; each label "
+            "must be one number or one class name"
+        )
+
+
+def drop_empty_texts(examples: list[Example], where: str) -> list[Example]:
+    """``examples`` without those whose text (prompt, for generation data) is empty, with a warning
+    giving their count; an error when every text is empty."""
+    kept = [ex for ex in examples if (ex.prompt if ex.prompt is not None else ex.text).strip()]
+    dropped = len(examples) - len(kept)
+    if examples and not kept:
+        raise SensloraError(f"every text of {where} is empty; check the text column (--text-column)")
+    if dropped:
+        logger.warning("%s: dropped %d of %d examples with an empty text", where, dropped, len(examples))
+    return kept
+
+
 def _to_label(value: Any, where: str, column: str) -> float | int:
+    if is_missing(value):
+        raise SensloraError(
+            f"{where}: label column {column!r} is empty or missing ({value!r}); fill the label in or remove the row"
+        )
+    if isinstance(value, (list, dict, tuple)):
+        raise SensloraError(
+            f"{where}: label column {column!r} holds a {type(value).__name__}; a label must be one number"
+        )
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        if math.isnan(value):
-            raise SensloraError(f"{where}: label column {column!r} is empty (NaN)")
         return value
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str):
         s = value.strip()
         try:
             return int(s)
@@ -272,7 +330,9 @@ def _to_label(value: Any, where: str, column: str) -> float | int:
             f"{where}: label {value!r} in column {column!r} is not a number; labels must be integers "
             "0..K-1 (classification) or numbers (regression)"
         )
-    raise SensloraError(f"{where}: label column {column!r} is empty")
+    raise SensloraError(
+        f"{where}: label column {column!r} holds {type(value).__name__} {value!r}, not a number"
+    )
 
 
 @dataclass(frozen=True)
@@ -517,7 +577,7 @@ def load_examples(
             )
     if not examples:
         raise SensloraError(f"calibration set {name!r} is empty")
-    return examples
+    return drop_empty_texts(examples, f"calibration set {name!r}")
 
 
 def sample_examples(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
@@ -607,6 +667,25 @@ def _class_label(label: float | int, ex: Example) -> int:
     return int(value)
 
 
+def _within_positions(tokenizer: Any, max_length: int) -> int:
+    """``max_length``, or the tokenizer's ``model_max_length`` (set to the model's positions by
+    :func:`senslora.models.load_model`) when that is smaller, with a warning once per tokenizer."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit >= max_length:
+        return max_length
+    warned = getattr(tokenizer, "_senslora_warned", set())
+    if (limit, max_length) not in warned:
+        logger.warning(
+            "--max-length %d exceeds the model's %d positions; texts are truncated to %d tokens",
+            max_length,
+            limit,
+            limit,
+        )
+        with contextlib.suppress(AttributeError, TypeError):
+            tokenizer._senslora_warned = warned | {(limit, max_length)}
+    return limit
+
+
 def make_batches(
     examples: Sequence[Example],
     tokenizer: Any,
@@ -638,6 +717,7 @@ def make_batches(
         raise SensloraError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not examples:
         raise SensloraError("no examples to batch")
+    max_length = _within_positions(tokenizer, max_length)
 
     with_labels = kind in ("classification", "regression")
     if with_labels:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .cache import atomic_dir, cache_dir, check_manifest, write_manifest
-from .errors import SensloraError
+from .errors import SensloraError, loading
+from .errors import first_line as _first_line
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,6 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 _SETUP_HINT = "run scripts/setup.sh"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 # --------------------------------------------------------------------------------------- aliases
@@ -311,14 +307,16 @@ def load_model(
             f"{wanted} was asked for; use num_labels={saved} (or kind regression if it has 1), or start from "
             "the base model folder to get a fresh head"
         )
-    try:
+    check_tokenizer_files(path)
+    with loading(
+        "the tokenizer from", path, f"save a working tokenizer there (tokenizer.save_pretrained({path!r}))"
+    ):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SensloraError(f"cannot load the tokenizer from {path} ({_first_line(exc)})") from exc
-    try:
+    if isinstance(device_map, dict):
+        check_device_map(auto_cls, config, device_map, extra)
+    fix = "the weights are truncated or corrupt, or not for this architecture: save the model again"
+    with loading(f"a {kind} model from", path, fix):
         model = auto_cls.from_pretrained(path, **extra, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise SensloraError(f"cannot load a {kind} model from {path} ({_first_line(exc)})") from exc
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -332,9 +330,65 @@ def load_model(
         generation_config.pad_token_id = tokenizer.pad_token_id
     if kind == "causal-lm":
         tokenizer.padding_side = "right"
+    positions = model_positions(model.config)
+    if positions is not None and positions < (tokenizer.model_max_length or positions + 1):
+        tokenizer.model_max_length = positions  # make_batches truncates to it (with a warning)
     if device_map is None:
         model.to(dev)
     return model, tokenizer
+
+
+def model_positions(config: Any) -> int | None:
+    """How many token positions the model has (``max_position_embeddings`` / ``n_positions``;
+    RoBERTa-style models lose their padding offset), or None if its config does not say."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(positions, int) or positions < 1:
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions
+
+
+# Files one of which every saved tokenizer has (fast: tokenizer.json; slow: a vocabulary or model file).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_tokenizer_files(path: str | os.PathLike[str]) -> None:
+    """Refuse a model folder without tokenizer files: transformers would quietly build a tokenizer
+    with a tiny vocabulary that turns every word into the unknown token."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise SensloraError(
+            f"model folder {folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+            f"tokenizer there with tokenizer.save_pretrained({str(folder)!r})"
+        )
+
+
+def check_device_map(auto_cls: Any, config: Any, device_map: dict, extra: dict) -> None:
+    """Refuse a ``--device-map`` JSON that names a module the model does not have."""
+    import copy
+
+    from accelerate import init_empty_weights
+
+    config = copy.deepcopy(config)
+    for key, value in extra.items():  # num_labels / problem_type, as from_pretrained sets them
+        setattr(config, key, value)
+    with init_empty_weights():
+        skeleton = auto_cls.from_config(config)
+    names = {name for name, _ in skeleton.named_modules()}
+    unknown = sorted(str(k) for k in device_map if k not in names)
+    if unknown:
+        shown = ", ".join(sorted(n for n in names if n and n.count(".") <= 1)[:6])
+        raise SensloraError(
+            f"--device-map names no module of this model: {', '.join(unknown[:5])}; use module names such as {shown}"
+        )
 
 
 def offloaded(model: Any) -> bool:

@@ -11,6 +11,9 @@ import numpy as np
 import torch
 
 from .errors import SensloraError
+from .guard import data_input, model_input, task_input, writing
+
+NAMED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def seed_everything(seed: int) -> None:
@@ -53,6 +56,16 @@ def _writable(path: Path) -> bool:
     return True
 
 
+def calibration_inputs(args: argparse.Namespace) -> list:
+    """The model folder and calibration data of ``args`` as inputs for :func:`senslora.guard.writing`."""
+    return [model_input(args.model), data_input(args.calib)]
+
+
+def _device_map_file(args: argparse.Namespace) -> str | None:
+    device_map = getattr(args, "device_map", None)
+    return device_map if device_map not in (None, *NAMED_DEVICE_MAPS) else None
+
+
 def load_model_for(args: argparse.Namespace, kind: str | None = None, **extra):
     """Model + tokenizer from the common --model/--device/--dtype/--task-kind flags."""
     from .models import load_model
@@ -74,7 +87,7 @@ def big_model_options(args: argparse.Namespace) -> dict:
                     f"--{flag.replace('_', '-')} only applies with --device-map; add --device-map auto"
                 )
         return {}
-    if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if device_map not in NAMED_DEVICE_MAPS:
         path = Path(device_map)
         if not path.is_file():
             raise SensloraError(
@@ -165,12 +178,8 @@ def run_allocate(args: argparse.Namespace) -> Path:
     Under ``accelerate launch`` / ``torchrun`` every process loads the model and the same calibration
     sample, the estimation is sharded over the processes, and the main process writes the folder.
     """
-    from peft import LoraConfig, TaskType
-
-    from .distributed import current, process_device
+    from .distributed import current
     from .estimators import ESTIMATORS
-    from .models import model_kind, offloaded
-    from .pipeline import allocate
 
     from .presets import resolve
 
@@ -180,6 +189,19 @@ def run_allocate(args: argparse.Namespace) -> Path:
         raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     args = argparse.Namespace(**{**vars(args), "estimator": estimator})
     dist = current()
+    inputs = [*calibration_inputs(args), ("the --device-map file", _device_map_file(args))]
+    inputs.append(("the offload folder", getattr(args, "offload_folder", None)))
+    with writing(out, inputs, lock=dist.is_main):
+        return _allocate(args, out, dist)
+
+
+def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
+    from peft import LoraConfig, TaskType
+
+    from .distributed import process_device
+    from .models import model_kind, offloaded
+    from .pipeline import allocate
+
     if dist.enabled:
         # One device per process (cuda:<local rank>, or the CPU under gloo).
         args = argparse.Namespace(**{**vars(args), "device": process_device(args.device, dist)})
@@ -242,12 +264,17 @@ def _print_summary(alloc) -> None:
 
 def run_layers(args: argparse.Namespace) -> Path:
     """``senslora layers``: CKA per block on the calibration set, kept blocks, cka.json + cka.png."""
-    from .cka import select_layers_by_cka
-    from .models import model_kind
-
     out = check_out_dir(args.out, args.overwrite)
     if not 0 < args.layer_ratio <= 1:
         raise SensloraError(f"--layer-ratio must be in (0, 1], got {args.layer_ratio}")
+    with writing(out, calibration_inputs(args)):
+        return _layers(args, out)
+
+
+def _layers(args: argparse.Namespace, out: Path) -> Path:
+    from .cka import select_layers_by_cka
+    from .models import model_kind
+
     seed_everything(args.seed)
     model, tokenizer = load_model_for(args)
     batches = calibration_batches(args, tokenizer, model_kind(model))
@@ -261,15 +288,20 @@ def run_layers(args: argparse.Namespace) -> Path:
 
 def run_select_data(args: argparse.Namespace) -> Path:
     """``senslora select-data``: score a task's training split and keep the best fraction."""
-    from .models import load_model
-    from .quality import select_training_data
-    from .tasks import load_task
-
     out = check_out_dir(args.out, args.overwrite)
     if not 0 < args.data_keep <= 1:
         raise SensloraError(f"--data-keep must be in (0, 1], got {args.data_keep}")
     if args.max_length < 8:
         raise SensloraError(f"--max-length must be at least 8, got {args.max_length}")
+    with writing(out, [model_input(args.model), task_input(args.task)]):
+        return _select_data(args, out)
+
+
+def _select_data(args: argparse.Namespace, out: Path) -> Path:
+    from .models import load_model
+    from .quality import select_training_data
+    from .tasks import load_task
+
     task = load_task(
         args.task,
         text_column=args.text_column,
@@ -278,7 +310,9 @@ def run_select_data(args: argparse.Namespace) -> Path:
         problem=args.problem,
         split_seed=args.split_seed,
         max_train_samples=args.max_train_samples,
+        loose_labels=args.loose_labels,
     )
+    print(f"task {task.name}: {task.describe()}")
     seed_everything(args.seed)
     num_labels = task.num_labels if task.problem == "classification" else 2
     model, tokenizer = load_model(

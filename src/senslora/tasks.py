@@ -23,7 +23,10 @@ replaced by the validation split, with a new validation split carved out of trai
 Classification labels map to 0..C-1 deterministically: integer labels in numeric order, any other
 labels as sorted strings. With the data's own splits the classes are the train split's and a label
 outside them in another split is an error. Without ``problem`` a generic task is classification
-unless a label is a non-integer number (then regression).
+unless a label is a non-integer number (then regression); a column mixing numbers and text, or
+integer labels with a few (< 10%) fractional ones, is an error naming the rows, as are missing
+labels, list labels, class names differing only in case or spaces (``loose_labels`` allows the
+mixed column and merges the variants), and a class without a train example.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import Example, _read_text_file, load_examples
+from .data import Example, _read_text_file, check_label_cells, drop_empty_texts, load_examples, name_rows
 from .errors import SensloraError
 
 PROBLEMS = ("classification", "regression", "generation")
@@ -67,6 +70,15 @@ class TaskData:
     primary_metric: str  # the one to compare runs by
     splits_seed: int  # seed of the 80/10/10 split (independent of the training seed)
     label_names: list[str] = field(default_factory=list)  # class index -> original label (classification)
+    inferred: bool = False  # the problem was inferred from the labels (no --problem)
+
+    def describe(self) -> str:
+        """What the labels are, e.g. ``classification, 3 classes: a, b, c`` or ``regression``."""
+        how = " (inferred from the labels)" if self.inferred else ""
+        if self.problem != "classification":
+            return self.problem + how
+        names = ", ".join(self.label_names[:10]) + (", ..." if len(self.label_names) > 10 else "")
+        return f"classification{how}, {self.num_labels} classes: {names}"
 
     @property
     def model_kind(self) -> str:
@@ -149,11 +161,56 @@ def _class_key(value: Any) -> int | str:
     return as_int if as_int is not None else str(value).strip()
 
 
-def _infer_problem(labels: Sequence[Any]) -> str:
-    numeric = [_float_label(v) for v in labels]
-    if all(x is not None for x in numeric) and any(not x.is_integer() for x in numeric):
-        return "regression"
-    return "classification"
+def _infer_problem(cells: Sequence[tuple[int, Any]], where: str, loose: bool) -> str:
+    """Classification or regression from ``(row, label)`` cells, refusing a column that mixes
+    numbers with text, or integer classes with a few fractional values (unless ``loose``)."""
+    numeric = [(row, _float_label(v)) for row, v in cells]
+    text = [row for row, x in numeric if x is None]
+    if text and len(text) < len(numeric) and not loose:
+        counts = f"{len(numeric) - len(text)} numbers, {len(text)} text values"
+        raise SensloraError(
+            f"{where}: the label column mixes numbers and text ({counts}; text in {name_rows(text)}); fix those "
+            "rows, or pass --loose-labels to read every label as a class name"
+        )
+    if text:
+        return "classification"
+    fractional = [row for row, x in numeric if not x.is_integer()]
+    if not fractional:
+        return "classification"
+    if len(fractional) * 10 < len(numeric) and not loose:
+        raise SensloraError(
+            f"{where}: the labels are integers except in {name_rows(fractional)}, so the task would be read as "
+            "regression; fix those rows, or pass --problem regression (or --problem classification)"
+        )
+    return "regression"
+
+
+def _rows_of(rows: list[tuple[str, int]]) -> str:
+    return name_rows([f"{split} {n}".strip() if n else split for split, n in sorted(rows)], 3)
+
+
+def _check_variants(examples: Sequence[Example], where: str, loose: bool) -> None:
+    """Class names that differ only in case or surrounding spaces are an error (``loose``: merged
+    into their most frequent spelling)."""
+    spellings: dict[str, dict[str, list[str]]] = {}
+    for ex in examples:
+        if isinstance(ex.label, str) and _int_label(ex.label) is None:
+            split, _, index = ex.id.rpartition(":")  # "12" or "train:12", 0-based
+            row = (split, int(index) + 1) if index.isdigit() else (ex.id, 0)
+            spellings.setdefault(ex.label.strip().casefold(), {}).setdefault(ex.label, []).append(row)
+    for group in spellings.values():
+        if len(group) < 2:
+            continue
+        if not loose:
+            shown = "; ".join(f"{label!r} in {_rows_of(rows)}" for label, rows in group.items())
+            raise SensloraError(
+                f"{where}: labels differ only in case or spaces ({shown}); make them identical, or pass "
+                "--loose-labels to merge them"
+            )
+        main = max(group, key=lambda label: (len(group[label]), label)).strip()
+        for ex in examples:
+            if isinstance(ex.label, str) and ex.label in group:
+                ex.label = main
 
 
 def _classes(labels: Sequence[Any], where: str) -> list[int | str]:
@@ -188,6 +245,7 @@ def _finish(
     *,
     seed: int,
     classes_from_train: bool,
+    loose: bool = False,
 ) -> TaskData:
     """Check the splits, map classification labels to 0..C-1 and build the :class:`TaskData`."""
     for split in ("train", "validation", "test"):
@@ -196,10 +254,18 @@ def _finish(
     label_names: list[str] = []
     num_labels = 0
     if problem == "classification":
+        _check_variants([ex for s in splits.values() for ex in s], name, loose)
         source = splits["train"] if classes_from_train else [ex for s in splits.values() for ex in s]
         classes = _classes([ex.label for ex in source], name)
         for split, examples in splits.items():
             _map_classes(split, examples, classes, name)
+        absent = sorted(set(range(len(classes))) - {ex.label for ex in splits["train"]})
+        if absent:
+            shown = ", ".join(repr(classes[i]) for i in absent)
+            raise SensloraError(
+                f"class(es) {shown} of {name} have no example in the train split (only in validation / test); "
+                "add examples of them, remove them, or try another --split-seed"
+            )
         label_names = [str(c) for c in classes]
         num_labels = len(classes)
     elif problem == "regression":
@@ -330,15 +396,16 @@ def _examples(
         if column not in records.columns:
             shown = ", ".join(repr(c) for c in records.columns) or "none"
             raise SensloraError(f"{where} has no {role} column {column!r}; columns present: {shown}")
+    cells = [(i + 1, row.get(label)) for i, row in enumerate(records.rows)]
+    if problem == "generation":  # answers are text: only an absent one is missing
+        check_label_cells(
+            [(r, None if v is None or not str(v).strip() else v) for r, v in cells], where, label
+        )
+    else:
+        check_label_cells(cells, where, label)
     examples = []
     for i, row in enumerate(records.rows):
         value = row.get(label)
-        if (
-            value is None
-            or (isinstance(value, str) and not value.strip())
-            or (isinstance(value, float) and math.isnan(value))
-        ):
-            raise SensloraError(f"{where} row {i + 1} has no label in column {label!r}")
         first = "" if row.get(text) is None else str(row[text])
         if problem == "generation":
             answer = str(value)
@@ -346,12 +413,19 @@ def _examples(
         else:
             second = None if pair is None or row.get(pair) is None else str(row[pair])
             examples.append(Example(text=first, text_pair=second, label=value, id=str(i)))
-    return examples
+    return drop_empty_texts(examples, where)
 
 
 def _unlabelled(records: _Records, label: str) -> bool:
     """True when no row of a split carries a real label (GLUE test splits use -1)."""
     return label not in records.columns or all(row.get(label) in (None, -1, "-1", "") for row in records.rows)
+
+
+def _inferred(problem: str | None, examples: list[Example], where: str, loose: bool) -> tuple[str, bool]:
+    """(problem, whether it was inferred): ``problem`` as given, else read from the labels."""
+    if problem is not None:
+        return problem, False
+    return _infer_problem([(int(ex.id) + 1, ex.label) for ex in examples], where, loose), True
 
 
 def _generic_task(
@@ -363,25 +437,25 @@ def _generic_task(
     label: str,
     problem: str | None,
     split_seed: int,
+    loose: bool = False,
 ) -> TaskData:
     if "all" in splits:
-        records = splits["all"]
-        if problem is None and label in records.columns:
-            problem = _infer_problem([row.get(label) for row in records.rows])
-        examples = _examples(records, spec, problem, text, pair, label)
+        examples = _examples(splits["all"], spec, problem, text, pair, label)
+        problem, inferred = _inferred(problem, examples, spec, loose)
         train, validation, test = split_80_10_10(examples, split_seed, spec)
         parts = {"train": train, "validation": validation, "test": test}
-        return _finish(spec, problem, parts, seed=split_seed, classes_from_train=False)
+        task = _finish(spec, problem, parts, seed=split_seed, classes_from_train=False, loose=loose)
+        task.inferred = inferred
+        return task
 
     if "train" not in splits:
         raise SensloraError(f"{spec} has no 'train' split; splits present: {', '.join(splits)}")
     val_name = next((n for n in _VALIDATION_NAMES if n in splits), None)
-    if problem is None and label in splits["train"].columns:
-        problem = _infer_problem([row.get(label) for row in splits["train"].rows])
     read = {}
     for name, recs in splits.items():
         if name in ("train", "test", val_name) and not (name == "test" and _unlabelled(recs, label)):
             read[name] = _examples(recs, f"{spec} ({name})", problem, text, pair, label)
+    problem, inferred = _inferred(problem, read["train"], f"{spec} (train)", loose)
     train = read["train"]
     if "test" in read:
         test = read["test"]
@@ -399,13 +473,10 @@ def _generic_task(
     for prefix, examples in (("train", train), ("validation", validation), ("test", test)):
         for ex in examples:
             ex.id = f"{prefix}:{ex.id}"
-    return _finish(
-        spec,
-        problem,
-        {"train": train, "validation": validation, "test": test},
-        seed=split_seed,
-        classes_from_train=True,
-    )
+    splits_ = {"train": train, "validation": validation, "test": test}
+    task = _finish(spec, problem, splits_, seed=split_seed, classes_from_train=True, loose=loose)
+    task.inferred = inferred
+    return task
 
 
 # ------------------------------------------------------------------------------------- GLUE
@@ -465,6 +536,7 @@ def load_task(
     split_seed: int = 0,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    loose_labels: bool = False,
 ) -> TaskData:
     """Load a task by name (:data:`TASKS`) or generic spec (``csv:``, ``jsonl:``, ``disk:``, ``glue:``).
 
@@ -477,6 +549,12 @@ def load_task(
         split_seed: seed of the 80/10/10 split (and of carving a validation split).
         max_train_samples, max_eval_samples: keep the first n examples of the (shuffled) train
             split, and of each of validation and test.
+        loose_labels: read a label column that mixes numbers and text as class names, and merge
+            class names that differ only in case or spaces (by default both are errors).
+
+    Labels are checked once, here: a missing value (empty, NaN, None, null) or a list is an error
+    naming the rows; empty texts are dropped with a warning; a class without a train example is
+    an error. :meth:`TaskData.describe` says what the labels were read as.
     """
     if problem is not None and problem not in PROBLEMS:
         raise SensloraError(f"unknown problem {problem!r}; choose one of {', '.join(PROBLEMS)}")
@@ -507,6 +585,7 @@ def load_task(
             label=label_column,
             problem=problem,
             split_seed=split_seed,
+            loose=loose_labels,
         )
     else:
         hint = f"; for a data file write csv:{spec} or jsonl:{spec}" if Path(spec).exists() else ""

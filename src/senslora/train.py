@@ -70,8 +70,10 @@ import torch
 
 from .cache import atomic_dir, atomic_write_text
 from .distributed import SINGLE, Dist, current
-from .errors import SensloraError
+from .errors import SensloraError, loading
+from .guard import model_input, task_input, writing
 from .methods.base import Method, MethodContext, adapter_parameter_count, get_method
+from .options import check_options, parse_option
 from .pipeline import sync_device
 
 CONFIG_NAME = "config.json"
@@ -110,6 +112,9 @@ class TrainConfig:
     label_column: str = _f("label", "generic tasks: label column (the answer for generation)")
     problem: str | None = _f(
         None, "generic tasks: classification, regression or generation (default: inferred)"
+    )
+    loose_labels: bool = _f(
+        False, "generic tasks: read mixed number/text labels as class names, merge case/space variants"
     )
     split_seed: int = _f(0, "seed of the 80/10/10 split, independent of the training seed")
     max_train_samples: int | None = _f(None, "use only the first n examples of the (shuffled) train split")
@@ -210,6 +215,7 @@ class TrainConfig:
             json.dumps(self.options)
         except (TypeError, ValueError) as exc:
             raise SensloraError(f"method options must be JSON values ({exc})") from None
+        check_options(self.options, get_method(self.method))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (what ``config.json`` holds)."""
@@ -253,6 +259,7 @@ def load_task_for(config: TrainConfig):
         split_seed=config.split_seed,
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
+        loose_labels=config.loose_labels,
     )
 
 
@@ -537,6 +544,12 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(folder: Path, model, optimizer, scheduler, method: Method, rank: int = 0) -> TrainState:
+    fix = f"delete {folder} to resume from the checkpoint before it, or rerun with --overwrite"
+    with loading("the checkpoint", folder, fix):
+        return _read_checkpoint(folder, model, optimizer, scheduler, method, rank)
+
+
+def _read_checkpoint(folder: Path, model, optimizer, scheduler, method: Method, rank: int) -> TrainState:
     from safetensors.torch import load_file
 
     saved = load_file(str(folder / "trainable.safetensors"))
@@ -564,6 +577,8 @@ def _check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
     """Refuse a folder that holds something else than what this call may continue or replace."""
     if resume and overwrite:
         raise SensloraError("pass either --resume or --overwrite, not both")
+    if resume and not out.exists():
+        raise SensloraError(f"--resume: {out} does not exist; drop --resume to start a new run there")
     if not out.exists() or overwrite:
         return
     if not out.is_dir():
@@ -585,6 +600,8 @@ def _check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
         raise SensloraError(
             f"{out} is not a senslora run folder (no readable {CONFIG_NAME}); choose another --out"
         ) from None
+    # Fields added since the run started take their defaults.
+    saved = TrainConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else {}
     current = config.to_dict()
     differ = sorted(
         k for k in set(saved) | set(current) if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)
@@ -593,6 +610,12 @@ def _check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: b
         raise SensloraError(
             f"--resume needs the settings of the interrupted run ({saved_path}); these differ: {', '.join(differ)}"
         )
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of a run folder that --resume reuses, with a one-line error when it is damaged."""
+    with loading(what, path, "the run folder is damaged: rerun with --overwrite"):
+        return json.loads(path.read_text())
 
 
 def _json(data: Any) -> str:
@@ -614,26 +637,35 @@ def train(
         out_dir: the run folder. It must not hold a completed run (unless ``overwrite``) nor an
             unfinished one (unless ``resume`` or ``overwrite``).
         resume: continue from the last complete checkpoint in ``out_dir`` (start afresh when there
-            is none); the config must equal the saved one except for the device.
+            is none; a folder that does not exist is an error); the config must equal the saved one
+            except for the device.
         overwrite: replace whatever ``out_dir`` holds (only once the inputs have been checked).
         progress: show progress bars and a line per epoch.
         step_callback: called with the step number after every optimizer step (and checkpoint).
 
     Every input is checked (config values, method, task data, model, the task's model kind) before
     the folder is touched; an error before the first checkpoint removes the folder this call created.
+    The run folder must be apart from the model folder and the task data, and is locked while the
+    run writes it (:mod:`senslora.guard`).
     """
-    from .recipes import seed_everything
-
     wall_start = time.perf_counter()
     config.validate()
     method = get_method(config.method)
     config = replace(config, options={**config.options, **method.implied_options})
     out = Path(out_dir)
-    _check_out_dir(out, config, resume=resume, overwrite=overwrite)
+    dist = current()
+    with writing(out, [model_input(config.model), task_input(config.task)], lock=dist.is_main):
+        _check_out_dir(out, config, resume=resume, overwrite=overwrite)
+        return _train(config, out, method, resume, overwrite, progress, step_callback, wall_start, dist)
+
+
+def _train(config, out, method, resume, overwrite, progress, step_callback, wall_start, dist) -> dict:
+    """:func:`train` once the run folder is checked and locked."""
+    from .recipes import seed_everything
+
     task = load_task_for(config)
     _check_model_fits_task(config.model, task)
     accelerator = _accelerator(config.device)
-    dist = current()
     seed_everything(config.seed)
     model, tokenizer = _load_base(config, task, accelerator.device)
 
@@ -675,7 +707,7 @@ def _select_data(
 
     folder = out / SELECTION_DIR
     if (folder / "selection.json").is_file():
-        summary = json.loads((folder / "selection.json").read_text())
+        summary = _read_json(folder / "selection.json", "the data selection")
     else:
         _, selection = select_training_data(
             model,
@@ -799,7 +831,7 @@ def _run(
         if config.options.get("layer_budget", "match") == "match":
             _match_layer_budget(ctx, model, extras["layer_selection"])
     splits = {"splits_seed": task.splits_seed, "label_names": task.label_names, **task.split_ids()}
-    if resume and (out / SPLITS_NAME).is_file() and json.loads((out / SPLITS_NAME).read_text()) != splits:
+    if resume and (out / SPLITS_NAME).is_file() and _read_json(out / SPLITS_NAME, "the splits") != splits:
         raise SensloraError(f"the data differs from {out / SPLITS_NAME}; it changed since the run started")
     if dist.is_main:
         atomic_write_text(out / CONFIG_NAME, _json(config.to_dict()))
@@ -915,6 +947,7 @@ def _run(
             "model": config.model,
             "seed": config.seed,
             "problem": task.problem,
+            "labels": task.describe(),
             "primary_metric": task.primary_metric,
             "metrics": metrics,
             "split": config.eval_split,
@@ -963,10 +996,13 @@ def read_result(run_dir: str | Path) -> dict[str, Any]:
         raise SensloraError(
             f"{run_dir} is not a completed run folder (no {RESULT_NAME}); run `senslora train` (or --resume it)"
         )
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SensloraError(f"{path} is not readable JSON ({exc})") from None
+    with loading("the run result", path, f"rerun `senslora train` for {run_dir}"):
+        result = json.loads(path.read_text())
+    if not isinstance(result, dict):
+        raise SensloraError(
+            f"{path} is not a run result (a JSON object); rerun `senslora train` for {run_dir}"
+        )
+    return result
 
 
 def evaluate_run(
@@ -983,20 +1019,27 @@ def evaluate_run(
     ``merge_to`` writes the merged model and tokenizer as a plain Hugging Face folder (PEFT's
     ``merge_and_unload``, or the method's ``merge``), usable as ``--model``.
     """
-    from .models import resolve_device
-    from .recipes import seed_everything
-
     run = Path(run_dir)
     result = read_result(run)
     config = TrainConfig.from_dict(result.get("config", {}))
     if device is not None:
         config = replace(config, device=device)
     method = get_method(config.method)
-    if merge_to is not None:
-        if Path(merge_to).exists() and not overwrite:
-            raise SensloraError(f"merge folder {merge_to} already exists; remove it or pass --overwrite")
-        if not method.is_peft and not callable(getattr(method, "merge", None)):
-            raise SensloraError(f"method {config.method} cannot be merged into the base model")
+    if merge_to is None:
+        return _evaluate_run(run, result, config, method, None, device, progress)
+    if Path(merge_to).exists() and not overwrite:
+        raise SensloraError(f"merge folder {merge_to} already exists; remove it or pass --overwrite")
+    if not method.is_peft and not callable(getattr(method, "merge", None)):
+        raise SensloraError(f"method {config.method} cannot be merged into the base model")
+    inputs = [("the run folder", run), model_input(config.model), task_input(config.task)]
+    with writing(merge_to, inputs, flag="--merge"):
+        return _evaluate_run(run, result, config, method, Path(merge_to), device, progress)
+
+
+def _evaluate_run(run: Path, result: dict, config: TrainConfig, method: Method, merge_to, device, progress):
+    from .models import resolve_device
+    from .recipes import seed_everything
+
     task = load_task_for(config)
     try:
         saved_test = json.loads((run / SPLITS_NAME).read_text())["test"]
@@ -1010,12 +1053,17 @@ def evaluate_run(
     seed_everything(config.seed)
     model, tokenizer = _load_base(config, task, dev)
     ctx = _method_context(config, task, [], int(result.get("steps", 1)), run, dev, progress)
-    model = method.load(model, run / ADAPTER_DIR, ctx).to(dev)
+    adapter = run / ADAPTER_DIR
+    if not adapter.is_dir():
+        raise SensloraError(f"{run} has no {ADAPTER_DIR}/ folder; rerun `senslora train` for it")
+    with loading("the adapter", adapter, f"rerun `senslora train` for {run}"):
+        model = method.load(model, adapter, ctx)
+    model = model.to(dev)
     metrics = _evaluate(model, tokenizer, task.test, task, config, method, dev, progress)
     metrics = json.loads(_json(metrics))
     if merge_to is not None:
         merged = model.merge_and_unload() if method.is_peft else method.merge(model)
-        with atomic_dir(Path(merge_to)) as tmp:
+        with atomic_dir(merge_to) as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
     return {
@@ -1038,15 +1086,7 @@ def config_from_args(args) -> TrainConfig:
         "data_select": args.data_select,
         "data_keep": args.data_keep,
     }
-    for item in args.option or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SensloraError(f"--option takes KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        options[key.strip().replace("-", "_")] = value
+    options.update(parse_option(item) for item in args.option or [])
     return TrainConfig(
         method=args.method,
         model=args.model,
@@ -1055,6 +1095,7 @@ def config_from_args(args) -> TrainConfig:
         text_pair_column=args.text_pair_column,
         label_column=args.label_column,
         problem=args.problem,
+        loose_labels=args.loose_labels,
         split_seed=args.split_seed,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,

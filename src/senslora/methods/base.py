@@ -55,6 +55,8 @@ class Method:
     #: Training options this method always sets (they override the CLI's defaults), e.g. the
     #: ``cka`` method is ``lora`` with ``layer_select="cka"``.
     implied_options: ClassVar[dict[str, Any]] = {}
+    #: Options this method reads besides the common ones (see :mod:`senslora.options`).
+    option_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self.record: dict[str, Any] = {}  # method-specific facts written into result.json

@@ -67,6 +67,7 @@ class EVA(Method):
     """PEFT LoRA with EVA initialisation and rank redistribution."""
 
     name = "eva"
+    option_keys = ("eva_rho",)
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
