@@ -32,23 +32,37 @@ def _one_of(*choices: Any) -> tuple[Check, str]:
 
 
 def _checks() -> dict[str, tuple[Check, str]]:
-    from .estimators import ESTIMATORS
+    from .diagonal import SALIENCIES
+    from .estimators import ESTIMATORS, SINK_MODES
     from .metrics import FUSIONS, SCORES
+    from .presets import PRESETS
+    from .shaping import NORMALIZE
     from .peft_bridge import ALPHA_MODES
     from .pipeline import BUDGET_MODES, STRATEGIES
 
     def targets(v: Any) -> bool:
         return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
 
-    return {
-        # the allocator's (senslora.pipeline.allocate keywords)
+    recipe = {
+        # the allocation recipe (senslora.presets): null takes the preset's value
+        "preset": _one_of(*PRESETS),
         "estimator": _one_of(*ESTIMATORS),
+        "sink": _one_of(*SINK_MODES),
+        "token_trim": (lambda v: _is_number(v, 0, 0.5) and v < 0.5, "a number in [0, 0.5)"),
+        "saliency": _one_of(*SALIENCIES),
         "score": _one_of(*SCORES),
         "fusion": _one_of(*FUSIONS),
         "strategy": _one_of(*STRATEGIES),
-        "categories": (lambda v: _is_int(v, 1), "an integer >= 1"),
         "topk_fraction": (lambda v: _is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
         "alpha": (lambda v: _is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
+        "temperature": (lambda v: _is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
+        "normalize": _one_of(*NORMALIZE),
+        "rho": (lambda v: v == 0 or _is_number(v, 1), "0 (no cap) or a number >= 1"),
+    }
+    nullable = {k: ((lambda c: lambda v: v is None or c(v))(c), a + " or null") for k, (c, a) in recipe.items()}
+    return {
+        **nullable,
+        "categories": (lambda v: _is_int(v, 1), "an integer >= 1"),
         "r_min": (lambda v: _is_int(v, 0), "an integer >= 0"),
         "r_max": (lambda v: v is None or _is_int(v, 1), "an integer >= 1 or null"),
         "budget_mode": _one_of(*BUDGET_MODES),
