@@ -287,3 +287,27 @@ def test_real_smollm2_on_chat_qa(tmp_path):
     result = train(config, tmp_path / "run", progress=False)
     assert result["metrics"]["eval_loss"] > 0 and 0 <= result["metrics"]["rougeL"] <= 1
     assert evaluate_run(tmp_path / "run")["reproduced"]
+
+
+def test_a_validation_only_run_never_reads_the_test_split(assets, tmp_path, monkeypatch):
+    import senslora.train as train_module
+
+    task = load_task_for(_config(assets))
+    test_ids = {ex.id for ex in task.test}
+    seen = []
+    real = train_module._evaluate
+
+    def spy(model, tokenizer, examples, *args):
+        seen.append({ex.id for ex in examples})
+        return real(model, tokenizer, examples, *args)
+
+    monkeypatch.setattr(train_module, "_evaluate", spy)
+    config = _config(assets, eval_split="validation", eval_each_epoch=False)
+    result = train(config, tmp_path / "sweep", progress=False)
+    assert result["split"] == "validation" and seen and not any(ids & test_ids for ids in seen)
+    model_ids = {ex.id for ex in task.validation}
+    assert seen[-1] == model_ids
+    evaluated = evaluate_run(tmp_path / "sweep")
+    assert evaluated["reproduced"] and not any(ids & test_ids for ids in seen)
+    with pytest.raises(SensloraError, match="eval-split"):
+        _config(assets, eval_split="train").validate()

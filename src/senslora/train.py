@@ -1013,7 +1013,8 @@ def evaluate_run(
     device: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Reload a run's base model and adapter, recompute its test metrics, optionally merge.
+    """Reload a run's base model and adapter, recompute its final metrics (test, or validation for
+    a validation-only run), optionally merge.
 
     Returns ``{"metrics", "recorded" (result.json's), "reproduced" (equal), "merged" (folder or None)}``.
     ``merge_to`` writes the merged model and tokenizer as a plain Hugging Face folder (PEFT's
@@ -1041,13 +1042,16 @@ def _evaluate_run(run: Path, result: dict, config: TrainConfig, method: Method, 
     from .recipes import seed_everything
 
     task = load_task_for(config)
+    # A validation-only run (a sweep) is reproduced on validation: it must never read test.
+    split = config.eval_split
+    examples = task.test if split == "test" else task.validation
     try:
-        saved_test = json.loads((run / SPLITS_NAME).read_text())["test"]
+        saved = json.loads((run / SPLITS_NAME).read_text())[split]
     except (OSError, ValueError, KeyError) as exc:
         raise SensloraError(f"cannot read {run / SPLITS_NAME} ({exc})") from None
-    if [ex.id for ex in task.test] != saved_test:
+    if [ex.id for ex in examples] != saved:
         raise SensloraError(
-            f"the test split of {task.name} differs from {run / SPLITS_NAME}; the data changed since training"
+            f"the {split} split of {task.name} differs from {run / SPLITS_NAME}; the data changed since training"
         )
     dev = resolve_device(config.device)
     seed_everything(config.seed)
@@ -1059,7 +1063,7 @@ def _evaluate_run(run: Path, result: dict, config: TrainConfig, method: Method, 
     with loading("the adapter", adapter, f"rerun `senslora train` for {run}"):
         model = method.load(model, adapter, ctx)
     model = model.to(dev)
-    metrics = _evaluate(model, tokenizer, task.test, task, config, method, dev, progress)
+    metrics = _evaluate(model, tokenizer, examples, task, config, method, dev, progress)
     metrics = json.loads(_json(metrics))
     if merge_to is not None:
         merged = model.merge_and_unload() if method.is_peft else method.merge(model)
