@@ -232,3 +232,48 @@ def test_bad_option_values_are_one_line_exit_2_and_no_output(case, tiny_folder, 
     lines = [line for line in err.splitlines() if line.startswith("senslora: error")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert], ids=["llama", "bert"])
+def test_activation_stops_each_forward_after_the_last_target_with_identical_diagonals(make):
+    from senslora.estimators import ActivationEstimator
+
+    model = make()
+    batches = token_batches(3, batch_size=4)
+    targets = find_targets(model)
+    head = model.lm_head if hasattr(model, "lm_head") else model.classifier
+    calls = []
+    handle = head.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        early = ActivationEstimator(sink="drop").estimate(model, batches, targets, progress=False)
+        assert len(calls) == 1  # only the first batch, which counts the hook calls, reaches the head
+        full = ActivationEstimator(sink="drop", stop_early=False).estimate(model, batches, targets, progress=False)
+        assert len(calls) == 1 + len(batches)
+    finally:
+        handle.remove()
+    for t in targets:
+        assert torch.equal(early[t.name].values, full[t.name].values)
+
+
+def test_early_stop_counts_the_calls_of_a_module_used_twice_per_forward():
+    import torch.nn as nn
+
+    from senslora.estimators import ActivationEstimator
+
+    class Shared(nn.Module):  # the last target runs twice per forward, as in ALBERT
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+        def forward(self, input_ids):
+            h = self.blocks[0](input_ids)
+            return self.blocks[1](torch.tanh(self.blocks[1](h)))
+
+    model = Shared()
+    batches = [{"input_ids": torch.randn(3, 4, generator=torch.Generator().manual_seed(i))} for i in range(3)]
+    targets = find_targets(model)
+    early = ActivationEstimator().estimate(model, batches, targets, progress=False)
+    full = ActivationEstimator(stop_early=False).estimate(model, batches, targets, progress=False)
+    for t in targets:
+        assert torch.equal(early[t.name].values, full[t.name].values)

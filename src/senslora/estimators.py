@@ -273,8 +273,11 @@ class ActivationEstimator(Estimator):
     name = "activation"
     needs_grad = False
 
-    def __init__(self, *, sink: str = "keep", token_trim: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self, *, sink: str = "keep", token_trim: float = 0.0, stop_early: bool = True, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
+        self.stop_early = bool(stop_early)
         if sink not in SINK_MODES:
             raise SensloraError(f"--sink must be one of {', '.join(SINK_MODES)}, got {sink!r}")
         if not (isinstance(token_trim, (int, float)) and 0 <= token_trim < 0.5):
@@ -288,27 +291,51 @@ class ActivationEstimator(Estimator):
         self.mask: torch.Tensor | None = None
         self._last: tuple | None = None  # (input, its version, column sums, count) of the last hook
         self._scratch: torch.Tensor | None = None
+        # Early stop: nothing after the last target block (final norm, head, logits) is needed.
+        # The first batch runs the whole model and counts the hook calls. If every target ran and
+        # the last call was the last target (in module order), later batches stop the forward
+        # pass right after that target's n-th call (n as in the first batch: a module may run
+        # several times per forward). Otherwise (data-dependent routing, unusual call orders)
+        # every batch runs to the end.
+        self._stop_after: tuple[str, int] | None = None
+        self._calls: dict[str, int] = {}
+        self._last_called: str | None = None
         return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
+
+    def _count_call(self, name: str) -> None:
+        calls = self._calls[name] = self._calls.get(name, 0) + 1
+        self._last_called = name
+        if self._stop_after == (name, calls):
+            raise _StopForward
+
+    def _plan_early_stop(self) -> None:
+        """After the first batch: where to stop later forward passes (see ``_start``)."""
+        last = self.targets[-1].name
+        if all(self._calls.get(t.name, 0) > 0 for t in self.targets) and self._last_called == last:
+            self._stop_after = (last, self._calls[last])
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            x = inputs[0]
-            last = self._last
-            version = _version(x)
-            if last is not None and last[0] is x and version is not None and last[1] == version:
-                # Same input as the previous target (q/k/v, or gate/up, read one hidden state):
-                # its column sums are already computed.
-                col_sums, count = last[2], last[3]
-            else:
-                col_sums, count = self._column_sums(x.detach())
-                self._last = (x, version, col_sums, count)
-            self.counts[name] += count
-            if name in self.sums:
-                self.sums[name] += col_sums
-            else:
-                self.sums[name] = col_sums.clone()  # its own buffer: col_sums may be shared
+            self._accumulate(name, inputs[0])
+            self._count_call(name)
 
         return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        last = self._last
+        version = _version(x)
+        if last is not None and last[0] is x and version is not None and last[1] == version:
+            # Same input as the previous target (q/k/v, or gate/up, read one hidden state):
+            # its column sums are already computed.
+            col_sums, count = last[2], last[3]
+        else:
+            col_sums, count = self._column_sums(x.detach())
+            self._last = (x, version, col_sums, count)
+        self.counts[name] += count
+        if name in self.sums:
+            self.sums[name] += col_sums
+        else:
+            self.sums[name] = col_sums.clone()  # its own buffer: col_sums may be shared
 
     def _column_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``sum_t x_tj^2`` over the counted rows of ``x`` (fp32), and how many rows counted."""
@@ -344,10 +371,16 @@ class ActivationEstimator(Estimator):
             counted = self.mask & ~first_tokens(self.mask) if self.sink == "drop" else self.mask
             self.row_weights = counted.reshape(-1).float()
             self.mask_count = float(counted.sum())
+        first = not self._calls and self._last_called is None
+        self._calls, self._last_called = {}, None
         try:
             model(**model_inputs(batch))
+        except _StopForward:
+            pass
         finally:
             self._last = None  # do not keep the batch's last activation alive
+        if first and self.stop_early:
+            self._plan_early_stop()
         return _batch_size(batch)
 
     def _all_reduce(self, dist: Dist) -> None:
@@ -374,6 +407,10 @@ class ActivationEstimator(Estimator):
             values = total.mul_(2.0).div_(max(self.counts[t.name], 1.0))
             out[t.name] = Diagonal(values=values, shape=t.shape, compact=True)
         return out
+
+
+class _StopForward(Exception):
+    """Raised by the activation hooks once every target of this forward pass has been seen."""
 
 
 def first_tokens(mask: torch.Tensor) -> torch.Tensor:
