@@ -585,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-plot", action="store_true", help="skip ranks.png")
+    p.add_argument(
+        "--measure-forward",
+        action="store_true",
+        help="first time one plain forward pass over the calibration set, and report allocation / forward",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_allocate)
     add_train_parser(sub)
