@@ -40,7 +40,10 @@ def _finite_float(text: str) -> float:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
-        "--model", default="minilm", help="offline alias (minilm, smollm2) or a local HF model folder"
+        "--model",
+        default="minilm",
+        help="offline alias (minilm, smollm2), a local HF model folder, a .gguf file (or a folder holding one; "
+        "dequantised once into the cache), or a hub name org/name (HF cache; HF_HUB_OFFLINE is honoured)",
     )
     g.add_argument(
         "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"

@@ -224,6 +224,7 @@ def is_local_spec(name: str) -> bool:
     if name in MODEL_ALIASES:
         return False
     spelled_as_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    spelled_as_path = spelled_as_path or name.lower().endswith(".gguf")
     return Path(name).expanduser().exists() or spelled_as_path or not _HUB_NAME.fullmatch(name)
 
 
@@ -282,7 +283,7 @@ def hub_model_path(name: str) -> str:
             f"model '{name}' is not a known alias ({', '.join(MODEL_ALIASES)}), a local path, or a model "
             f"on the Hugging Face hub you can access ({_first_line(exc)}); check the name, or {local}"
         ) from exc
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ConnectionError) as exc:
         offline = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub cannot be reached"
         raise SensloraError(
             f"model '{name}' is not a known alias ({', '.join(MODEL_ALIASES)}) or a local path, and as a hub "
