@@ -543,6 +543,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def add_fetch_parser(sub) -> None:
+    p = sub.add_parser(
+        "fetch",
+        help="fetch the offline data sets into the cache (scripts/setup.sh runs it; nothing downloads later)",
+        description="Put the VADER ground truth (movie, tweets) into the cache ($SENSLORA_CACHE or "
+        "~/.cache/senslora), from the SHA-256-checked vaderSentiment source tarball that pip downloads "
+        "(or --from a copy on disk). Does nothing when the data is already there and intact.",
+    )
+    p.add_argument("--from", dest="source", default=None, metavar="TARBALL", help="a vaderSentiment-3.3.2.tar.gz on disk")
+    p.add_argument("--force", action="store_true", help="fetch again even if the data is there")
+    p.set_defaults(func=cmd_fetch)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .data import fetch_vader
+
+    print(f"VADER data ready in {fetch_vader(args.source, force=args.force)}")
+    return 0
+
+
 def add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="tables and plots from a benchmark's result files -> RESULTS.md")
     p.add_argument("results", help="a folder written by `senslora bench`")
@@ -602,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_diagnose_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
+    add_fetch_parser(sub)
     return parser
 
 
