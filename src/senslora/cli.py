@@ -359,9 +359,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # the main process reports
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
     step = result["step_time_median_s"]
+    warned = "".join(f"; WARNING: {w}" for w in result.get("warnings", []))
     print(
-        f"{result['method']} on {result['task']} ({result['labels']}): test {shown}; {result['trainable_params']:,} trainable adapter "
-        f"parameters; {result['steps']} steps" + (f", {step:.3f} s/step (median)" if step is not None else "")
+        f"{result['method']} on {result['task']} ({result['labels']}): {result['split']} {shown}; "
+        f"{result['trainable_params']:,} trainable adapter parameters; {result['steps']} steps"
+        + (f", {step:.3f} s/step (median)" if step is not None else "")
+        + warned
     )
     print(f"wrote {args.out}")
     return 0
