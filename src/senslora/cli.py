@@ -17,6 +17,23 @@ LOOSE_HELP = (
 )
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every flag's default, unless its help text already states it (on/off flags
+    are off by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -105,7 +122,7 @@ def add_allocator_args(p: argparse.ArgumentParser, *, budget_default: str = "ran
         "--preset",
         default=None,
         choices=list(PRESETS),
-        help=f"allocation recipe: robust (the default, chosen on validation data; docs/METHOD-NOTES.md) "
+        help=f"allocation recipe: robust (chosen on validation data; docs/METHOD-NOTES.md) "
         f"or paper (Sensitivity-LoRA as published); the flags below override it (default {DEFAULT_PRESET})",
     )
     g.add_argument(
@@ -482,10 +499,17 @@ def add_select_data_parser(sub) -> None:
     g.add_argument(
         "--task", default="movie-polarity", help="task name or csv:PATH / jsonl:PATH / disk:PATH / glue:NAME"
     )
-    g.add_argument("--text-column", default="text")
-    g.add_argument("--text-pair-column", default=None)
-    g.add_argument("--label-column", default="label")
-    g.add_argument("--problem", default=None, choices=["classification", "regression", "generation"])
+    g.add_argument("--text-column", default="text", help="generic tasks: text column (the prompt for generation)")
+    g.add_argument("--text-pair-column", default=None, help="generic tasks: second text column (sentence pairs)")
+    g.add_argument(
+        "--label-column", default="label", help="generic tasks: label column (the answer for generation)"
+    )
+    g.add_argument(
+        "--problem",
+        default=None,
+        choices=["classification", "regression", "generation"],
+        help="generic tasks: problem type (default: inferred from the labels)",
+    )
     g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
     g.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
     g.add_argument(
@@ -494,8 +518,8 @@ def add_select_data_parser(sub) -> None:
         default=None,
         help="score only the first n training examples",
     )
-    g.add_argument("--max-length", type=int, default=128)
-    g.add_argument("--batch-size", type=_positive_int, default=16)
+    g.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
+    g.add_argument("--batch-size", type=_positive_int, default=16, help="examples per scoring batch")
     p.add_argument(
         "--data-keep", type=_finite_float, default=0.5, help="fraction of examples to keep, in (0, 1]"
     )
@@ -580,10 +604,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
         "allocate",
