@@ -15,7 +15,9 @@ pytestmark = pytest.mark.cuda
 
 def _ranks(model, accumulate_on: str, device=None) -> dict[str, int]:
     batches = token_batches()
-    return allocate(model, batches, avg_rank=2, accumulate_on=accumulate_on, device=device, progress=False).ranks
+    return allocate(
+        model, batches, avg_rank=2, accumulate_on=accumulate_on, device=device, progress=False
+    ).ranks
 
 
 @pytest.mark.parametrize("accumulate_on", ["cpu", "device"])

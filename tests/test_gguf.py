@@ -108,7 +108,9 @@ def test_cli_allocate_on_a_gguf_file(cache, gguf_file, tmp_path, capsys):
     path, _ = gguf_file
     out = tmp_path / "alloc"
     args = ["allocate", "--model", str(path), "--calib", "chat", "--calib-samples", "8", "--max-length", "32"]
-    code = main([*args, "--avg-rank", "2", "--no-progress", "--no-plot", "--device", "cpu", "--out", str(out)])
+    code = main(
+        [*args, "--avg-rank", "2", "--no-progress", "--no-plot", "--device", "cpu", "--out", str(out)]
+    )
     assert code == 0, capsys.readouterr().err
     data = json.loads((out / "allocation.json").read_text())
     assert len(data["matrices"]) == 14 and data["model"] == str(path)

@@ -45,7 +45,15 @@ def offline_hub(monkeypatch, tmp_path, word_tokenizer) -> Path:
 
 @pytest.mark.parametrize(
     ("spec", "local"),
-    [("org/name", False), ("gpt2", False), ("./org/name", True), ("/abs/x", True), ("a/b/c", True), ("x.gguf", True), ("minilm", False)],
+    [
+        ("org/name", False),
+        ("gpt2", False),
+        ("./org/name", True),
+        ("/abs/x", True),
+        ("a/b/c", True),
+        ("x.gguf", True),
+        ("minilm", False),
+    ],
 )
 def test_what_counts_as_a_local_path(spec, local):
     assert is_local_spec(spec) is local
@@ -59,7 +67,9 @@ def test_cached_hub_name_loads_offline(offline_hub):
 
 
 def test_uncached_hub_name_offline_is_one_line(offline_hub, tmp_path, capsys):
-    with pytest.raises(SensloraError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set.*--model DIR"):
+    with pytest.raises(
+        SensloraError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set.*--model DIR"
+    ):
         resolve_model_path("org/missing")
     code = main(["allocate", "--model", "org/missing", "--out", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -71,10 +81,26 @@ def test_hf_home_is_honoured_by_the_cli(tmp_path, word_tokenizer):
     """The environment as a user sets it (HF_HOME, HF_HUB_OFFLINE), read by a fresh process."""
     _fake_hub_cache(tmp_path / "hf" / "hub", word_tokenizer)
     out = tmp_path / "alloc"
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "SENSLORA_CACHE": str(tmp_path)}
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "SENSLORA_CACHE": str(tmp_path),
+    }
     env.pop("HF_HUB_CACHE", None)
     args = ["--calib", "chat", "--calib-samples", "4", "--max-length", "16", "--avg-rank", "1", "--no-plot"]
-    cmd = [sys.executable, "-m", "senslora", "allocate", "--model", "org/tiny", *args, "--no-progress", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "senslora",
+        "allocate",
+        "--model",
+        "org/tiny",
+        *args,
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "allocation.json").read_text())["model"] == "org/tiny"

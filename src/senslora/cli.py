@@ -241,6 +241,26 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_generic_task_args(g) -> None:
+    """The columns and problem type of a user's task file (``csv:``, ``jsonl:``, ``disk:``)."""
+    g.add_argument(
+        "--text-column", default="text", help="generic tasks: text column (the prompt for generation)"
+    )
+    g.add_argument(
+        "--text-pair-column", default=None, help="generic tasks: second text column (sentence pairs)"
+    )
+    g.add_argument(
+        "--label-column", default="label", help="generic tasks: label column (the answer for generation)"
+    )
+    g.add_argument(
+        "--problem",
+        default=None,
+        choices=["classification", "regression", "generation"],
+        help="generic tasks: problem type (default: inferred from the labels)",
+    )
+    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
+
+
 def add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -259,22 +279,7 @@ def add_train_parser(sub) -> None:
         default="movie-polarity",
         help="movie-polarity, movie-score, tweet-polarity, chat-qa, or csv:PATH, jsonl:PATH, disk:PATH, glue:NAME",
     )
-    g.add_argument(
-        "--text-column", default="text", help="generic tasks: text column (the prompt for generation)"
-    )
-    g.add_argument(
-        "--text-pair-column", default=None, help="generic tasks: second text column (sentence pairs)"
-    )
-    g.add_argument(
-        "--label-column", default="label", help="generic tasks: label column (the answer for generation)"
-    )
-    g.add_argument(
-        "--problem",
-        default=None,
-        choices=["classification", "regression", "generation"],
-        help="generic tasks: problem type (default: inferred from the labels)",
-    )
-    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
+    add_generic_task_args(g)
     g.add_argument(
         "--split-seed", type=int, default=0, help="seed of the 80/10/10 split (independent of --seed)"
     )
@@ -499,18 +504,7 @@ def add_select_data_parser(sub) -> None:
     g.add_argument(
         "--task", default="movie-polarity", help="task name or csv:PATH / jsonl:PATH / disk:PATH / glue:NAME"
     )
-    g.add_argument("--text-column", default="text", help="generic tasks: text column (the prompt for generation)")
-    g.add_argument("--text-pair-column", default=None, help="generic tasks: second text column (sentence pairs)")
-    g.add_argument(
-        "--label-column", default="label", help="generic tasks: label column (the answer for generation)"
-    )
-    g.add_argument(
-        "--problem",
-        default=None,
-        choices=["classification", "regression", "generation"],
-        help="generic tasks: problem type (default: inferred from the labels)",
-    )
-    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
+    add_generic_task_args(g)
     g.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
     g.add_argument(
         "--max-train-samples",
