@@ -123,7 +123,7 @@ def _nan_folder(tiny_folder, tmp_path):
 BAD = {
     "missing model path": (lambda f, t: ["--model", str(t / "nope")], "neither a known alias"),
     "not an HF folder": (lambda f, t: ["--model", str(t)], "config.json"),
-    "unknown alias": (lambda f, t: ["--model", "gpt-17"], "neither a known alias"),
+    "unknown alias": (lambda f, t: ["--model", "gpt-17"], "not a known alias (minilm, smollm2)"),
     "no target matches": (lambda f, t: ["--targets", "does_not_exist"], "no target matrix"),
     "unknown estimator": (lambda f, t: ["--estimator", "magic"], "unknown estimator"),
     "unknown calib alias": (lambda f, t: ["--calib", "imdb"], "imdb"),
