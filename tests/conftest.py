@@ -13,13 +13,21 @@ WORDS = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``slow`` unless SENSLORA_SLOW=1."""
-    if os.environ.get("SENSLORA_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow tier: set SENSLORA_SLOW=1 to run")
+    """Skip tests marked ``slow`` unless SENSLORA_SLOW=1, and tests marked ``cuda`` without a CUDA
+    device (scripts/gpu-check.sh runs those)."""
+    slow = os.environ.get("SENSLORA_SLOW") != "1"
+    cuda = any("cuda" in item.keywords for item in items) and not _cuda_available()
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if slow and "slow" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="slow tier: set SENSLORA_SLOW=1 to run"))
+        if cuda and "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (scripts/gpu-check.sh)"))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def make_word_tokenizer(*, bos: bool = True, chat_template: str | None = None):

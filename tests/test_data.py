@@ -1,10 +1,11 @@
-"""Data loading: aliases (VADER via pip into the shared cache, chatterbot), user files, batches."""
+"""Data loading: aliases (VADER fetched by `senslora fetch` into the shared cache, chatterbot), user files, batches."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ TEMPLATE = (
 
 # ------------------------------------------------------------------------------------ aliases
 def test_vader_counts():
-    """Uses the shared default cache: the pip download happens once per machine."""
+    """Uses the shared default cache, filled by scripts/setup.sh (`senslora fetch`)."""
     movie = vader_records("movieReviewSnippets")
     scores = [s for _, s, _ in movie]
     assert len(movie) == 10605
@@ -84,7 +85,19 @@ def test_aliases_listed():
     assert {"movie", "tweets", "chat"} <= set(CALIB_ALIASES)
 
 
-def test_vader_download_failure(monkeypatch, tmp_path):
+def _never_run(cmd, **kwargs):
+    pytest.fail(f"ran {cmd}")
+
+
+def test_vader_missing_is_one_line_and_never_downloads(monkeypatch, tmp_path):
+    monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(data.subprocess, "run", _never_run)
+    with pytest.raises(SensloraError, match=r"VADER data in .* is missing; run `senslora fetch` \(or scripts/setup.sh\)"):
+        vader_records("tweets")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_download_failure(monkeypatch, tmp_path):
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path))
 
     def fail(cmd, **kwargs):
@@ -94,9 +107,48 @@ def test_vader_download_failure(monkeypatch, tmp_path):
         )
 
     monkeypatch.setattr(data.subprocess, "run", fail)
-    with pytest.raises(SensloraError, match="No matching distribution.*get it by hand"):
-        vader_records("tweets")
+    with pytest.raises(SensloraError, match="No matching distribution.*get it by hand.*senslora fetch --from"):
+        data.fetch_vader()
     assert list(tmp_path.rglob("*_GroundTruth.txt")) == []
+
+
+def _fake_sdist(path: Path) -> Path:
+    """A tarball laid out like vaderSentiment's sdist, two rows per ground-truth file."""
+    import io
+    import tarfile
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        for name in data.VADER_SETS:
+            add(tar, f"hutto_ICWSM_2014/{name}_GroundTruth.txt", b"1\t0.5\tnice\r\n2\t-1.5\tbad\r\n")
+    with tarfile.open(path, "w:gz") as tar:
+        add(tar, data._VADER_INNER, inner.getvalue())
+    return path
+
+
+def test_fetch_from_a_tarball_checks_its_hash(monkeypatch, tmp_path, capsys):
+    from senslora.cache import sha256_file
+    from senslora.cli import main
+
+    monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data.subprocess, "run", _never_run)
+    sdist = _fake_sdist(tmp_path / "vaderSentiment-3.3.2.tar.gz")
+    assert main(["fetch", "--from", str(sdist)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"has SHA-256 {sha256_file(sdist)}, not that of" in err[0]
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(data, "VADER_SDIST_SHA256", sha256_file(sdist))
+    monkeypatch.setitem(data.VADER_SETS, "tweets", 2)
+    assert main(["fetch", "--from", str(sdist)]) == 0
+    assert capsys.readouterr().out.strip() == f"VADER data ready in {data.vader_dir()}"
+    assert vader_records("tweets") == [("1", 0.5, "nice"), ("2", -1.5, "bad")]
+    assert main(["fetch"]) == 0  # there and intact: nothing to do (no pip)
+    assert sdist.is_file()
 
 
 def test_vader_hand_copied_and_damaged(monkeypatch, tmp_path):
@@ -105,7 +157,7 @@ def test_vader_hand_copied_and_damaged(monkeypatch, tmp_path):
     folder.mkdir(parents=True)
     for name in data.VADER_SETS:
         (folder / f"{name}_GroundTruth.txt").write_text("1\t0.5\tnice\r\n2\t-1\tbad\r\n", encoding="utf-8")
-    monkeypatch.setattr(data, "_download_vader", lambda folder: pytest.fail("must not download"))
+    monkeypatch.setattr(data.subprocess, "run", _never_run)
     with pytest.raises(SensloraError, match="has 2 rows, expected 4200"):
         vader_records("tweets")
 

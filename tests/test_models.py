@@ -292,15 +292,17 @@ def test_smollm2_cache_logic(monkeypatch, tmp_path, caplog):
     """Build once, reuse while intact, rebuild on damage: with a fake builder (no 22 s dequantisation)."""
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "_smollm2_source", lambda: tmp_path)
+    monkeypatch.setattr(models, "_check_gguf", lambda file: "llama")
+    (tmp_path / models.SMOLLM2_GGUF).write_bytes(b"fake gguf")
     builds: list[Path] = []
 
-    def fake_build(dest: Path, source: Path) -> None:
+    def fake_build(dest: Path, source: Path, architecture: str) -> None:
         builds.append(dest)
         _fake_model_folder(dest)
-        write_manifest(dest)
 
-    monkeypatch.setattr(models, "_build_smollm2", fake_build)
-    final = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+    monkeypatch.setattr(models, "_build_from_gguf", fake_build)
+    final = models.gguf_cache_path(tmp_path / models.SMOLLM2_GGUF)
+    assert final.parent == tmp_path / "cache" / "models" / "gguf"
     assert models.smollm2_path() == str(final) == resolve_model_path("smollm2")
     assert len(builds) == 1 and builds[0] != final  # built in a temporary sibling
     assert check_manifest(final) is None
@@ -320,15 +322,18 @@ def test_smollm2_cache_logic(monkeypatch, tmp_path, caplog):
 def test_smollm2_failed_build_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "_smollm2_source", lambda: tmp_path)
+    monkeypatch.setattr(models, "_check_gguf", lambda file: "llama")
+    (tmp_path / models.SMOLLM2_GGUF).write_bytes(b"fake gguf")
 
-    def broken_build(dest: Path, source: Path) -> None:
+    def broken_build(dest: Path, source: Path, architecture: str) -> None:
         (dest / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_build_smollm2", broken_build)
+    monkeypatch.setattr(models, "_build_from_gguf", broken_build)
     with pytest.raises(KeyboardInterrupt):
         models.smollm2_path()
-    leftovers = [p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")]
+    gguf_cache = tmp_path / "cache" / "models" / "gguf"
+    leftovers = [p.name for p in gguf_cache.iterdir() if not p.name.endswith(".lock")]
     assert leftovers == []
 
 

@@ -246,6 +246,28 @@ def test_cli_train_and_evaluate(assets, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
 
 
+def test_single_class_predictions_warn_on_the_summary_line_and_in_result_json(assets, tmp_path, capsys, monkeypatch):
+    from senslora import evaluation
+
+    real = evaluation._predict_and_loss
+
+    def collapsed(model, batches, problem, device, progress):
+        predictions, loss = real(model, batches, problem, device, progress)
+        return [1] * len(predictions), loss
+
+    monkeypatch.setattr(evaluation, "_predict_and_loss", collapsed)
+    out = tmp_path / "collapsed"
+    common = ["--model", str(assets / "bert"), "--task", f"csv:{assets / 'sentiment.csv'}", "--no-progress"]
+    assert main(["train", "--epochs", "1", "--no-eval-each-epoch", *common, "--out", str(out)]) == 0
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert "test accuracy=" in summary and "WARNING: the trained classifier predicts class 1 for all 6 test" in summary
+    assert json.loads((out / "result.json").read_text())["warnings"] == [
+        evaluation.single_class_warning("classification", [1] * 6, "test")
+    ]
+    assert evaluation.single_class_warning("classification", [0, 1, 1], "test") is None
+    assert evaluation.single_class_warning("regression", [0.5] * 3, "test") is None
+
+
 def test_generation_task_with_an_encoder_is_refused_on_the_real_model(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SensloraError, match="chat-qa is a generation task and needs a causal language model"):

@@ -17,6 +17,23 @@ LOOSE_HELP = (
 )
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every flag's default, unless its help text already states it (on/off flags
+    are off by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -40,7 +57,10 @@ def _finite_float(text: str) -> float:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
-        "--model", default="minilm", help="offline alias (minilm, smollm2) or a local HF model folder"
+        "--model",
+        default="minilm",
+        help="offline alias (minilm, smollm2), a local HF model folder, a .gguf file (or a folder holding one; "
+        "dequantised once into the cache), or a hub name org/name (HF cache; HF_HUB_OFFLINE is honoured)",
     )
     g.add_argument(
         "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
@@ -102,7 +122,7 @@ def add_allocator_args(p: argparse.ArgumentParser, *, budget_default: str = "ran
         "--preset",
         default=None,
         choices=list(PRESETS),
-        help=f"allocation recipe: robust (the default, chosen on validation data; docs/METHOD-NOTES.md) "
+        help=f"allocation recipe: robust (chosen on validation data; docs/METHOD-NOTES.md) "
         f"or paper (Sensitivity-LoRA as published); the flags below override it (default {DEFAULT_PRESET})",
     )
     g.add_argument(
@@ -221,6 +241,26 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_generic_task_args(g) -> None:
+    """The columns and problem type of a user's task file (``csv:``, ``jsonl:``, ``disk:``)."""
+    g.add_argument(
+        "--text-column", default="text", help="generic tasks: text column (the prompt for generation)"
+    )
+    g.add_argument(
+        "--text-pair-column", default=None, help="generic tasks: second text column (sentence pairs)"
+    )
+    g.add_argument(
+        "--label-column", default="label", help="generic tasks: label column (the answer for generation)"
+    )
+    g.add_argument(
+        "--problem",
+        default=None,
+        choices=["classification", "regression", "generation"],
+        help="generic tasks: problem type (default: inferred from the labels)",
+    )
+    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
+
+
 def add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -239,22 +279,7 @@ def add_train_parser(sub) -> None:
         default="movie-polarity",
         help="movie-polarity, movie-score, tweet-polarity, chat-qa, or csv:PATH, jsonl:PATH, disk:PATH, glue:NAME",
     )
-    g.add_argument(
-        "--text-column", default="text", help="generic tasks: text column (the prompt for generation)"
-    )
-    g.add_argument(
-        "--text-pair-column", default=None, help="generic tasks: second text column (sentence pairs)"
-    )
-    g.add_argument(
-        "--label-column", default="label", help="generic tasks: label column (the answer for generation)"
-    )
-    g.add_argument(
-        "--problem",
-        default=None,
-        choices=["classification", "regression", "generation"],
-        help="generic tasks: problem type (default: inferred from the labels)",
-    )
-    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
+    add_generic_task_args(g)
     g.add_argument(
         "--split-seed", type=int, default=0, help="seed of the 80/10/10 split (independent of --seed)"
     )
@@ -356,9 +381,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # the main process reports
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items())
     step = result["step_time_median_s"]
+    warned = "".join(f"; WARNING: {w}" for w in result.get("warnings", []))
     print(
-        f"{result['method']} on {result['task']} ({result['labels']}): test {shown}; {result['trainable_params']:,} trainable adapter "
-        f"parameters; {result['steps']} steps" + (f", {step:.3f} s/step (median)" if step is not None else "")
+        f"{result['method']} on {result['task']} ({result['labels']}): {result['split']} {shown}; "
+        f"{result['trainable_params']:,} trainable adapter parameters; {result['steps']} steps"
+        + (f", {step:.3f} s/step (median)" if step is not None else "")
+        + warned
     )
     print(f"wrote {args.out}")
     return 0
@@ -476,11 +504,7 @@ def add_select_data_parser(sub) -> None:
     g.add_argument(
         "--task", default="movie-polarity", help="task name or csv:PATH / jsonl:PATH / disk:PATH / glue:NAME"
     )
-    g.add_argument("--text-column", default="text")
-    g.add_argument("--text-pair-column", default=None)
-    g.add_argument("--label-column", default="label")
-    g.add_argument("--problem", default=None, choices=["classification", "regression", "generation"])
-    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
+    add_generic_task_args(g)
     g.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
     g.add_argument(
         "--max-train-samples",
@@ -488,8 +512,8 @@ def add_select_data_parser(sub) -> None:
         default=None,
         help="score only the first n training examples",
     )
-    g.add_argument("--max-length", type=int, default=128)
-    g.add_argument("--batch-size", type=_positive_int, default=16)
+    g.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
+    g.add_argument("--batch-size", type=_positive_int, default=16, help="examples per scoring batch")
     p.add_argument(
         "--data-keep", type=_finite_float, default=0.5, help="fraction of examples to keep, in (0, 1]"
     )
@@ -540,6 +564,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def add_fetch_parser(sub) -> None:
+    p = sub.add_parser(
+        "fetch",
+        help="fetch the offline data sets into the cache (scripts/setup.sh runs it; nothing downloads later)",
+        description="Put the VADER ground truth (movie, tweets) into the cache ($SENSLORA_CACHE or "
+        "~/.cache/senslora), from the SHA-256-checked vaderSentiment source tarball that pip downloads "
+        "(or --from a copy on disk). Does nothing when the data is already there and intact.",
+    )
+    p.add_argument("--from", dest="source", default=None, metavar="TARBALL", help="a vaderSentiment-3.3.2.tar.gz on disk")
+    p.add_argument("--force", action="store_true", help="fetch again even if the data is there")
+    p.set_defaults(func=cmd_fetch)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .data import fetch_vader
+
+    print(f"VADER data ready in {fetch_vader(args.source, force=args.force)}")
+    return 0
+
+
 def add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="tables and plots from a benchmark's result files -> RESULTS.md")
     p.add_argument("results", help="a folder written by `senslora bench`")
@@ -554,10 +598,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
         "allocate",
@@ -585,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-plot", action="store_true", help="skip ranks.png")
+    p.add_argument(
+        "--measure-forward",
+        action="store_true",
+        help="first time one plain forward pass over the calibration set, and report allocation / forward",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_allocate)
     add_train_parser(sub)
@@ -594,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_diagnose_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
+    add_fetch_parser(sub)
     return parser
 
 

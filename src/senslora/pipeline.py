@@ -204,8 +204,11 @@ def _count_tokens(batches: Sequence[dict]) -> int:
 
 
 @torch.no_grad()
-def time_forward(model, batches: Sequence[dict], device=None) -> float:
-    """Seconds for one plain forward pass over ``batches`` (the reference cost of allocation)."""
+def time_forward(model, batches: Sequence[dict], device=None, *, progress: bool = False) -> float:
+    """Seconds for one plain forward pass over ``batches`` (the reference cost of allocation);
+    ``progress`` shows a tqdm bar over the batches."""
+    from tqdm.auto import tqdm
+
     from .losses import model_inputs, move_batch
 
     device = device or input_device(model)
@@ -213,7 +216,8 @@ def time_forward(model, batches: Sequence[dict], device=None) -> float:
     model.eval()
     try:
         start = time.perf_counter()
-        for b in batches:
+        bar = tqdm(batches, desc="reference forward pass", unit="batch", disable=not progress, leave=False)
+        for b in bar:
             model(**model_inputs(move_batch(b, device)))
         sync_device(device)
         return time.perf_counter() - start
@@ -328,7 +332,7 @@ def allocate(
     num_probes: int = 1,
     loss_fn=None,
     progress: bool = True,
-    measure_forward: bool = True,
+    measure_forward: bool = False,
     model_name: str = "",
     distributed: bool | None = None,
 ) -> Allocation:
@@ -361,6 +365,9 @@ def allocate(
         target_modules, layers: which matrices (see :func:`senslora.targets.find_targets`).
         lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
             per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
+        measure_forward: also time one plain forward pass over the same batches first (the
+            reference cost; ``timings["forward"]`` and ``timings["ratio_to_forward"]``). Off by
+            default: it doubles what the user waits for; the benchmark's probes turn it on.
         distributed: ``None`` (default): with several processes, shard the calibration batches and
             the forward-pass reference over them (every process must call ``allocate`` with the
             same batches); ``False``: this process does everything alone.
@@ -439,7 +446,7 @@ def allocate(
     local = dist.shard(batches) if dist.enabled else batches
     if measure_forward and local:
         time_forward(model, local[:1], device)
-        timings["forward"] = time_forward(model, local, device)
+        timings["forward"] = time_forward(model, local, device, progress=progress and dist.is_main)
 
     # Step 2: Hessian diagonals.
     start = time.perf_counter()

@@ -228,6 +228,7 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
         lora_alpha=args.lora_alpha,
         seed=args.seed,
         progress=not args.no_progress,
+        measure_forward=args.measure_forward,
         model_name=args.model,
         **allocator_options(args),
     )
@@ -248,7 +249,9 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
 
 def _print_summary(alloc) -> None:
     t = alloc.timings
-    ratio = f", {t['ratio_to_forward']:.2f}x one forward pass" if "ratio_to_forward" in t else ""
+    ratio = ""
+    if "ratio_to_forward" in t:
+        ratio = f" ({t['ratio_to_forward']:.2f}x one plain forward pass of {t['forward']:.2f} s)"
     c = alloc.concentration
     print(
         f"{len(alloc.matrices)} matrices, {alloc.total_rank} ranks, {alloc.trainable_params:,} LoRA parameters "

@@ -321,7 +321,7 @@ def _method_context(
 
 
 def _evaluate(
-    model, tokenizer, examples, task, config: TrainConfig, method: Method, device, progress: bool
+    model, tokenizer, examples, task, config: TrainConfig, method: Method, device, progress: bool, **kwargs
 ) -> dict:
     from .evaluation import evaluate_model
 
@@ -336,6 +336,7 @@ def _evaluate(
         max_new_tokens=config.max_new_tokens,
         device=device,
         progress=progress,
+        **kwargs,
     )
 
 
@@ -935,8 +936,14 @@ def _run(
     if dist.is_main:
         start = time.perf_counter()
         final = task.test if config.eval_split == "test" else task.validation
-        metrics = _evaluate(unwrapped, tokenizer, final, task, config, method, device, progress)
+        from .evaluation import single_class_warning
+
+        predicted: list = []
+        metrics = _evaluate(
+            unwrapped, tokenizer, final, task, config, method, device, progress, predictions_out=predicted
+        )
         test_time = time.perf_counter() - start
+        run_warnings = [w for w in [single_class_warning(task.problem, predicted, config.eval_split)] if w]
         with atomic_dir(out / ADAPTER_DIR) as tmp:
             method.save(unwrapped, tmp)
         times = state.step_times
@@ -951,6 +958,7 @@ def _run(
             "primary_metric": task.primary_metric,
             "metrics": metrics,
             "split": config.eval_split,
+            "warnings": run_warnings,
             "history": state.history,
             "trainable_params": counts["adapter"],
             "budget_params": counts["budget"],

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ._shared import method_targets, peft_task_type, uniform_rank
-from .base import Method, MethodContext, register
+from .base import Method, MethodContext, register, wrap_peft
 
 ORTH_REG_WEIGHT = 0.5  # PEFT's and the paper's default
 
@@ -58,7 +58,7 @@ class AdaLoRA(Method):
         self._model: nn.Module | None = None  # the PEFT model being trained (for state_dict)
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        from peft import AdaLoraConfig, get_peft_model
+        from peft import AdaLoraConfig
 
         targets = method_targets(model, ctx)
         target_r = uniform_rank(ctx, self.name)
@@ -78,7 +78,7 @@ class AdaLoRA(Method):
             target_modules=[t.name for t in targets],
             task_type=peft_task_type(ctx.task_kind),
         )
-        peft_model = get_peft_model(model, config)
+        peft_model = wrap_peft(model, config)
         self._model = peft_model
         self._sizes = {t.name: t.lora_params_per_rank + 1 for t in targets}
         self._budget_params = target_r * sum(self._sizes.values())

@@ -7,6 +7,9 @@ it trained. One shared test suite (tests/test_methods.py) runs over every regist
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,7 +85,28 @@ class Method:
         """Rebuild the trained model from a fresh base model and :meth:`save`'s folder."""
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, str(adapter_dir))
+        with peft_wrapping():
+            return PeftModel.from_pretrained(base_model, str(adapter_dir))
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """While PEFT wraps a model: PEFT 0.21's ``PeftModel.__init__`` reads transformers 5's deprecated
+    ``is_gradient_checkpointing`` property, which warns (FutureWarning) on every wrap, with nothing
+    for the user to do. Exactly that warning is ignored, and only here; every other one shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
+def wrap_peft(model: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
+    """``peft.get_peft_model`` under :func:`peft_wrapping`."""
+    from peft import get_peft_model
+
+    with peft_wrapping():
+        return get_peft_model(model, config, **kwargs)
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .base import Method, MethodContext, register
+from .base import Method, MethodContext, register, wrap_peft
 from .lora import uniform_lora_config
 
 
@@ -45,12 +45,11 @@ class DyLoRA(Method):
         return self.r_max if self._mask is None else self._rank
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        from peft import get_peft_model
         from peft.tuners.lora import LoraLayer
 
         config = uniform_lora_config(model, ctx, self.name)
         self.r_max = config.r
-        peft_model = get_peft_model(model, config)
+        peft_model = wrap_peft(model, config)
         self._generator.manual_seed(ctx.seed)
         for module in peft_model.modules():
             if isinstance(module, LoraLayer):

@@ -26,7 +26,7 @@ from ..errors import SensloraError
 from ..losses import IGNORE_INDEX, model_inputs
 from ..peft_bridge import peft_ranks
 from ._shared import method_targets
-from .base import Method, MethodContext, register
+from .base import Method, MethodContext, register, wrap_peft
 from .lora import uniform_lora_config
 
 DEFAULT_RHO = 2.0
@@ -70,7 +70,7 @@ class EVA(Method):
     option_keys = ("eva_rho",)
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
+        from peft import EvaConfig, initialize_lora_eva_weights
 
         if not ctx.calibration_batches:
             raise SensloraError("eva needs calibration batches from the training split")
@@ -81,7 +81,7 @@ class EVA(Method):
         )
         names = [t.name for t in method_targets(model, ctx)]  # module order, for the record
         # low_cpu_mem_usage: LoRA weights stay on the meta device until EVA fills them.
-        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+        peft_model = wrap_peft(model, config, low_cpu_mem_usage=True)
         start = time.perf_counter()
         forward = _BoundedForward(MAX_PASSES * len(ctx.calibration_batches))
         initialize_lora_eva_weights(

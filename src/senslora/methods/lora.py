@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..presets import RECIPE_KEYS
 from ._shared import method_targets, peft_task_type, uniform_rank
-from .base import Method, MethodContext, register
+from .base import Method, MethodContext, register, wrap_peft
 
 # Options passed from ``ctx.options`` to :func:`senslora.pipeline.allocate` when set.
 ALLOCATOR_OPTIONS = (
@@ -55,13 +55,11 @@ class LoRA(Method):
     name = "lora"
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        from peft import get_peft_model
-
         config = uniform_lora_config(model, ctx, self.name)
         self.record.update(
             rank=config.r, lora_alpha=config.lora_alpha, target_matrices=len(config.target_modules)
         )
-        return get_peft_model(model, config)
+        return wrap_peft(model, config)
 
 
 @register
@@ -78,8 +76,6 @@ class SensLoRA(Method):
     name = "senslora"
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        from peft import get_peft_model
-
         from ..distributed import current
         from ..pipeline import Allocation, allocate
 
@@ -132,4 +128,4 @@ class SensLoRA(Method):
             uniform_params=alloc.uniform_params,
             ranks=ranks,
         )
-        return get_peft_model(model, alloc.to_lora_config(base))
+        return wrap_peft(model, alloc.to_lora_config(base))
