@@ -51,7 +51,18 @@ def test_preset_paper_reproduces_the_stored_tiny_allocations_bit_for_bit(stored,
         progress=False,
         measure_forward=False,
     )
-    assert record(alloc) == stored[f"tiny_llama/{estimator}/{budget}"]
+    expected = stored[f"tiny_llama/{estimator}/{budget}"]
+    if estimator == "hutchinson":
+        # Double backward sums in an order that depends on torch's thread count (the stored copy
+        # was made with 2 threads; OMP_NUM_THREADS=1 moves the last bits): ranks exact, scores
+        # to float precision.
+        got = record(alloc)
+        assert [m["rank"] for m in got["matrices"]] == [m["rank"] for m in expected["matrices"]]
+        for g, e in zip(got["matrices"], expected["matrices"], strict=True):
+            assert g["s_global"] == pytest.approx(e["s_global"], rel=1e-5)
+            assert g["ranks_by_score"] == e["ranks_by_score"]
+    else:
+        assert record(alloc) == expected
     assert alloc.preset == "paper" and alloc.rank_cap is None
 
 
