@@ -5,12 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny_bert_with_minilm_tokenizer, tiny_llama, token_batches
+from tiny import layer_inputs, save_tiny_bert_with_minilm_tokenizer, tiny_llama, token_batches
 
 from senslora.cli import main
 from senslora.diagnosis import diagnose_activation, diagnose_diagonals, top_share
 from senslora.estimators import estimate_diagonals
-from senslora.losses import model_inputs
 from senslora.targets import find_targets
 
 
@@ -25,12 +24,7 @@ def test_activation_split_matches_the_layer_inputs():
     batches = token_batches(2, batch_size=4)
     targets = find_targets(model)
     target = next(t for t in targets if t.name.endswith("layers.1.mlp.down_proj"))
-    seen = []
-    handle = target.module.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().double()))
-    with torch.no_grad():
-        for b in batches:
-            model(**model_inputs(b))
-    handle.remove()
+    seen = layer_inputs(model, batches, target.module)
     energy = torch.cat([x[b["attention_mask"].bool()].square().sum(-1) for x, b in zip(seen, batches, strict=True)])
     first = torch.cat([x[:, 0].square().sum(-1) for x in seen])  # right padding: position 0 is real
     report = diagnose_activation(model, batches, targets, fraction=0.1)

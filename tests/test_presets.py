@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny_bert_with_minilm_tokenizer, tiny_bert, tiny_llama, token_batches
+from tiny import layer_inputs, save_tiny_bert_with_minilm_tokenizer, tiny_bert, tiny_llama, token_batches
 
 from senslora.cli import main
 from senslora.errors import SensloraError
 from senslora.estimators import estimate_diagonals, first_tokens
-from senslora.losses import model_inputs
 from senslora.pipeline import Allocation, allocate
 from senslora.presets import PRESETS, recipe_name, resolve
 from senslora.targets import find_targets
@@ -158,14 +157,7 @@ def test_an_old_allocation_json_loads_with_the_paper_recipe():
 
 
 def _layer_inputs(model, batches, target):
-    """Each batch's (B, T, d) input of ``target``."""
-    seen = []
-    handle = target.module.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().double()))
-    with torch.no_grad():
-        for b in batches:
-            model(**model_inputs(b))
-    handle.remove()
-    return seen
+    return layer_inputs(model, batches, target.module)
 
 
 def test_first_tokens_left_and_right_padding():

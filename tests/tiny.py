@@ -177,3 +177,18 @@ def write_tiny_llama_gguf(path, *, architecture: str = "llama", raw_type=None, s
     w.write_tensors_to_file()
     w.close()
     return model
+
+
+def layer_inputs(model, batches, module) -> list:
+    """Each batch's input of ``module`` (float64), from one plain forward pass per batch."""
+    from senslora.losses import model_inputs
+
+    seen = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().double()))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(**model_inputs(b))
+    finally:
+        handle.remove()
+    return seen

@@ -448,9 +448,7 @@ def add_layers_parser(sub) -> None:
         help="token per example (auto: first for encoders, last non-pad for decoders)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_args(p)
     p.set_defaults(func=cmd_layers, estimator="activation")
 
 
@@ -459,6 +457,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
     print(f"wrote {run_layers(args)}")
     return 0
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """--out, --overwrite and --no-progress of the subcommands that write one output folder."""
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def add_diagnose_parser(sub) -> None:
@@ -478,9 +483,7 @@ def add_diagnose_parser(sub) -> None:
         "--fraction", type=_finite_float, default=0.01, help="top fraction of tokens / channels (default 0.01)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_args(p)
     p.set_defaults(func=cmd_diagnose)
 
 
@@ -519,9 +522,7 @@ def add_select_data_parser(sub) -> None:
     )
     p.add_argument("--rule", default="auto", help="auto, trimmed-loss-high, loss-high, loss-low or ifd")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh head of a classifier")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_args(p)
     p.set_defaults(func=cmd_select_data)
 
 
