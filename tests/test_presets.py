@@ -280,3 +280,27 @@ def test_early_stop_counts_the_calls_of_a_module_used_twice_per_forward():
     full = ActivationEstimator(stop_early=False).estimate(model, batches, targets, progress=False)
     for t in targets:
         assert torch.equal(early[t.name].values, full[t.name].values)
+
+
+def _tiny_decoder(family: str):
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=100, max_position_embeddings=64, pad_token_id=0)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64, vocab_size=100)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    sizes = dict(hidden_size=16, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
+    cls = {"qwen2": "Qwen2", "mistral": "Mistral", "phi3": "Phi3", "gemma": "Gemma"}[family]
+    extra = {"head_dim": 8} if family == "gemma" else {}
+    cfg = getattr(transformers, f"{cls}Config")(**common, **sizes, **extra)
+    return getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3", "gemma", "gpt2"])
+def test_default_recipe_on_other_decoder_families(family):
+    model = _tiny_decoder(family)
+    alloc = allocate(model, token_batches(3, batch_size=4, labels=None), avg_rank=4, progress=False)
+    ranks = list(alloc.ranks.values())
+    assert alloc.recipe == "robust" and alloc.rank_cap == 8 and max(ranks) <= 8
+    assert sum(ranks) == 4 * len(ranks)  # the rank budget is spent exactly under the cap
