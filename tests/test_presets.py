@@ -304,3 +304,15 @@ def test_default_recipe_on_other_decoder_families(family):
     ranks = list(alloc.ranks.values())
     assert alloc.recipe == "robust" and alloc.rank_cap == 8 and max(ranks) <= 8
     assert sum(ranks) == 4 * len(ranks)  # the rank budget is spent exactly under the cap
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"normalize": "layer"}, "--normalize"), ({"fusion": "max"}, "unknown fusion"), ({"saliency": "x"}, "--saliency")],
+)
+def test_bad_recipe_values_fail_before_any_estimation(bad, match, monkeypatch):
+    import senslora.estimators as est
+
+    monkeypatch.setattr(est, "estimate_diagonals", lambda *a, **k: pytest.fail("estimated before checking"))
+    with pytest.raises(SensloraError, match=match):
+        allocate(tiny_llama(), token_batches(), progress=False, **bad)

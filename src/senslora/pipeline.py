@@ -30,7 +30,7 @@ from . import __version__
 from .allocation import allocate_params, allocate_ranks
 from .distributed import SINGLE, current
 from .errors import SensloraError
-from .metrics import SCORES, MatrixScores, fuse, score_matrix
+from .metrics import FUSIONS, SCORES, MatrixScores, fuse, score_matrix
 from .models import input_device
 from .peft_bridge import ALPHA_MODES, ranks_to_lora_config
 from .presets import DEFAULT_PRESET, recipe_name, resolve
@@ -247,8 +247,6 @@ def _shape_theta(theta, names, costs, *, budget_mode, temperature, normalize) ->
     With role normalisation under a parameter budget, θ is multiplied by each matrix's cost per
     rank, so that the *ranks* (not the parameters) follow θ relative to the role's mean.
     """
-    if normalize not in NORMALIZE:
-        raise SensloraError(f"--normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
     out = temper(theta, temperature) if temperature != 1 else np.asarray(theta, dtype=np.float64)
     if normalize == "role":
         out = normalize_by_role(out, names)
@@ -284,6 +282,12 @@ def _check_recipe(recipe: dict) -> None:
             "--sink drop and --token-trim apply to the activation estimator only; "
             "pass --sink keep --token-trim 0 with another --estimator"
         )
+    if recipe["normalize"] not in NORMALIZE:
+        raise SensloraError(
+            f"--normalize must be one of {', '.join(NORMALIZE)}, got {recipe['normalize']!r}"
+        )
+    if recipe["fusion"] not in FUSIONS:
+        raise SensloraError(f"unknown fusion {recipe['fusion']!r}; choose one of: {', '.join(FUSIONS)}")
     check_temperature(recipe["temperature"])
     check_rho(recipe["rho"])
 
