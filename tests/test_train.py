@@ -319,9 +319,9 @@ def test_a_validation_only_run_never_reads_the_test_split(assets, tmp_path, monk
     seen = []
     real = train_module._evaluate
 
-    def spy(model, tokenizer, examples, *args):
+    def spy(model, tokenizer, examples, *args, **kwargs):
         seen.append({ex.id for ex in examples})
-        return real(model, tokenizer, examples, *args)
+        return real(model, tokenizer, examples, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "_evaluate", spy)
     config = _config(assets, eval_split="validation", eval_each_epoch=False)
