@@ -31,14 +31,18 @@ def _one_of(*choices: Any) -> tuple[Check, str]:
     return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
 
 
+def _or_null(check: Check) -> Check:
+    return lambda v: v is None or check(v)
+
+
 def _checks() -> dict[str, tuple[Check, str]]:
     from .diagonal import SALIENCIES
     from .estimators import ESTIMATORS, SINK_MODES
     from .metrics import FUSIONS, SCORES
-    from .presets import PRESETS
-    from .shaping import NORMALIZE
     from .peft_bridge import ALPHA_MODES
     from .pipeline import BUDGET_MODES, STRATEGIES
+    from .presets import PRESETS
+    from .shaping import NORMALIZE
 
     def targets(v: Any) -> bool:
         return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
@@ -59,7 +63,7 @@ def _checks() -> dict[str, tuple[Check, str]]:
         "normalize": _one_of(*NORMALIZE),
         "rho": (lambda v: v == 0 or _is_number(v, 1), "0 (no cap) or a number >= 1"),
     }
-    nullable = {k: ((lambda c: lambda v: v is None or c(v))(c), a + " or null") for k, (c, a) in recipe.items()}
+    nullable = {k: (_or_null(check), accepted + " or null") for k, (check, accepted) in recipe.items()}
     return {
         **nullable,
         "categories": (lambda v: _is_int(v, 1), "an integer >= 1"),

@@ -180,7 +180,6 @@ def run_allocate(args: argparse.Namespace) -> Path:
     """
     from .distributed import current
     from .estimators import ESTIMATORS
-
     from .presets import resolve
 
     out = check_out_dir(args.out, args.overwrite)

@@ -143,6 +143,16 @@ def _same_setting(run: dict, setting: dict) -> bool:
     return all(json.dumps(grid.get(k), sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in setting.items())
 
 
+# Concentration figures shown per setting (key in method_record.concentration, digits).
+SHAPE_COLUMNS = (
+    ("median_rank", 1),
+    ("max_rank_over_avg", 2),
+    ("top_matrix_share", 3),
+    ("top5pct_share", 3),
+    ("rank_gini", 2),
+)
+
+
 def allocation_shape_section(ok: list[dict]) -> list[str]:
     """Concentration of the allocated ranks per setting (senslora runs), and whether a setting
     allocates exactly the ranks of the experiment's baseline (then its metric differences are
@@ -164,9 +174,8 @@ def allocation_shape_section(ok: list[dict]) -> list[str]:
     rows = []
     for key, members in groups.items():
         conc = [m["method_record"]["concentration"] for m in members]
-        cell = lambda k, d=2: _fmt(statistics.fmean(c[k] for c in conc), d)  # noqa: E731
-        row = [_label(key), str(members[0]["method_record"].get("recipe", "?")), cell("median_rank", 1)]
-        row += [cell("max_rank_over_avg"), cell("top_matrix_share", 3), cell("top5pct_share", 3), cell("rank_gini")]
+        means = [_fmt(statistics.fmean(c[k] for c in conc), d) for k, d in SHAPE_COLUMNS]
+        row = [_label(key), str(members[0]["method_record"].get("recipe", "?")), *means]
         if base_ranks:
             same = [m["method_record"].get("ranks") == base_ranks.get(m["seed"]) for m in members]
             row.append("baseline" if baseline and _same_setting(members[0], baseline) else
