@@ -455,7 +455,12 @@ def add_layers_parser(sub) -> None:
 def cmd_layers(args: argparse.Namespace) -> int:
     from .recipes import run_layers
 
-    print(f"wrote {run_layers(args)}")
+    return _wrote(run_layers(args))
+
+
+def _wrote(out) -> int:
+    """The last line of a subcommand that wrote one output folder."""
+    print(f"wrote {out}")
     return 0
 
 
@@ -490,8 +495,7 @@ def add_diagnose_parser(sub) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from .recipes import run_diagnose
 
-    print(f"wrote {run_diagnose(args)}")
-    return 0
+    return _wrote(run_diagnose(args))
 
 
 def add_select_data_parser(sub) -> None:
@@ -529,8 +533,7 @@ def add_select_data_parser(sub) -> None:
 def cmd_select_data(args: argparse.Namespace) -> int:
     from .recipes import run_select_data
 
-    print(f"wrote {run_select_data(args)}")
-    return 0
+    return _wrote(run_select_data(args))
 
 
 def add_bench_parser(sub) -> None:

@@ -151,7 +151,7 @@ def diagnose_activation(
         "lead_share_of_s_global": float(sum(mass[n] for n in lead) / total_mass),
         "lead_top_tokens_at_position0": float(np.mean(at0)),
         "lead_top_token_strings": [[decode(i), c] for i, c in counter.most_common(8)],
-        "tokens": int(e.size),
+        "tokens": int(pos.size),
     }
     return {"matrices": matrices, "summary": summary}
 
