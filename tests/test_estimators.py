@@ -185,6 +185,24 @@ def test_fisher_sums_gradients_of_a_module_called_twice():
         torch.testing.assert_close(got[name].values, expected)
 
 
+def test_fisher_computes_no_weight_gradient():
+    # The per-example products replace dL/dW: the backward must never reach a weight (a hook on
+    # a leaf fires whenever autograd computes its gradient). fisher-batch, which does need
+    # dL/dW, shows that the hooks do fire.
+    model, batches = tiny_llama(), token_batches(1, batch_size=2, labels="lm")
+    targets = find_targets(model)
+    reached: list[str] = []
+    handles = [t.module.weight.register_hook(lambda g, n=t.name: reached.append(n)) for t in targets]
+    try:
+        estimate_diagonals("fisher", model, batches, targets, progress=False)
+        assert reached == []
+        estimate_diagonals("fisher-batch", model, batches, targets, progress=False)
+        assert set(reached) == {t.name for t in targets}
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_fisher_batch_is_the_squared_batch_gradient_not_the_fisher():
     model, batches = ToyMLP(), toy_batches(sizes=(4,))
     weight = model.blocks[0].weight

@@ -1,4 +1,4 @@
-"""Presets: `paper` reproduces the published recipe bit for bit (stored allocations), `robust` (the
+"""Presets: `paper` reproduces the published recipe (stored allocations: ranks exactly, scores to 1e-6), `robust` (the
 default) keeps every allocation unconcentrated; the activation statistics behind it are exact;
 every new option validates its value."""
 
@@ -31,6 +31,27 @@ def record(alloc: Allocation) -> dict:
     return json.loads(json.dumps(data))
 
 
+def assert_reproduces(got: object, expected: object, rel: float = 1e-6, where: str = "") -> None:
+    """Every rank, count, name and shape exactly; every float score to ``rel``.
+
+    The stored copy was made on another CPU: vectorised float reductions sum in an order that
+    depends on the vector width (e.g. AVX-512 against narrower units), which moves the last bits of the scores but
+    must never move a rank.
+    """
+    if isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=rel, abs=0.0), where
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key in expected:
+            assert_reproduces(got[key], expected[key], rel, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert_reproduces(g, e, rel, f"{where}[{i}]")
+    else:
+        assert got == expected and type(got) is type(expected), where
+
+
 @pytest.fixture(scope="module")
 def stored() -> dict:
     return json.loads(STORED.read_text())
@@ -51,17 +72,8 @@ def test_preset_paper_reproduces_the_stored_tiny_allocations_bit_for_bit(stored,
         measure_forward=False,
     )
     expected = stored[f"tiny_llama/{estimator}/{budget}"]
-    if estimator == "hutchinson":
-        # Double backward sums in an order that depends on torch's thread count (the stored copy
-        # was made with 2 threads; OMP_NUM_THREADS=1 moves the last bits): ranks exact, scores
-        # to float precision.
-        got = record(alloc)
-        assert [m["rank"] for m in got["matrices"]] == [m["rank"] for m in expected["matrices"]]
-        for g, e in zip(got["matrices"], expected["matrices"], strict=True):
-            assert g["s_global"] == pytest.approx(e["s_global"], rel=1e-5)
-            assert g["ranks_by_score"] == e["ranks_by_score"]
-    else:
-        assert record(alloc) == expected
+    # Hutchinson's double backward also sums in an order that depends on torch's thread count.
+    assert_reproduces(record(alloc), expected, rel=1e-5 if estimator == "hutchinson" else 1e-6)
     assert alloc.preset == "paper" and alloc.rank_cap is None
 
 
@@ -69,7 +81,7 @@ def test_preset_paper_reproduces_pra_on_bert(stored):
     alloc = allocate(
         tiny_bert(), token_batches(), avg_rank=3, preset="paper", strategy="pra", progress=False, measure_forward=False
     )
-    assert record(alloc) == stored["tiny_bert/activation/pra"]
+    assert_reproduces(record(alloc), stored["tiny_bert/activation/pra"])
 
 
 def _cli_allocation(tmp_path, capsys, *argv) -> dict:
@@ -89,14 +101,14 @@ def _stored_fields(data: dict) -> dict:
 def test_preset_paper_reproduces_the_stored_minilm_allocation(stored, tmp_path, capsys):
     # The README's main job, as senslora allocated it before presets existed.
     data = _cli_allocation(tmp_path, capsys, "--model", "minilm", "--calib", "movie", "--avg-rank", "4", "--preset", "paper")
-    assert _stored_fields(data) == stored["minilm/cli-default"]
+    assert_reproduces(_stored_fields(data), stored["minilm/cli-default"])
     assert data["recipe"] == "paper"
 
 
 @pytest.mark.slow
 def test_preset_paper_reproduces_the_stored_smollm2_allocation(stored, tmp_path, capsys):
     data = _cli_allocation(tmp_path, capsys, "--model", "smollm2", "--calib", "chat", "--avg-rank", "8", "--preset", "paper")
-    assert _stored_fields(data) == stored["smollm2/cli-default"]
+    assert_reproduces(_stored_fields(data), stored["smollm2/cli-default"])
 
 
 def _assert_unconcentrated(data: dict, avg_rank: float) -> None:

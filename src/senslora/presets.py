@@ -5,8 +5,8 @@ fusion, strategy, shaping). :func:`resolve` starts from a preset and applies the
 choices on top, so ``--preset paper --rho 2`` is the paper's recipe with a rank cap.
 
 - ``paper``: Sensitivity-LoRA exactly as published (activation estimator over every token, fused
-  score with sigma/mu^2 weights, SRA, no cap). It reproduces the allocations of senslora <= 0.1
-  bit for bit (tests/test_presets.py checks stored copies).
+  score with sigma/mu^2 weights, SRA, no cap). It reproduces the allocations of senslora <= 0.1:
+  the same ranks, and scores to float precision (tests/test_presets.py checks stored copies).
 - ``robust``: the default. See docs/METHOD-NOTES.md ("Robust default") for the diagnosis and the
   validation sweep behind each choice.
 """
