@@ -287,7 +287,7 @@ def test_ifd_rule_filters_ifd_above_one_and_backfills():
 @pytest.mark.parametrize("keep", [0, -0.1, 1.5, float("nan")])
 def test_bad_keep(keep):
     exs, scores = _loss_scores([1.0, 2.0, 3.0])
-    with pytest.raises(SensloraError, match="quality-keep"):
+    with pytest.raises(SensloraError, match="data-keep"):
         select_by_quality(exs, scores, keep)
 
 
@@ -346,7 +346,7 @@ def test_select_training_data_and_save(tmp_path):
 def test_select_training_data_checks_options_first():
     model, tok = tiny_bert(), tokenizer()
     exs = [Example(text="good", label=1), Example(text="Good!", label=1), Example(text="bad", label=0)]
-    with pytest.raises(SensloraError, match="quality-keep"):
+    with pytest.raises(SensloraError, match="data-keep"):
         select_training_data(model, tok, exs, kind="classification", keep=0)
     with pytest.raises(SensloraError, match="ifd"):
         select_training_data(model, tok, exs, kind="classification", rule="ifd")

@@ -4,8 +4,8 @@ Linear CKA (Kornblith et al., 2019) between ``hidden_states[i]`` and ``hidden_st
 the input and output of transformer block ``i``, over calibration examples, taking one token per
 example: the first token for encoders (the [CLS] position) and the last non-pad token for decoders.
 A low CKA means the block changes the representation a lot; the ``floor(ratio * L)`` blocks with
-the lowest CKA keep LoRA (PEFT ``layers_to_transform``) and the sensitivity budget is allocated
-among them.
+the lowest CKA keep LoRA (training restricts the target matrices to them through
+``find_targets(layers=...)``) and the sensitivity budget is allocated among them.
 
 Notes on the reference code (github.com/c2d-usp/Layer-wise-LoRA-with-CKA): it uses the model's
 ``hidden_states`` as returned, so for LLaMA-style decoders the last entry is *after* the final norm
@@ -228,7 +228,7 @@ def select_layers(cka_scores: Sequence[float], ratio: float = 0.5, *, skip_lowes
 
 @dataclass
 class LayerSelection:
-    """Result of :func:`select_layers_by_cka`; ``kept`` goes to PEFT ``layers_to_transform``."""
+    """Result of :func:`select_layers_by_cka`; ``kept`` restricts the targets (``find_targets(layers=kept)``)."""
 
     cka: list[float]
     kept: list[int]

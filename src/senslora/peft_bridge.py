@@ -91,6 +91,6 @@ def peft_scalings(peft_model) -> dict[str, float]:
 
 
 def expected_scaling(rank: int, *, base_rank: int, base_alpha: float, mode: str) -> float:
-    """The scaling PEFT should apply for ``rank`` under ``mode`` (used by tests and reports)."""
+    """The scaling PEFT should apply for ``rank`` under ``mode`` (the tests compare PEFT's layers with it)."""
     a = lora_alpha_for(rank, base_rank=base_rank, base_alpha=base_alpha, mode=mode)
     return a / math.sqrt(rank) if mode == "rslora" else a / rank

@@ -1,7 +1,7 @@
 """Cost probes for the benchmark: allocation time and memory relative to a forward pass.
 
-Each probe runs in its own process (``python -m senslora.profiling '{json}'``) so that peak
-memory is the probe's own: on the CPU, peak resident memory (``ru_maxrss``) minus the resident
+The benchmark harness runs each probe in its own process (``senslora bench``, one process per
+run), so that peak memory is the probe's own: on the CPU, peak resident memory (``ru_maxrss``) minus the resident
 memory right after the model and data were loaded; on CUDA, ``torch.cuda.max_memory_allocated``
 minus the allocated memory before estimation. The same is reported for plain forward passes
 over the same batches (measured first, since peaks only grow), so the estimator's own extra
@@ -10,11 +10,8 @@ memory is the difference.
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -184,21 +181,3 @@ def allocation_probe(
 def paired_ratio(runs: list[dict]) -> float:
     """Median over repeats of ``total / forward`` within each (forward, allocation) pair."""
     return statistics.median(r["total"] / r["forward"] for r in runs)
-
-
-def run_probe_subprocess(params: dict, timeout: float = 3600) -> dict:
-    """Run :func:`allocation_probe` in a fresh Python process and return its JSON result."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "senslora.profiling", json.dumps(params)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"allocation probe {params} failed: {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-if __name__ == "__main__":
-    print(json.dumps(allocation_probe(**json.loads(sys.argv[1]))))

@@ -10,7 +10,8 @@ the GPU's sustained throughput, is a named parameter printed next to the result.
   ``alloc-scaling`` probes of one model (the cost must grow linearly in tokens).
 * Overhead: allocation / one plain forward pass, the median over those probes (measured).
 * Time for the big model: ``overhead x 2 N T / (peak_flops x utilisation)``: a forward pass costs
-  about ``2 N`` FLOPs per token for ``N`` weights in matrices (Kaplan et al., 2020).
+  about ``2 N`` FLOPs per token for ``N`` parameters (Kaplan et al., 2020; here ``N`` counts every
+  parameter, embedding included, an upper bound: an embedding lookup costs no matrix product).
 * Memory for the big model: the weights in bf16, plus the estimator's fp32 accumulators: one
   ``d_in`` vector per target matrix for ``activation`` (our compact form), one full diagonal per
   matrix (``d_out x d_in``) for ``fisher`` / ``hutchinson``, which also need the gradients

@@ -301,7 +301,7 @@ def keep_count(n: int, keep: float) -> int:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise SensloraError(f"--quality-keep must be in (0, 1], got {keep!r}")
+        raise SensloraError(f"--data-keep must be in (0, 1], got {keep!r}")
     if n < 2:
         raise SensloraError(
             f"quality selection needs at least 2 distinct, non-empty examples, got {n}; pass more data"
@@ -309,7 +309,7 @@ def keep_count(n: int, keep: float) -> int:
     # Small epsilon so that e.g. 0.3 * 10 = 3.0000000000000004 floors to 3 and 0.57 * 100 to 57.
     k = math.floor(float(keep) * n + 1e-9)
     if k < 1:
-        raise SensloraError(f"--quality-keep {keep} keeps 0 of {n} examples; raise it or pass more data")
+        raise SensloraError(f"--data-keep {keep} keeps 0 of {n} examples; raise it or pass more data")
     return k
 
 

@@ -120,9 +120,3 @@ def find_targets(
             f"no target matrix in the model matches {what}; pass --targets with a regex that names some nn.Linear modules"
         )
     return targets
-
-
-def num_layers(model: nn.Module) -> int:
-    """Number of transformer blocks (0 when none is found)."""
-    blocks = find_blocks(model)
-    return len(blocks[1]) if blocks else 0

@@ -52,7 +52,6 @@ PROBLEM_METRICS: dict[str, tuple[str, ...]] = {
 }
 PRIMARY_METRIC = {"classification": "accuracy", "regression": "pearson", "generation": "rougeL"}
 MODEL_KINDS = {"classification": "classification", "regression": "regression", "generation": "causal-lm"}
-GENERIC_PREFIXES = ("csv:", "jsonl:", "disk:", "glue:")
 _VALIDATION_NAMES = ("validation", "valid", "dev", "val")
 
 
