@@ -67,7 +67,9 @@ def test_every_script_the_readme_runs_exists():
 
 
 def test_the_readme_main_job_runs(tmp_path, capsys):
-    (main_job,) = [c for c in shell_commands() if (a := senslora_argv(c)) and a[0] == "allocate" and "minilm" in a]
+    (main_job,) = [
+        c for c in shell_commands() if (a := senslora_argv(c)) and a[0] == "allocate" and "minilm" in a
+    ]
     argv = senslora_argv(main_job)
     argv[argv.index("--out") + 1] = str(tmp_path / "alloc")
     assert main([*argv, "--no-progress"]) == 0

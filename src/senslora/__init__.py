@@ -29,12 +29,12 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the import
-    from .data import load_examples, make_batches, sample_examples
-    from .errors import SensloraError
-    from .estimators import ESTIMATORS, estimate_diagonals
-    from .models import load_model
-    from .pipeline import Allocation, allocate
-    from .presets import PRESETS
+    from .data import load_examples, make_batches, sample_examples  # noqa: F401
+    from .errors import SensloraError  # noqa: F401
+    from .estimators import ESTIMATORS, estimate_diagonals  # noqa: F401
+    from .models import load_model  # noqa: F401
+    from .pipeline import Allocation, allocate  # noqa: F401
+    from .presets import PRESETS  # noqa: F401
 
 
 def __getattr__(name: str):
