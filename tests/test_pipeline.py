@@ -96,8 +96,8 @@ def test_layers_restrict_the_budget_to_kept_blocks():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"estimator": "nope"}, "unknown estimator"),
-        ({"score": "nope"}, "unknown score"),
+        ({"estimator": "nope"}, "--estimator must be one of"),
+        ({"score": "nope"}, "--score must be one of"),
         ({"avg_rank": 0.5, "r_min": 1}, "below --r-min"),
         ({"avg_rank": 40}, "above the largest rank"),
         ({"target_modules": "no_such_module"}, "no target matrix"),

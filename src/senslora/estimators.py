@@ -278,10 +278,10 @@ class ActivationEstimator(Estimator):
     ) -> None:
         super().__init__(**kwargs)
         self.stop_early = bool(stop_early)
-        if sink not in SINK_MODES:
-            raise SensloraError(f"--sink must be one of {', '.join(SINK_MODES)}, got {sink!r}")
-        if not (isinstance(token_trim, (int, float)) and 0 <= token_trim < 0.5):
-            raise SensloraError(f"--token-trim must be in [0, 0.5), got {token_trim}")
+        from .presets import check_value
+
+        check_value("sink", sink)
+        check_value("token_trim", token_trim)
         self.sink = sink
         self.token_trim = float(token_trim)
 

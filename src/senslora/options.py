@@ -9,26 +9,16 @@ its own extra ones from :attr:`senslora.methods.base.Method.option_keys` (e.g. e
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
 from typing import Any
 
 from .errors import SensloraError
-
-Check = Callable[[Any], bool]
+from .presets import Check, is_number, one_of
 
 
 def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _is_number(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return ok and low <= value <= high
-
-
-def _one_of(*choices: Any) -> tuple[Check, str]:
-    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
 
 
 def _or_null(check: Check) -> Check:
@@ -36,53 +26,35 @@ def _or_null(check: Check) -> Check:
 
 
 def _checks() -> dict[str, tuple[Check, str]]:
-    from .diagonal import SALIENCIES
-    from .estimators import ESTIMATORS, SINK_MODES
-    from .metrics import FUSIONS, SCORES
     from .peft_bridge import ALPHA_MODES
-    from .pipeline import BUDGET_MODES, STRATEGIES
-    from .presets import PRESETS
-    from .shaping import NORMALIZE
+    from .pipeline import BUDGET_MODES
+    from .presets import PRESETS, recipe_checks
 
     def targets(v: Any) -> bool:
         return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
 
-    recipe = {
-        # the allocation recipe (senslora.presets): null takes the preset's value
-        "preset": _one_of(*PRESETS),
-        "estimator": _one_of(*ESTIMATORS),
-        "sink": _one_of(*SINK_MODES),
-        "token_trim": (lambda v: _is_number(v, 0, 0.5) and v < 0.5, "a number in [0, 0.5)"),
-        "saliency": _one_of(*SALIENCIES),
-        "score": _one_of(*SCORES),
-        "fusion": _one_of(*FUSIONS),
-        "strategy": _one_of(*STRATEGIES),
-        "topk_fraction": (lambda v: _is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
-        "alpha": (lambda v: _is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
-        "temperature": (lambda v: _is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
-        "normalize": _one_of(*NORMALIZE),
-        "rho": (lambda v: v == 0 or _is_number(v, 1), "0 (no cap) or a number >= 1"),
-    }
+    # the allocation recipe (senslora.presets, the one table): null takes the preset's value
+    recipe = {"preset": one_of(*PRESETS), **recipe_checks()}
     nullable = {k: (_or_null(check), accepted + " or null") for k, (check, accepted) in recipe.items()}
     return {
         **nullable,
         "categories": (lambda v: _is_int(v, 1), "an integer >= 1"),
         "r_min": (lambda v: _is_int(v, 0), "an integer >= 0"),
         "r_max": (lambda v: v is None or _is_int(v, 1), "an integer >= 1 or null"),
-        "budget_mode": _one_of(*BUDGET_MODES),
-        "alpha_mode": _one_of(*ALPHA_MODES),
+        "budget_mode": one_of(*BUDGET_MODES),
+        "alpha_mode": one_of(*ALPHA_MODES),
         "num_probes": (lambda v: _is_int(v, 1), "an integer >= 1"),
-        "accumulate_on": _one_of("cpu", "device"),
+        "accumulate_on": one_of("cpu", "device"),
         # the training loop's
         "target_modules": (targets, "a regex, a list of module names, or null"),
-        "layer_select": _one_of("all", "cka"),
-        "layer_ratio": (lambda v: _is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
-        "layer_budget": _one_of("match", "kept"),
-        "data_select": _one_of("none", "quality"),
-        "data_keep": (lambda v: _is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
+        "layer_select": one_of("all", "cka"),
+        "layer_ratio": (lambda v: is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
+        "layer_budget": one_of("match", "kept"),
+        "data_select": one_of("none", "quality"),
+        "data_keep": (lambda v: is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
         "plot": (lambda v: isinstance(v, bool), "true or false"),
         # method-specific (Method.option_keys)
-        "eva_rho": (lambda v: _is_number(v, 1), "a number >= 1"),
+        "eva_rho": (lambda v: is_number(v, 1), "a number >= 1"),
     }
 
 

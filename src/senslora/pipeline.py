@@ -30,14 +30,11 @@ from . import __version__
 from .allocation import allocate_params, allocate_ranks
 from .distributed import SINGLE, current
 from .errors import SensloraError
-from .metrics import FUSIONS, SCORES, MatrixScores, fuse, score_matrix
+from .metrics import MatrixScores, fuse, score_matrix
 from .models import input_device
 from .peft_bridge import ALPHA_MODES, ranks_to_lora_config
-from .presets import DEFAULT_PRESET, recipe_name, resolve
+from .presets import DEFAULT_PRESET, check_recipe, recipe_name, resolve
 from .shaping import (
-    NORMALIZE,
-    check_rho,
-    check_temperature,
     concentration,
     concentration_warning,
     normalize_by_role,
@@ -255,43 +252,6 @@ def _shape_theta(theta, names, costs, *, budget_mode, temperature, normalize) ->
     return out
 
 
-def _check_recipe(recipe: dict) -> None:
-    from .diagonal import SALIENCIES
-    from .estimators import ESTIMATORS
-
-    if recipe["estimator"] not in ESTIMATORS:
-        raise SensloraError(
-            f"unknown estimator {recipe['estimator']!r}; choose one of {', '.join(ESTIMATORS)}"
-        )
-    if recipe["score"] not in SCORES:
-        raise SensloraError(f"unknown score {recipe['score']!r}; choose one of {', '.join(SCORES)}")
-    if recipe["strategy"] not in STRATEGIES:
-        raise SensloraError(
-            f"unknown strategy {recipe['strategy']!r}; choose one of {', '.join(STRATEGIES)}"
-        )
-    if recipe["saliency"] not in SALIENCIES:
-        raise SensloraError(
-            f"--saliency must be one of {', '.join(SALIENCIES)}, got {recipe['saliency']!r}"
-        )
-    if not 0 < recipe["topk_fraction"] <= 1:
-        raise SensloraError(f"--topk-fraction must be in (0, 1], got {recipe['topk_fraction']}")
-    if not 0 < recipe["alpha"] <= 1:
-        raise SensloraError(f"--alpha must be in (0, 1], got {recipe['alpha']}")
-    if recipe["estimator"] != "activation" and (recipe["sink"] != "keep" or recipe["token_trim"]):
-        raise SensloraError(
-            "--sink drop and --token-trim apply to the activation estimator only; "
-            "pass --sink keep --token-trim 0 with another --estimator"
-        )
-    if recipe["normalize"] not in NORMALIZE:
-        raise SensloraError(
-            f"--normalize must be one of {', '.join(NORMALIZE)}, got {recipe['normalize']!r}"
-        )
-    if recipe["fusion"] not in FUSIONS:
-        raise SensloraError(f"unknown fusion {recipe['fusion']!r}; choose one of: {', '.join(FUSIONS)}")
-    check_temperature(recipe["temperature"])
-    check_rho(recipe["rho"])
-
-
 def _weight_of(target) -> torch.Tensor:
     from .targets import _is_conv1d
 
@@ -398,7 +358,7 @@ def allocate(
         # The preset's token statistics belong to the activation estimator; gradient estimators
         # see every token through the task loss.
         recipe.update(sink="keep", token_trim=0.0)
-    _check_recipe(recipe)
+    check_recipe(recipe)
     estimator, score, fusion, strategy = (recipe[k] for k in ("estimator", "score", "fusion", "strategy"))
     topk_fraction, alpha = recipe["topk_fraction"], recipe["alpha"]
     if budget_mode not in BUDGET_MODES:
