@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import SensloraError
-from .pipeline import sync_device, time_forward
+from .timing import sync_device, time_forward
 
 TOKEN_CHOICES = ("auto", "first", "last")
 

@@ -42,6 +42,7 @@ from .shaping import (
     temper,
 )
 from .targets import find_targets
+from .timing import sync_device, time_forward
 
 STRATEGIES = ("sra", "pra")
 BUDGET_MODES = ("rank", "params")
@@ -201,33 +202,6 @@ def _count_tokens(batches: Sequence[dict]) -> int:
 
 
 @torch.no_grad()
-def time_forward(model, batches: Sequence[dict], device=None, *, progress: bool = False) -> float:
-    """Seconds for one plain forward pass over ``batches`` (the reference cost of allocation);
-    ``progress`` shows a tqdm bar over the batches."""
-    from tqdm.auto import tqdm
-
-    from .losses import model_inputs, move_batch
-
-    device = device or input_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        start = time.perf_counter()
-        bar = tqdm(batches, desc="reference forward pass", unit="batch", disable=not progress, leave=False)
-        for b in bar:
-            model(**model_inputs(move_batch(b, device)))
-        sync_device(device)
-        return time.perf_counter() - start
-    finally:
-        model.train(was_training)
-
-
-def sync_device(device) -> None:
-    """Wait for queued CUDA work so wall-clock timings are honest (no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _ranks_for(
     theta, *, total, budget_mode, param_budget, costs, strategy, categories, r_min, r_max
 ) -> np.ndarray:

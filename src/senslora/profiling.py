@@ -105,7 +105,7 @@ def allocation_probe(
     batches = calibration_batches(args, tok, kind)
     dev = next(net.parameters()).device
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    from .pipeline import time_forward
+    from .timing import time_forward
 
     # Memory: peak after plain forward passes first (peaks only grow), then after allocation.
     rss_before = _rss_bytes()

@@ -525,7 +525,7 @@ def select_training_data(
     ``forward``: one plain forward pass over the same (prompted) batches, the reference cost.
     """
     from .data import make_batches
-    from .pipeline import time_forward
+    from .timing import time_forward
 
     # Check the options before any model work.
     keep_count(max(len(examples), 2), keep)

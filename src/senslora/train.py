@@ -74,7 +74,7 @@ from .errors import SensloraError, loading
 from .guard import model_input, task_input, writing
 from .methods.base import Method, MethodContext, adapter_parameter_count, get_method
 from .options import check_options, parse_option
-from .pipeline import sync_device
+from .timing import sync_device
 
 CONFIG_NAME = "config.json"
 SPLITS_NAME = "splits.json"
