@@ -140,11 +140,15 @@ def test_recipe_resolution_and_names():
         resolve("fancy")
 
 
-def test_gradient_estimators_do_not_inherit_the_activation_statistics():
+def test_gradient_estimators_do_not_inherit_the_activation_statistics(monkeypatch):
+    # A preset whose activation statistics drop the sink: fisher, which has no such statistics,
+    # takes every token instead of failing.
+    monkeypatch.setitem(PRESETS, "sinkless", {**PRESETS["robust"], "sink": "drop", "token_trim": 0.1})
     alloc = allocate(
-        tiny_llama(), token_batches(labels="lm"), avg_rank=3, estimator="fisher", progress=False, measure_forward=False
+        tiny_llama(), token_batches(labels="lm"), avg_rank=3, preset="sinkless", estimator="fisher",
+        progress=False, measure_forward=False,
     )
-    assert alloc.sink == "keep" and alloc.recipe == "robust+estimator=fisher,sink=keep"
+    assert alloc.sink == "keep" and alloc.recipe == "sinkless+estimator=fisher,sink=keep,token_trim=0.0"
     with pytest.raises(SensloraError, match="activation estimator only"):
         allocate(tiny_llama(), token_batches(labels="lm"), estimator="fisher", sink="drop", progress=False)
 

@@ -135,7 +135,7 @@ def add_allocator_args(p: argparse.ArgumentParser, *, budget_default: str = "ran
         default=None,
         choices=SINK_MODES,
         help="activation: drop each sequence's first token (decoders' attention sink, massive "
-        "activations) or keep it (paper) (default: the preset's; robust: drop)",
+        "activations) or keep it (default: the preset's, keep for both)",
     )
     g.add_argument(
         "--token-trim",
