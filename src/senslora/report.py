@@ -258,6 +258,12 @@ def _bar_plot(name: str, groups: dict[tuple, list[dict]], primary: str, plots: P
     plt.close(fig)
 
 
+def _extra_over_forward(r: dict) -> float | None:
+    """The estimator's own extra peak memory: allocation's minus a plain forward's (x model size)."""
+    fwd = r.get("forward_extra_peak_over_model")
+    return None if fwd is None else r["extra_peak_over_model"] - fwd
+
+
 def probe_section(name: str, runs: list[dict]) -> list[str]:
     """Allocation cost probes, and rank agreement between calibration samples (seeds)."""
     ok = [r for r in runs if r["status"] == "ok"]
@@ -270,6 +276,7 @@ def probe_section(name: str, runs: list[dict]) -> list[str]:
             [
                 r["model"],
                 r["estimator"],
+                str(r.get("recipe") or "–"),
                 str(r["examples"]),
                 str(r["tokens"]),
                 _fmt(r["forward_s"], 3),
@@ -279,12 +286,14 @@ def probe_section(name: str, runs: list[dict]) -> list[str]:
                 f"{r['seconds_per_token'] * 1e3:.3f}",
                 _fmt(r.get("forward_extra_peak_over_model"), 2),
                 _fmt(r["extra_peak_over_model"], 2),
+                _fmt(_extra_over_forward(r), 3),
             ]
         )
     lines += _table(
         [
             "model",
             "estimator",
+            "recipe",
             "examples",
             "tokens",
             "forward (s, min)",
@@ -294,6 +303,7 @@ def probe_section(name: str, runs: list[dict]) -> list[str]:
             "ms per token",
             "plain forward: extra peak mem / model size",
             "allocation: extra peak mem / model size",
+            "allocation minus plain forward (x model size)",
         ],
         rows,
     ) + [""]
