@@ -19,8 +19,6 @@ def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-
-
 def _or_null(check: Check) -> Check:
     return lambda v: v is None or check(v)
 

@@ -201,7 +201,6 @@ def _count_tokens(batches: Sequence[dict]) -> int:
     )
 
 
-@torch.no_grad()
 def _ranks_for(
     theta, *, total, budget_mode, param_budget, costs, strategy, categories, r_min, r_max
 ) -> np.ndarray:

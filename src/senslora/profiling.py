@@ -1,8 +1,8 @@
 """Cost probes for the benchmark: allocation time and memory relative to a forward pass.
 
 The benchmark harness runs each probe in its own process (``senslora bench``, one process per
-run), so that peak memory is the probe's own: on the CPU, peak resident memory (``ru_maxrss``) minus the resident
-memory right after the model and data were loaded; on CUDA, ``torch.cuda.max_memory_allocated``
+run), so that peak memory is the probe's own: on the CPU, peak resident memory (``ru_maxrss``)
+minus the resident memory right after the model and data were loaded; on CUDA, ``torch.cuda.max_memory_allocated``
 minus the allocated memory before estimation. The same is reported for plain forward passes
 over the same batches (measured first, since peaks only grow), so the estimator's own extra
 memory is the difference.
