@@ -4,12 +4,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from senslora.bench import expand, load_config, resolve_params, run_benchmark
 from senslora.cli import main
 from senslora.errors import SensloraError
-from senslora.report import build_report, paired_interval, rank_agreement
+from senslora.report import build_report, detectable_effect, paired_interval, rank_agreement, seeds_for_half_width
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,6 +110,32 @@ def test_paired_interval_matches_the_t_formula():
     ci = stats.t.interval(0.95, len(d) - 1, loc=sum(d) / 4, scale=stats.sem(d))
     assert m == pytest.approx(sum(d) / 4) and (lo, hi) == pytest.approx(ci)
     assert math.isnan(paired_interval([0.1])[1])
+
+
+def test_detectable_effect_has_80_percent_power_by_simulation():
+    from scipy import stats
+
+    sd, n = 0.02, 6
+    effect = detectable_effect(sd, n)
+    rng = np.random.default_rng(0)
+    draws = rng.normal(effect, sd, size=(20000, n))
+    rejected = stats.ttest_1samp(draws, 0.0, axis=1).pvalue < 0.05
+    assert rejected.mean() == pytest.approx(0.8, abs=0.015)
+    # Large n: the normal approximation (z_0.975 + z_0.8) * sd / sqrt(n).
+    assert detectable_effect(1.0, 400) == pytest.approx((1.959964 + 0.841621) / 20, rel=0.01)
+    assert math.isnan(detectable_effect(sd, 1))
+
+
+def test_seeds_for_half_width_is_the_fewest_that_reach_it():
+    sd, target = 0.0177, 0.015
+    n = seeds_for_half_width(sd, target)
+
+    def half(k):  # half-width of the interval of k pairs with sample sd exactly `sd`
+        d = [sd * x for x in np.linspace(-1, 1, k) / np.std(np.linspace(-1, 1, k), ddof=1)]
+        _, lo, hi = paired_interval(d)
+        return (hi - lo) / 2
+
+    assert half(n) <= target < half(n - 1)
 
 
 def test_rank_agreement():

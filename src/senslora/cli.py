@@ -476,7 +476,7 @@ def add_diagnose_parser(sub) -> None:
         "diagnose",
         help="where each matrix's sensitivity comes from (tokens, channels) -> diagnosis.json",
         description="Split every target matrix's activation trace S_global over calibration tokens and "
-        "input channels (share of the top 1%%, share of each sequence's first token, leading channels and "
+        "input channels (share of the top 1%, share of each sequence's first token, leading channels and "
         "token strings), and the per-example Fisher diagonal over channels and rows.",
     )
     add_model_args(p)

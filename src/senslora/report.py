@@ -55,6 +55,42 @@ def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def detectable_effect(sd: float, n: int, *, power: float = 0.8) -> float:
+    """Smallest true paired difference a two-sided 5% paired t-test on ``n`` pairs detects with
+    probability ``power``, for a difference standard deviation ``sd`` (SciPy's noncentral t).
+
+    Hand-written (a one-line root find): no maintained offline package here exposes paired-t power."""
+    from scipy import optimize, stats
+
+    if n < 2 or sd <= 0:
+        return math.nan
+    df, se = n - 1, sd / math.sqrt(n)
+    crit = stats.t.ppf(0.975, df)
+
+    def shortfall(effect: float) -> float:
+        nc = effect / se
+        p = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+        # SciPy's nct returns nan far in the tail, where the power is 1 to machine precision
+        return (1.0 if math.isnan(p) else p) - power
+
+    hi = se * (crit + 1)
+    while shortfall(hi) < 0:  # power rises with the effect: widen the bracket until it passes
+        hi *= 2
+    return float(optimize.brentq(shortfall, 0.0, hi))
+
+
+def seeds_for_half_width(sd: float, half_width: float, *, at_least: int = 2) -> int:
+    """Fewest pairs whose 95% t-interval of the mean difference has half-width <= ``half_width``."""
+    from scipy import stats
+
+    if sd <= 0:
+        return at_least
+    n = max(at_least, 2)
+    while stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -215,6 +251,7 @@ def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
     for key, d in diffs.items():
         m, lo, hi = paired_interval(d)
         wins = sum(x > 0 for x in d)
+        sd = statistics.stdev(d) if len(d) > 1 else math.nan
         rows.append(
             [
                 _label(key),
@@ -222,12 +259,22 @@ def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
                 f"{m:+.4f}",
                 f"[{lo:+.4f}, {hi:+.4f}]" if not math.isnan(lo) else "–",
                 f"{wins}/{len(d)}",
+                _fmt(sd),
+                _fmt((hi - lo) / 2),
+                _fmt(detectable_effect(sd, len(d)) if len(d) > 1 else math.nan),
             ]
         )
+    header = ["setting", "pairs", "mean diff", "95% interval", "wins", "sd of diff", "half-width", "detectable"]
     return (
         [f"Paired difference in {primary} against {base_label} (same seed, same split):", ""]
-        + _table(["setting", "pairs", "mean diff", "95% interval", "wins"], rows)
-        + [""]
+        + _table(header, rows)
+        + [
+            "",
+            "sd of diff: standard deviation of the per-seed differences; half-width: of the 95% interval; "
+            "detectable: the smallest true difference this many pairs detect with 80% power (two-sided 5% "
+            "paired t-test, at the observed sd).",
+            "",
+        ]
     )
 
 
