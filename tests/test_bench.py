@@ -61,6 +61,8 @@ experiments:
         ("experiments: [{name: a, grid: {x: 3}}]", "non-empty lists"),
         ("experiments: [{name: a}, {name: a}]", "appears twice"),
         ("experiments: [: :", "not valid YAML"),
+        ("experiments: [{name: a, baseline: {m: x}, also_against: {m: y}}]", "list of settings"),
+        ("experiments: [{name: a, also_against: [{m: y}]}]", "needs a `baseline:`"),
     ],
 )
 def test_bad_configs_are_user_errors(tmp_path, text, message):

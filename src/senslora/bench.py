@@ -12,6 +12,7 @@ Config format (see ``benchmarks/*.yaml``)::
         params: {task: movie-polarity, avg_rank: 4}          # fixed for this experiment
         per_method: {full: {lr: "best-of:lr-full"}}          # overrides for one method's runs
         baseline: {method: lora}                  # report: paired differences against this row
+        also_against: [{method: eva}]             # report: further paired comparisons
 
 ``train`` runs are :func:`senslora.train.train` with :class:`~senslora.train.TrainConfig` fields
 (keys ``options.NAME`` go into ``TrainConfig.options``); ``allocation-probe`` runs are
@@ -49,7 +50,7 @@ from .guard import writing
 
 KINDS = ("train", "allocation-probe")
 CONFIG_KEYS = ("defaults", "experiments")
-EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline")
+EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against")
 RESULT_NAME = "result.json"
 
 
@@ -62,6 +63,7 @@ class Run:
     params: dict[str, Any]
     grid_values: dict[str, Any]
     baseline: dict[str, Any] = field(default_factory=dict)
+    also_against: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
@@ -118,6 +120,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
         for key in ("params", "baseline"):
             if not isinstance(exp.get(key) or {}, dict):
                 raise SensloraError(f"experiment {exp['name']!r}: `{key}:` must be a mapping")
+        also = exp.get("also_against") or []
+        if not isinstance(also, list) or not all(isinstance(v, dict) and v for v in also):
+            raise SensloraError(f"experiment {exp['name']!r}: `also_against:` must be a list of settings (mappings)")
+        if also and not exp.get("baseline"):
+            raise SensloraError(f"experiment {exp['name']!r}: `also_against:` needs a `baseline:` too")
         if exp["name"] in names:
             raise SensloraError(f"experiment name {exp['name']!r} appears twice in {p}")
         names.add(exp["name"])
@@ -216,7 +223,9 @@ def expand(cfg: dict[str, Any]) -> list[Run]:
             # Parameters that differ by method (e.g. a learning rate tuned for that method alone);
             # they do not enter the run id, which names only the grid point.
             params.update((exp.get("per_method") or {}).get(params.get("method"), {}))
-            runs.append(Run(exp["name"], kind, params, values, exp.get("baseline") or {}))
+            runs.append(
+                Run(exp["name"], kind, params, values, exp.get("baseline") or {}, exp.get("also_against") or [])
+            )
     return runs
 
 
@@ -355,6 +364,7 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             "grid": run.grid_values,
             "params": run.params,
             "baseline": run.baseline,
+            "also_against": run.also_against,
         }
         if status(folder) == "ok":
             counts["skipped"] += 1
