@@ -266,3 +266,66 @@ experiments:
     assert full.params["lr"] == "best-of:lr-full" and full.params["epochs"] == 3
     with pytest.raises(SensloraError, match="per_method"):
         load_config(write(tmp_path / "c.yaml", "experiments: [{name: a, per_method: {full: 3}}]"))
+
+
+def _headline_runs(out: Path) -> None:
+    """Two tasks, three methods, 4 seeds; senslora beats lora by 0.05 +- 0.01 on t1, loses on t2."""
+    for seed in range(4):
+        for task, (lora, sens, eva) in {"t1": (0.70, 0.75, 0.70), "t2": (0.80, 0.70, 0.80)}.items():
+            for method, acc in {"lora": lora, "senslora": sens + 0.01 * (seed % 2), "eva": eva + 0.02 * seed}.items():
+                grid = {"seed": seed, "task": task, "variant": {"method": method}}
+                folder = out / "runs" / "main" / f"{task}-{method}-{seed}"
+                folder.mkdir(parents=True)
+                result = {**_train_result(method, seed, acc, acc), "task": task}
+                (folder / "result.json").write_text(json.dumps({"status": "ok", **result}))
+                meta = {"experiment": "main", "kind": "train", "grid": grid, "params": grid,
+                        "baseline": {"variant": {"method": "lora"}}, "also_against": [{"variant": {"method": "eva"}}]}
+                (folder / "bench.json").write_text(json.dumps(meta))
+
+
+def test_headline_pairs_every_method_with_lora_and_eva_and_names_wins_and_losses(tmp_path):
+    _headline_runs(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n<!-- senslora report {tmp_path} -->\nstale\n<!-- /senslora report -->\nend\n")
+    text = build_report(tmp_path, readme=readme).read_text()
+    head = text[text.index("## Headline") :]
+    row = next(line for line in head.splitlines() if line.startswith("| senslora "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # columns: setting, t1 accuracy, vs lora, vs eva, t2 accuracy, vs lora, vs eva
+    assert cells[1].startswith("0.755 ± 0.006 (4)")
+    assert cells[2].startswith("+0.055 [") and cells[2].endswith("4/4 **win**")
+    assert cells[5].startswith("-0.095 [") and cells[5].endswith("0/4 **loss**")
+    lora_row = next(line for line in head.splitlines() if line.startswith("| lora "))
+    assert "baseline" in lora_row
+    eva_row = [c.strip() for c in next(line for line in head.splitlines() if line.startswith("| eva ")).split("|")]
+    assert eva_row[4] == "baseline"
+    # the README block is replaced, the rest kept byte for byte
+    new = readme.read_text()
+    assert new.startswith(f"intro\n<!-- senslora report {tmp_path} -->\nWritten by `senslora report")
+    assert "stale" not in new and new.endswith("<!-- /senslora report -->\nend\n") and "+0.055 [" in new
+
+
+def test_report_refuses_a_readme_without_markers_before_writing(tmp_path):
+    _headline_runs(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(SensloraError, match="no `<!-- senslora report"):
+        build_report(tmp_path, readme=readme)
+    assert readme.read_text() == "no markers\n" and not (tmp_path / "RESULTS.md").exists()
+
+
+def test_cost_lines_give_every_method_against_lora_per_batch_size_and_senslora_against_eva(tmp_path):
+    for seed in (0, 1):
+        for b in (8, 16):
+            for method, step in {"lora": 0.10, "senslora": 0.11 + 0.01 * seed, "full": 0.30}.items():
+                r = _train_result(method, seed, 0.7, 0.7, step=step * b / 8, mem=100.0 * (2 if method == "full" else 1))
+                _fake_run(tmp_path, "latency", f"{method}-{b}-{seed}", {"seed": seed, "batch_size": b, "method": method}, r)
+        for method in ("senslora", "eva"):
+            r = {**_train_result(method, seed, 0.7, 0.7), "task": "t", "config": {"calib_samples": 64}}
+            r["allocation_time_s"] = 2.0 if method == "senslora" else None
+            r["method_record"] = {"recipe": "robust"} if method == "senslora" else {"eva_seconds": 8.0}
+            _fake_run(tmp_path, "main", f"{method}-{seed}", {"seed": seed, "method": method}, r)
+    text = build_report(tmp_path).read_text()
+    assert "| senslora | 1.15 | 1.15 | 1.00 | 1.00 |" in text
+    assert "| full | 3.00 | 3.00 | 2.00 | 2.00 |" in text
+    assert "| main: t, senslora robust | 2 | 0.25 | 0.25 |" in text

@@ -591,13 +591,19 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="tables and plots from a benchmark's result files -> RESULTS.md")
     p.add_argument("results", help="a folder written by `senslora bench`")
+    p.add_argument(
+        "--readme",
+        default=None,
+        help="also write the headline tables into this markdown file, between its "
+        "`<!-- senslora report RESULTS -->` and `<!-- /senslora report -->` markers",
+    )
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    print(f"wrote {build_report(args.results)}")
+    print(f"wrote {build_report(args.results, readme=args.readme)}")
     return 0
 
 

@@ -35,8 +35,19 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
             ) from None
         if not isinstance(result, dict) or "status" not in result:
             raise SensloraError(f"{result_path} is not a senslora result (no status); rerun `senslora bench`")
+        _add_generation_mean(result)
         runs.append({**result, "_meta": meta, "_dir": result_path.parent})
     return runs
+
+
+GENERATION_MEAN = "mean(bleu,rouge1,rougeL)"
+
+
+def _add_generation_mean(result: dict) -> None:
+    """The paper's Table 2 average: BLEU-4, ROUGE-1 and ROUGE-L, each in percent, averaged."""
+    m = result.get("metrics") or {}
+    if all(isinstance(m.get(k), (int, float)) for k in ("bleu", "rouge1", "rougeL")):
+        m[GENERATION_MEAN] = (m["bleu"] + 100 * m["rouge1"] + 100 * m["rougeL"]) / 3
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -160,9 +171,10 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
     lines += allocation_shape_section(ok)
 
     baseline = ok[0]["_meta"].get("baseline") or {}
+    against = [baseline, *(ok[0]["_meta"].get("also_against") or [])] if baseline else []
     for primary, members in by_primary.items():
-        if baseline:
-            lines += paired_section(members, baseline, primary)
+        for setting in against:
+            lines += paired_section(members, setting, primary)
         plot_name = name if len(by_primary) == 1 else f"{name}-{primary}"
         _bar_plot(
             plot_name,
@@ -230,20 +242,30 @@ def allocation_shape_section(ok: list[dict]) -> list[str]:
     ]
 
 
-def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
-    """Per seed, setting − baseline on the primary metric; mean, 95% interval and wins."""
+def _matches(run: dict, setting: dict) -> bool:
+    return all(run["_meta"]["grid"].get(k, run["_meta"]["params"].get(k)) == v for k, v in setting.items())
+
+
+def paired_diffs(ok: list[dict], baseline: dict, metric: str) -> dict[tuple, list[float]]:
+    """Per setting (grid point without the seed), the per-seed differences setting − baseline in
+    ``metric``, pairing each run with the baseline run at the same seed and the same other grid values."""
     drop = ("seed", *baseline)
-    base = {}
-    for r in ok:
-        if all(r["_meta"]["grid"].get(k, r["_meta"]["params"].get(k)) == v for k, v in baseline.items()):
-            base[(_row_key(r, drop), r["seed"])] = r["metrics"].get(primary)
+    base = {
+        (_row_key(r, drop), r["seed"]): r["metrics"].get(metric) for r in ok if _matches(r, baseline)
+    }
     diffs: dict[tuple, list[float]] = defaultdict(list)
     for r in ok:
-        if all(r["_meta"]["grid"].get(k, r["_meta"]["params"].get(k)) == v for k, v in baseline.items()):
+        if _matches(r, baseline):
             continue
         b = base.get((_row_key(r, drop), r["seed"]))
-        if b is not None and r["metrics"].get(primary) is not None:
-            diffs[_row_key(r)].append(r["metrics"][primary] - b)
+        if b is not None and r["metrics"].get(metric) is not None:
+            diffs[_row_key(r)].append(r["metrics"][metric] - b)
+    return diffs
+
+
+def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
+    """Per seed, setting − baseline on the primary metric; mean, 95% interval and wins."""
+    diffs = paired_diffs(ok, baseline, primary)
     if not diffs:
         return []
     base_label = ", ".join(f"{k}={v}" for k, v in baseline.items())
@@ -276,6 +298,174 @@ def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
             "",
         ]
     )
+
+
+def _setting_name(setting: dict) -> str:
+    """A short name for a grid setting: {variant: {method: senslora, options.preset: paper}} ->
+    "senslora, preset=paper"."""
+    parts = []
+    for k, v in setting.items():
+        items = v.items() if isinstance(v, dict) else [(k, v)]
+        parts += [str(b) if a == "method" else f"{a.removeprefix('options.')}={b}" for a, b in items]
+    return ", ".join(parts) or "default"
+
+
+def _digits(x: float) -> int:
+    return 2 if abs(x) >= 2 else 3
+
+
+def _verdict(lo: float, hi: float) -> str:
+    if math.isnan(lo):
+        return ""
+    return "**win**" if lo > 0 else ("**loss**" if hi < 0 else "tie")
+
+
+def _diff_cell(d: list[float]) -> str:
+    if not d:
+        return "–"
+    m, lo, hi = paired_interval(d)
+    k = _digits(m)
+    interval = f" [{lo:+.{k}f}, {hi:+.{k}f}]" if not math.isnan(lo) else ""
+    return f"{m:+.{k}f}{interval} {sum(x > 0 for x in d)}/{len(d)} {_verdict(lo, hi)}".rstrip()
+
+
+def headline_section(by_exp: dict[str, list[dict]]) -> list[str]:
+    """One table per experiment that declares `also_against`: per setting and task, the mean of
+    the primary metric (and, for generation, the mean of BLEU-4, ROUGE-1 and ROUGE-L) and the
+    paired difference against the baseline and each further comparison, with its 95% interval,
+    wins over seeds, and "win" / "loss" where the interval excludes zero ("tie" otherwise)."""
+    lines: list[str] = []
+    for name, members in by_exp.items():
+        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
+        if not ok or not ok[0]["_meta"].get("also_against"):
+            continue
+        against = [ok[0]["_meta"]["baseline"], *ok[0]["_meta"]["also_against"]]
+        tasks = list(dict.fromkeys(str(r["task"]) for r in ok))
+        columns = []  # (task, metric)
+        for task in tasks:
+            primary = next(r["primary_metric"] for r in ok if str(r["task"]) == task)
+            columns.append((task, primary))
+            if any(GENERATION_MEAN in r["metrics"] for r in ok if str(r["task"]) == task):
+                columns.append((task, GENERATION_MEAN))
+        settings = list(dict.fromkeys(_row_key(r, ("seed", "task")) for r in ok))
+        rank = {k: next((i for i, a in enumerate(against) if all(_matches(r, a) for r in ok
+                         if _row_key(r, ("seed", "task")) == k)), len(against)) for k in settings}
+        settings.sort(key=lambda k: rank[k])  # the baseline and the comparisons first, then file order
+        header = ["setting"]
+        for task, metric in columns:
+            header += [f"{task} {metric}"] + [f"vs {_setting_name(a)}" for a in against]
+        rows = []
+        for key in settings:
+            row = [_setting_name({k: json.loads(v) for k, v in key})]
+            for task, metric in columns:
+                in_task = [r for r in ok if str(r["task"]) == task]
+                mine = [r["metrics"][metric] for r in in_task if _row_key(r, ("seed", "task")) == key
+                        and isinstance(r["metrics"].get(metric), (int, float))]
+                if mine:
+                    mu, sd = mean_std(mine)
+                    row.append(f"{mu:.{_digits(mu)}f} ± {sd:.{_digits(mu)}f} ({len(mine)})")
+                else:
+                    row.append("–")
+                full_key = next((_row_key(r) for r in in_task if _row_key(r, ("seed", "task")) == key), None)
+                for a in against:
+                    d = paired_diffs(in_task, a, metric).get(full_key, []) if full_key else []
+                    row.append("baseline" if full_key and all(_matches(r, a) for r in in_task
+                               if _row_key(r) == full_key) else _diff_cell(d))
+            rows.append(row)
+        lines += [
+            f"### `{name}`: every method against {', '.join(_setting_name(a) for a in against)}",
+            "",
+            *_table(header, rows),
+            "",
+            "Cells: mean ± sd over seeds (seeds); differences are paired by seed: mean [95% t-interval] "
+            "wins/pairs, **win** or **loss** where the interval excludes zero, tie otherwise.",
+            "",
+        ]
+    cost = cost_lines(by_exp)
+    if not lines and not cost:
+        return []
+    return ["## Headline", "", *lines, *cost]
+
+
+def cost_lines(by_exp: dict[str, list[dict]]) -> list[str]:
+    """Training cost of every method against uniform LoRA (per-step time and peak memory at each
+    batch size, from experiments whose grid has `method` and `batch_size`, averaged over seeds),
+    and senslora's allocation time against EVA's initialisation inside the same benchmark."""
+    lines: list[str] = []
+    for name, members in by_exp.items():
+        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
+        if not ok or not {"method", "batch_size"} <= set(ok[0]["_meta"]["grid"]):
+            continue
+        vals: dict[tuple, list[dict]] = defaultdict(list)
+        for r in ok:
+            vals[(r["_meta"]["grid"]["method"], r["_meta"]["grid"]["batch_size"])].append(r)
+        sizes = sorted({b for _, b in vals})
+        rows = []
+        for method in dict.fromkeys(m for m, _ in vals):
+            row = [method]
+            for what in ("step_time_median_s", "peak_memory_mb"):
+                for b in sizes:
+                    num = [r[what] for r in vals.get((method, b), []) if r.get(what)]
+                    den = [r[what] for r in vals.get(("lora", b), []) if r.get(what)]
+                    row.append(f"{statistics.fmean(num) / statistics.fmean(den):.2f}" if num and den else "–")
+            rows.append(row)
+        header = ["method"] + [f"step time / lora, batch {b}" for b in sizes]
+        header += [f"peak memory / lora, batch {b}" for b in sizes]
+        lines += [f"### Training cost against uniform LoRA (`{name}`)", "", *_table(header, rows), ""]
+    rows = []
+    for name, members in by_exp.items():
+        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
+        eva = {
+            (str(r.get("task")), r["seed"]): r for r in ok if (r.get("method_record") or {}).get("eva_seconds")
+        }
+        groups: dict[str, list[float]] = defaultdict(list)
+        per_example: dict[str, list[float]] = defaultdict(list)
+        for r in ok:
+            e = eva.get((str(r.get("task")), r["seed"]))
+            if r["method"] != "senslora" or not r.get("allocation_time_s") or e is None:
+                continue
+            label = f"{r['task']}, senslora {(r.get('method_record') or {}).get('recipe', '?')}"
+            groups[label].append(r["allocation_time_s"] / e["method_record"]["eva_seconds"])
+            n_s, n_e = (r.get("config") or {}).get("calib_samples"), (e.get("config") or {}).get("calib_samples")
+            if n_s and n_e:
+                per_example[label].append((r["allocation_time_s"] / n_s) / (e["method_record"]["eva_seconds"] / n_e))
+        for label, ratios in groups.items():
+            rows.append([f"{name}: {label}", str(len(ratios)), f"{statistics.median(ratios):.2f}",
+                         f"{statistics.median(per_example[label]):.2f}" if per_example[label] else "–"])
+    if rows:
+        lines += [
+            "### Allocation time against EVA's initialisation (inside the training runs)",
+            "",
+            *_table(["setting", "pairs", "senslora / EVA (median)", "per calibration example (median)"], rows),
+            "",
+            "Both are timed inside the benchmark's training runs, at the same seed and task; EVA repeats "
+            "its SVD passes until the ranks converge.",
+            "",
+        ]
+    return lines
+
+
+def _readme_block(readme: Path, out: Path) -> tuple[str, int, int, str]:
+    start, end = f"<!-- senslora report {out} -->", "<!-- /senslora report -->"
+    try:
+        text = readme.read_text()
+    except OSError as exc:
+        raise SensloraError(f"cannot read {readme} ({exc.strerror}); pass an existing markdown file to --readme") from None
+    i = text.find(start)
+    j = text.find(end, i + 1) if i >= 0 else -1
+    if i < 0 or j < 0:
+        raise SensloraError(f"{readme} has no `{start}` ... `{end}` block; add the two markers where the table goes")
+    return text, i, j, start
+
+
+def write_readme_block(readme: str | Path, out: Path, lines: list[str]) -> Path:
+    """Replace the text between README's `<!-- senslora report OUT -->` and `<!-- /senslora report -->`
+    markers by ``lines`` (atomically; the rest of the file is kept byte for byte)."""
+    readme = Path(readme)
+    text, i, j, start = _readme_block(readme, out)
+    block = "\n".join(line.replace("### ", "#### ", 1) if line.startswith("### ") else line for line in lines)
+    atomic_write_text(readme, text[: i + len(start)] + "\n" + block + "\n" + text[j:])
+    return readme
 
 
 def _bar_plot(name: str, groups: dict[tuple, list[dict]], primary: str, plots: Path) -> None:
@@ -497,13 +687,16 @@ def _method_pairs(runs: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
     return out
 
 
-def build_report(out: str | Path, *, command: str | None = None) -> Path:
-    """Write RESULTS.md and plots/ from the result files under ``out``."""
+def build_report(out: str | Path, *, command: str | None = None, readme: str | Path | None = None) -> Path:
+    """Write RESULTS.md and plots/ from the result files under ``out``; with ``readme``, also
+    its headline into that file's marked block (:func:`write_readme_block`)."""
     out = Path(out)
     if not (out / "runs").is_dir():
         raise SensloraError(
             f"{out} holds no benchmark runs (no runs/ folder); run `senslora bench CONFIG --out {out}` first"
         )
+    if readme is not None:
+        _readme_block(Path(readme), out)  # refuse before writing anything
     runs = load_runs(out)
     if not runs:
         raise SensloraError(f"{out}/runs holds no result.json; run `senslora bench CONFIG --out {out}` first")
@@ -511,7 +704,20 @@ def build_report(out: str | Path, *, command: str | None = None) -> Path:
     # All or nothing: a failed write leaves the previous RESULTS.md and plots/ untouched.
     with atomic_dir(out / "plots") as plots:
         atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command)))
+    if readme is not None:
+        n_ok = sum(r["status"] == "ok" for r in runs)
+        head = headline_section(_by_experiment(runs))
+        note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
+                f"{len(runs)} result files; details in [{out}/RESULTS.md]({out}/RESULTS.md).")
+        write_readme_block(readme, out, [note, "", *head[2:]])
     return path
+
+
+def _by_experiment(runs: list[dict]) -> dict[str, list[dict]]:
+    by_exp: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_exp[r["_meta"]["experiment"]].append(r)
+    return by_exp
 
 
 def _projection(by_exp: dict[str, list[dict]]) -> list[str]:
@@ -536,9 +742,8 @@ def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None)
         "",
     ]
     lines += targets_section(runs)
-    by_exp: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
-        by_exp[r["_meta"]["experiment"]].append(r)
+    by_exp = _by_experiment(runs)
+    lines += headline_section(by_exp)
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]
         lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)
