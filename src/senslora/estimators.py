@@ -443,6 +443,20 @@ def _trim_rows(
     return weights, count - k
 
 
+def _example_rows(mask: torch.Tensor) -> list[slice | torch.Tensor]:
+    """Per example of a (B, T) bool mask, its real tokens: a slice when they are contiguous (left
+    or right padding), else an index tensor. Computed once per batch, shared by every target."""
+    rows: list[slice | torch.Tensor] = []
+    for m in mask:
+        idx = m.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            rows.append(slice(0, 0))
+            continue
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        rows.append(slice(lo, hi) if hi - lo == idx.numel() else idx)
+    return rows
+
+
 class FisherEstimator(Estimator):
     """Empirical Fisher ``mean_n (dL_n/dW)^2`` from true per-example gradients.
 
@@ -463,6 +477,9 @@ class FisherEstimator(Estimator):
     def _start(self) -> list[RemovableHandle]:
         self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
         self.mask: torch.Tensor | None = None
+        self.rows: list[slice | torch.Tensor] | None = None
+        # One fp32 (d_out, d_in) scratch per weight shape and device, reused for every example.
+        self.scratch: dict[tuple, torch.Tensor] = {}
         self.tap = torch.zeros((), requires_grad=True)
         return [t.module.register_forward_hook(self._hook(t.name)) for t in self.targets]
 
@@ -471,45 +488,64 @@ class FisherEstimator(Estimator):
             if not output.requires_grad:
                 return None
             self.num_calls[name] += 1
-            x, mask = inputs[0].detach(), _token_mask(inputs[0], self.mask)
+            x = inputs[0].detach()
+            rows = self.rows if _token_mask(x, self.mask) is not None else None
             # output + 0: the same values, and a path from the loss to the tap through this output.
             tapped = output + self.tap.to(device=output.device, dtype=output.dtype)
             # The gradient w.r.t. this output (a tensor hook sees it before any later in-place op).
-            tapped.register_hook(lambda g: self._on_grad(name, x, g.detach(), mask))
+            tapped.register_hook(lambda g: self._on_grad(name, x, g.detach(), rows))
             return tapped
 
         return hook
 
-    def _on_grad(self, name: str, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _buffer(self, d_out: int, d_in: int, device: torch.device) -> torch.Tensor:
+        key = (d_out, d_in, device)
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty((d_out, d_in), dtype=torch.float32, device=device)
+        return self.scratch[key]
+
+    def _on_grad(
+        self, name: str, x: torch.Tensor, g: torch.Tensor, rows: list[slice | torch.Tensor] | None
+    ) -> None:
         # Rows of each example: (B, T, d) token inputs, or one row per example for 2-D inputs.
         b = x.shape[0]
-        x = x.reshape(b, -1, x.shape[-1]).float()
-        g = g.reshape(b, -1, g.shape[-1]).float()
-        if mask is not None:
-            # Padding contributes nothing: zero it on both sides (masked_fill, so inf/NaN cannot leak).
-            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
-            g = g.masked_fill(~mask.unsqueeze(-1), 0.0)
+        x = x.reshape(b, -1, x.shape[-1])
+        g = g.reshape(b, -1, g.shape[-1])
         shared = self.num_calls[name] > 1
+        sums = self.sums[name]
         for n in range(b):
-            # Per-example gradient dL_n/dW = g_n^T x_n, (d_out, d_in).
-            grad = g[n].T @ x[n]
+            # Only the example's real tokens (padding contributes nothing, and never touches the
+            # arithmetic, so inf/NaN in padded rows cannot leak); fp32 copies of those rows only.
+            r = rows[n] if rows is not None else slice(None)
+            xn, gn = x[n, r].float(), g[n, r].float()
             if shared:
                 # A module called several times per forward: gradients add up before squaring.
-                pending = self.pending.setdefault(name, [torch.zeros_like(grad) for _ in range(b)])
-                pending[n] += grad
+                pending = self.pending.setdefault(name, [None] * b)
+                grad = gn.T @ xn
+                pending[n] = grad if pending[n] is None else pending[n].add_(grad)
+                continue
+            if xn.shape[0] == 0:
+                continue
+            # Per-example gradient dL_n/dW = g_n^T x_n, (d_out, d_in), into the reused scratch.
+            grad = torch.mm(gn.T, xn, out=self._buffer(gn.shape[1], xn.shape[1], xn.device))
+            if sums.device == grad.device:
+                sums.addcmul_(grad, grad)
             else:
-                self.sums[name] += grad.square_().to(self.acc_device)
+                sums += grad.square_().to(sums.device)
 
     def _step(self, model: nn.Module, batch: dict) -> int:
         self.mask = _batch_mask(batch)
+        self.rows = _example_rows(self.mask) if self.mask is not None else None
         self.num_calls = dict.fromkeys(self.sums, 0)
-        self.pending: dict[str, list[torch.Tensor]] = {}
+        self.pending: dict[str, list[torch.Tensor | None]] = {}
         losses = self.loss_fn(model, batch)
         # One backward of sum_n L_n (example n's loss only reaches example n's rows of g), asked
         # for the tap only: no weight gradient is computed.
         torch.autograd.grad(losses.sum(), [self.tap], allow_unused=True)
         for name, grads in self.pending.items():
-            self.sums[name] += sum(grad.square() for grad in grads).to(self.acc_device)
+            for grad in grads:
+                if grad is not None:
+                    self.sums[name] += grad.square_().to(self.acc_device)
         self.pending = {}
         return int(losses.shape[0])
 

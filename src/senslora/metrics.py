@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .diagonal import Diagonal
 from .errors import SensloraError
@@ -28,17 +29,25 @@ def _groups(d: Diagonal) -> tuple[np.ndarray, np.ndarray]:
     Equal values are merged, so a compact diagonal and its dense expansion yield identical arrays
     (and therefore bit-identical metrics).
     """
-    v, c = (t.numpy() for t in d.values_and_counts())
+    # Equivalent to ``d.values_and_counts()`` without its N-sized float64 copy and counts array:
+    # every stored value has the same multiplicity (1, or d_out if compact), so merging equal
+    # values only needs a sort. Sorting and comparing in the stored precision gives the same
+    # distinct values in the same order as in float64 (widening is exact and monotone); only
+    # the distinct values are widened.
+    stored = d.values.detach().reshape(-1).cpu()
+    v = np.sort((stored if stored.dtype == torch.float64 else stored.float()).numpy())
+    mult = d.shape[0] if d.compact else 1
     if v.size == 0:
         raise SensloraError(f"weight matrix of shape {d.shape} has no entries to score")
-    if not np.isfinite(v).all():
+    # NaN sorts last, inf last among the rest: the ends of the sorted values tell both checks.
+    if not (np.isfinite(v[-1]) and np.isfinite(v[0])):
         raise SensloraError("Hessian diagonal has NaN/inf entries; check the calibration data and model")
-    if (v < 0).any():
+    if v[0] < 0:
         raise SensloraError("Hessian diagonal has negative entries; clamp them at 0 before scoring")
-    # values_and_counts gives every stored value the same multiplicity (1, or d_out if compact),
-    # so merging equal values only needs a sort, not an inverse index.
-    uniq, reps = np.unique(v, return_counts=True)
-    counts = reps * int(c[0])
+    # The distinct values (as np.unique returns them) and how often each occurs.
+    starts = np.flatnonzero(np.concatenate(([True], v[1:] != v[:-1])))
+    uniq = v[starts].astype(np.float64)
+    counts = np.diff(np.append(starts, v.size)) * mult
     return uniq[::-1], counts[::-1]
 
 
