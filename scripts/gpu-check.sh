@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from senslora.cli import main
+from senslora.cli.main import main
 
 start = time.perf_counter()
 code = main(sys.argv[1:])

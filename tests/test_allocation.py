@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from senslora.allocation import allocate_params, allocate_ranks, largest_remainder
-from senslora.errors import SensloraError
+from senslora.core.allocation import allocate_params, allocate_ranks, largest_remainder
+from senslora.core.errors import SensloraError
 
 # θ values: a few exact zeros and duplicates, otherwise spread over six decades.
 theta_value = st.one_of(st.just(0.0), st.sampled_from([1.0, 2.5, 7.0]), st.floats(1e-3, 1e3))

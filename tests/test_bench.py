@@ -7,10 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from senslora.bench import expand, load_config, resolve_params, run_benchmark
-from senslora.cli import main
-from senslora.errors import SensloraError
-from senslora.report import build_report, detectable_effect, paired_interval, rank_agreement, seeds_for_half_width
+from senslora.bench.harness import expand, load_config, resolve_params, run_benchmark
+from senslora.bench.report import (
+    build_report,
+    detectable_effect,
+    paired_interval,
+    rank_agreement,
+    seeds_for_half_width,
+)
+from senslora.cli.main import main
+from senslora.core.errors import SensloraError
 
 REPO = Path(__file__).resolve().parents[1]
 

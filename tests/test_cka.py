@@ -9,7 +9,8 @@ import pytest
 import torch
 from tiny import tiny_bert, tiny_llama, token_batches
 
-from senslora.cka import (
+from senslora.core.errors import SensloraError
+from senslora.training.cka import (
     LayerSelection,
     _is_decoder,
     collect_block_representations,
@@ -18,7 +19,6 @@ from senslora.cka import (
     select_layers,
     select_layers_by_cka,
 )
-from senslora.errors import SensloraError
 
 
 def hsic_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from senslora.cli import build_parser
-from senslora.methods import METHODS, load_all
+from senslora.cli.main import build_parser
+from senslora.training.methods import METHODS, load_all
 
 
 def test_train_help_names_every_registered_method(capsys):

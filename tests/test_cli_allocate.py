@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import save_tiny_bert_with_minilm_tokenizer
 
-from senslora.cli import main
+from senslora.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from senslora.cli import build_parser
+from senslora.cli.main import build_parser
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

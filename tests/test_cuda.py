@@ -7,8 +7,9 @@ import pytest
 import torch
 from tiny import tiny_llama, token_batches
 
-from senslora.models import input_device, load_model
-from senslora.pipeline import allocate
+from senslora.core.losses import input_device
+from senslora.core.pipeline import allocate
+from senslora.data.models import load_model
 
 pytestmark = pytest.mark.cuda
 

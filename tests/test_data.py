@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from senslora import data
-from senslora.data import (
+from senslora.core.errors import SensloraError
+from senslora.data import examples as data
+from senslora.data.examples import (
     CALIB_ALIASES,
     Example,
     bos_prefix,
@@ -22,7 +23,6 @@ from senslora.data import (
     sample_examples,
     vader_records,
 )
-from senslora.errors import SensloraError
 
 TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
@@ -132,8 +132,8 @@ def _fake_sdist(path: Path) -> Path:
 
 
 def test_fetch_from_a_tarball_checks_its_hash(monkeypatch, tmp_path, capsys):
-    from senslora.cache import sha256_file
-    from senslora.cli import main
+    from senslora.cli.main import main
+    from senslora.core.cache import sha256_file
 
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data.subprocess, "run", _never_run)
@@ -365,7 +365,7 @@ def test_batch_errors(word_tokenizer):
 def test_minilm_tokenizer_pairs_truncation():
     from transformers import AutoTokenizer
 
-    from senslora.models import resolve_model_path
+    from senslora.data.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
     long_text = " ".join(["film"] * 100)
@@ -444,7 +444,7 @@ def test_real_chat_batches():
     """The real chat alias through a real tokenizer (MiniLM's; no chat template) stays well formed."""
     from transformers import AutoTokenizer
 
-    from senslora.models import resolve_model_path
+    from senslora.data.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
     examples = load_examples("chat")[:16]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny import layer_inputs, save_tiny_bert_with_minilm_tokenizer, tiny_llama, token_batches
 
-from senslora.cli import main
-from senslora.diagnosis import diagnose_activation, diagnose_diagonals, top_share
-from senslora.estimators import estimate_diagonals
-from senslora.targets import find_targets
+from senslora.cli.main import main
+from senslora.core.diagnosis import diagnose_activation, diagnose_diagonals, top_share
+from senslora.core.estimators import estimate_diagonals
+from senslora.core.targets import find_targets
 
 
 def test_top_share():

@@ -17,11 +17,11 @@ import pytest
 import torch
 from tiny import tiny_bert, token_batches, write_sentiment_csv
 
-from senslora.cli import main
-from senslora.estimators import estimate_diagonals
-from senslora.pipeline import allocate
-from senslora.targets import find_targets
-from senslora.train import TrainConfig, train
+from senslora.cli.main import main
+from senslora.core.estimators import estimate_diagonals
+from senslora.core.pipeline import allocate
+from senslora.core.targets import find_targets
+from senslora.training.train import TrainConfig, train
 
 TESTS = Path(__file__).parent
 # (estimator, calibration batches): 5 batches split 3 / 2; 1 batch leaves rank 1 without any.
@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 from tiny import tiny_bert, token_batches
 
-from senslora.cli import main
-from senslora.distributed import current
-from senslora.estimators import estimate_diagonals
-from senslora.pipeline import allocate
-from senslora.targets import find_targets
+from senslora.cli.main import main
+from senslora.core.distributed import current
+from senslora.core.estimators import estimate_diagonals
+from senslora.core.pipeline import allocate
+from senslora.core.targets import find_targets
 
 out, model_dir, calib = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist = current()
@@ -240,7 +240,7 @@ RESUME_WORKER = """
 import json, sys
 from pathlib import Path
 
-from senslora.train import TrainConfig, train
+from senslora.training.train import TrainConfig, train
 
 out, task = Path(sys.argv[1]), sys.argv[2]
 base = dict(model=str(out / "bert"), task=task, epochs=1, batch_size=8, lr=3e-2, options={"plot": False})

@@ -11,10 +11,10 @@ from tiny import tiny_bert, tiny_llama, token_batches
 from torch.autograd.functional import hessian
 from torch.func import functional_call
 
-from senslora.errors import SensloraError
-from senslora.estimators import ESTIMATORS, Estimator, estimate_diagonals
-from senslora.losses import model_inputs, per_example_loss
-from senslora.targets import find_targets
+from senslora.core.errors import SensloraError
+from senslora.core.estimators import ESTIMATORS, Estimator, estimate_diagonals
+from senslora.core.losses import model_inputs, per_example_loss
+from senslora.core.targets import find_targets
 
 
 def tiny_gpt2(seed: int = 0):
@@ -94,7 +94,7 @@ def test_activation_equals_hessian_of_layerwise_reconstruction_loss():
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
 def test_activation_squares_each_shared_input_once_and_matches_per_layer_hooks(make, monkeypatch):
-    from senslora.estimators import ActivationEstimator
+    from senslora.core.estimators import ActivationEstimator
 
     model = make()
     batches = token_batches(2, batch_size=4)  # padded
@@ -349,7 +349,7 @@ def test_one_fp32_accumulator_per_matrix_becomes_the_diagonal(estimator):
 def test_hutchinson_probes_depend_on_seed_and_batch_index_only():
     # The probes of batch i are seeded from (seed, i), so any shard of the batches (one process's
     # under a launcher) adds up to the whole run: the sums of batches {0, 2} and {1} give all three.
-    from senslora.estimators import probe_seed
+    from senslora.core.estimators import probe_seed
 
     class Shard(ESTIMATORS["hutchinson"]):
         def __init__(self, keep, **kwargs):

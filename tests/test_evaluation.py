@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_bert, tiny_llama
 
-from senslora.data import Example, make_batches
-from senslora.errors import SensloraError
-from senslora.evaluation import compute_metrics, evaluate_model, generate_answers
-from senslora.losses import per_example_loss
-from senslora.tasks import PROBLEM_METRICS, TaskData
+from senslora.core.errors import SensloraError
+from senslora.core.losses import per_example_loss
+from senslora.data.examples import Example, make_batches
+from senslora.data.tasks import PROBLEM_METRICS, TaskData
+from senslora.training.evaluation import compute_metrics, evaluate_model, generate_answers
 
 
 def test_binary_classification_metrics_by_hand():

@@ -31,8 +31,9 @@ from pathlib import Path
 import pytest
 from tiny import save_tiny_bert_with_minilm_tokenizer
 
-from senslora.cli import build_parser, main
-from senslora.train import checkpoints, config_from_args, train
+from senslora.cli.main import build_parser, main
+from senslora.cli.recipes import config_from_args
+from senslora.training.train import checkpoints, train
 
 # "senslora: error: ..." (SensloraError) or "senslora train: error: ..." (argparse).
 ERROR_LINE = re.compile(r"^senslora(?: [a-z-]+)?: error: ")
@@ -91,7 +92,7 @@ def tree(root: Path) -> dict[str, object]:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``senslora.cli.main`` in-process: (exit status, stdout, stderr); argparse's exits included."""
+    """``senslora.cli.main.main`` in-process: (exit status, stdout, stderr); argparse's exits included."""
     try:
         code = main([str(a) for a in argv])
     except SystemExit as exc:

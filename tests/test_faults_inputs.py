@@ -20,10 +20,10 @@ import pytest
 import test_faults
 from test_faults import GOOD_YAML, Ctx, _senslora, _wait_for, assert_one_error_line, base_args, run_cli, tree
 
-from senslora.errors import SensloraError
-from senslora.guard import lock_path, output_lock
-from senslora.tasks import load_task
-from senslora.train import checkpoints
+from senslora.core.errors import SensloraError
+from senslora.data.guard import lock_path, output_lock
+from senslora.data.tasks import load_task
+from senslora.training.train import checkpoints
 
 assets = test_faults.assets  # the same tiny model and task CSV (a module-scoped fixture)
 
@@ -159,7 +159,7 @@ def test_every_writing_subcommand_has_an_overlap_case():
 # ------------------------------------------------------------------------------------ 2. lock
 HOLD = """
 import sys, time
-from senslora.guard import output_lock
+from senslora.data.guard import output_lock
 with output_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -383,7 +383,7 @@ def test_loose_labels_merges_variants_and_reads_mixed_columns_as_classes(tmp_pat
 
 
 def test_empty_texts_are_dropped_with_a_count(tmp_path, capsys):
-    from senslora.cli import _show_warnings
+    from senslora.cli.main import _show_warnings
 
     _show_warnings()
     data = _csv(tmp_path / "d.csv", _rows(40) + [["", "pos"], ["  ", "neg"]])

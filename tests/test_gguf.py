@@ -11,11 +11,11 @@ import pytest
 import torch
 from tiny import write_tiny_llama_gguf
 
-from senslora import models
-from senslora.cache import MANIFEST_NAME, check_manifest, sha256_file
-from senslora.cli import main
-from senslora.errors import SensloraError
-from senslora.models import load_model, resolve_model_path
+from senslora.cli.main import main
+from senslora.core.cache import MANIFEST_NAME, check_manifest, sha256_file
+from senslora.core.errors import SensloraError
+from senslora.data import models
+from senslora.data.models import load_model, resolve_model_path
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_gguf_cache_reused_rebuilt_and_folder_form(cache, gguf_file, monkeypatch
     monkeypatch.setattr(models, "_build_from_gguf", lambda *a: (built.append(a[0]), real_build(*a)))
     assert models.gguf_model_path(path) == str(folder) and built == []  # verified, reused
     (folder / "config.json").write_text('{"model_type": "evil"}')
-    with caplog.at_level(logging.WARNING, logger="senslora.models"):
+    with caplog.at_level(logging.WARNING, logger="senslora.data.models"):
         assert models.gguf_model_path(path) == str(folder)
     assert len(built) == 1 and built[0] != folder and "config.json" in caplog.text
     assert check_manifest(folder) is None

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from tiny import tiny_llama
 
-from senslora import guard
-from senslora.cli import main
-from senslora.errors import SensloraError
-from senslora.models import is_local_spec, load_model, resolve_model_path
+from senslora.cli.main import main
+from senslora.core.errors import SensloraError
+from senslora.data import guard
+from senslora.data.models import is_local_spec, load_model, resolve_model_path
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

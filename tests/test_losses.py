@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_bert, tiny_llama, token_batches
 
-from senslora.errors import SensloraError
-from senslora.losses import model_inputs, move_batch, per_example_loss
+from senslora.core.errors import SensloraError
+from senslora.core.losses import model_inputs, move_batch, per_example_loss
 
 
 def test_classification_mean_matches_hf_loss():

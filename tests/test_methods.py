@@ -1,7 +1,7 @@
 """One suite over every registered fine-tuning method, plus method-specific checks.
 
 The shared tests run on tiny_bert (classification) and tiny_llama (causal LM) for whatever
-:func:`senslora.methods.load_all` registers. Steps are driven in the training loop's order:
+:func:`senslora.training.methods.load_all` registers. Steps are driven in the training loop's order:
 ``on_step_begin`` -> forward (per-example loss, plus the method's ``extra_loss`` if any) ->
 backward -> ``optimizer.step`` -> ``on_optimizer_step`` -> ``zero_grad``; ``on_eval`` before
 evaluating.
@@ -21,10 +21,10 @@ import pytest
 import torch
 from tiny import tiny_bert, tiny_llama, token_batches
 
-from senslora.losses import model_inputs, per_example_loss
-from senslora.methods import METHODS, MethodContext, load_all
-from senslora.methods.base import adapter_parameter_count, head_parameter_names
-from senslora.targets import find_targets
+from senslora.core.losses import model_inputs, per_example_loss
+from senslora.core.targets import find_targets
+from senslora.training.methods import METHODS, MethodContext, load_all
+from senslora.training.methods.base import adapter_parameter_count, head_parameter_names
 
 load_all()
 METHOD_NAMES = sorted(METHODS)
@@ -243,7 +243,7 @@ def test_this_suite_covers_the_baselines():
 
 # ----------------------------------------------------------------------------- AdaLoRA
 def test_adalora_schedule_fractions():
-    from senslora.methods.adalora import adalora_schedule
+    from senslora.training.methods.adalora import adalora_schedule
 
     assert adalora_schedule(1000) == (100, 200, 10)
     assert adalora_schedule(2) == (0, 1, 1)  # the final allocation still happens (at step 1)
@@ -376,7 +376,7 @@ EXPECTED_SITES = {
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 @pytest.mark.parametrize("name", ["houlsby", "pfeiffer"])
 def test_adapters_start_as_identity_after_the_output_projections(name, kind):
-    from senslora.methods.adapters import ADAPTER_ATTR
+    from senslora.training.methods.adapters import ADAPTER_ATTR
 
     base = MODELS[kind][0]()
     batch = train_batches(kind)[0]
@@ -395,7 +395,7 @@ def test_adapters_start_as_identity_after_the_output_projections(name, kind):
 
 
 def test_bottleneck_size_matches_the_lora_budget_for_minilm_dims():
-    from senslora.methods.adapters import bottleneck_size
+    from senslora.training.methods.adapters import bottleneck_size
 
     # MiniLM-L6: hidden 384, FFN 1536, 6 blocks; uniform LoRA costs 41472 parameters per rank.
     per_rank = 6 * (4 * (384 + 384) + 2 * (384 + 1536))

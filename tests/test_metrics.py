@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from senslora.diagonal import Diagonal
-from senslora.errors import SensloraError
-from senslora.metrics import (
+from senslora.core.diagonal import Diagonal
+from senslora.core.errors import SensloraError
+from senslora.core.metrics import (
     FUSIONS,
     SCORES,
     MatrixScores,

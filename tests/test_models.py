@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from senslora import models
-from senslora.cache import (
+from senslora.core.cache import (
     MANIFEST_NAME,
     atomic_dir,
     atomic_write_text,
@@ -20,8 +19,9 @@ from senslora.cache import (
     check_manifest,
     write_manifest,
 )
-from senslora.errors import SensloraError
-from senslora.models import (
+from senslora.core.errors import SensloraError
+from senslora.data import models
+from senslora.data.models import (
     MODEL_ALIASES,
     load_model,
     model_kind,
@@ -309,7 +309,7 @@ def test_smollm2_cache_logic(monkeypatch, tmp_path, caplog):
     models.smollm2_path()
     assert len(builds) == 1  # reused
     (final / "config.json").write_text('{"model_type": "evil"}')
-    with caplog.at_level(logging.WARNING, logger="senslora.models"):
+    with caplog.at_level(logging.WARNING, logger="senslora.data.models"):
         models.smollm2_path()
     assert len(builds) == 2
     assert "rebuilding" in caplog.text and "config.json" in caplog.text
@@ -354,7 +354,7 @@ def test_smollm2_real_build_verify_rebuild(monkeypatch, tmp_path, caplog):
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config
     (path / "tokenizer_config.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="senslora.models"):
+    with caplog.at_level(logging.WARNING, logger="senslora.data.models"):
         assert models.smollm2_path() == str(path)
     assert "rebuilding" in caplog.text
     assert check_manifest(path) is None
@@ -362,7 +362,7 @@ def test_smollm2_real_build_verify_rebuild(monkeypatch, tmp_path, caplog):
 
 @pytest.mark.slow
 def test_smollm2_loads_and_runs():
-    from senslora.data import load_examples, make_batches
+    from senslora.data.examples import load_examples, make_batches
 
     model, tok = load_model("smollm2", device="cpu")
     assert type(model).__name__ == "LlamaForCausalLM" and model_kind(model) == "causal-lm"

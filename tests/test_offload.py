@@ -9,9 +9,10 @@ import torch
 from conftest import make_word_tokenizer
 from tiny import tiny_llama, token_batches
 
-from senslora.cli import main
-from senslora.models import input_device, load_model, offloaded
-from senslora.pipeline import allocate
+from senslora.cli.main import main
+from senslora.core.losses import input_device
+from senslora.core.pipeline import allocate
+from senslora.data.models import load_model, offloaded
 
 
 @pytest.fixture

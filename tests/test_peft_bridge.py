@@ -5,9 +5,9 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from tiny import tiny_bert, tiny_llama
 
-from senslora.errors import SensloraError
-from senslora.peft_bridge import expected_scaling, peft_ranks, peft_scalings, ranks_to_lora_config
-from senslora.targets import find_targets
+from senslora.core.errors import SensloraError
+from senslora.core.peft_bridge import expected_scaling, peft_ranks, peft_scalings, ranks_to_lora_config
+from senslora.core.targets import find_targets
 
 
 def _ranks_for(model, seed=0):

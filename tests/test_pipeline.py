@@ -8,9 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import tiny_bert, tiny_llama, token_batches
 
-from senslora.errors import SensloraError
-from senslora.peft_bridge import peft_ranks
-from senslora.pipeline import FIGURE3_SCORES, Allocation, allocate
+from senslora.core.errors import SensloraError
+from senslora.core.peft_bridge import peft_ranks
+from senslora.core.pipeline import FIGURE3_SCORES, Allocation, allocate
 
 
 @pytest.mark.parametrize("estimator", ["activation", "fisher", "fisher-batch", "hutchinson"])
@@ -121,7 +121,7 @@ def test_empty_calibration_and_non_finite_diagonal():
 
 
 def test_activation_never_materialises_dense_diagonals(monkeypatch):
-    from senslora.diagonal import Diagonal
+    from senslora.core.diagonal import Diagonal
 
     def forbidden(self):
         raise AssertionError("dense() called")

@@ -10,12 +10,12 @@ import pytest
 import torch
 from tiny import layer_inputs, save_tiny_bert_with_minilm_tokenizer, tiny_bert, tiny_llama, token_batches
 
-from senslora.cli import main
-from senslora.errors import SensloraError
-from senslora.estimators import estimate_diagonals, first_tokens
-from senslora.pipeline import Allocation, allocate
-from senslora.presets import PRESETS, recipe_name, resolve
-from senslora.targets import find_targets
+from senslora.cli.main import main
+from senslora.core.errors import SensloraError
+from senslora.core.estimators import estimate_diagonals, first_tokens
+from senslora.core.pipeline import Allocation, allocate
+from senslora.core.presets import PRESETS, recipe_name, resolve
+from senslora.core.targets import find_targets
 
 STORED = Path(__file__).parent / "data" / "paper_allocations.json"
 FIELDS = ("name", "shape", "s_global", "s_topk", "s_eff", "theta", "rank", "ranks_by_score")
@@ -255,7 +255,7 @@ def test_bad_option_values_are_one_line_exit_2_and_no_output(case, tiny_folder, 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_bert], ids=["llama", "bert"])
 def test_activation_stops_each_forward_after_the_last_target_with_identical_diagonals(make):
-    from senslora.estimators import ActivationEstimator
+    from senslora.core.estimators import ActivationEstimator
 
     model = make()
     batches = token_batches(3, batch_size=4)
@@ -277,7 +277,7 @@ def test_activation_stops_each_forward_after_the_last_target_with_identical_diag
 def test_early_stop_counts_the_calls_of_a_module_used_twice_per_forward():
     import torch.nn as nn
 
-    from senslora.estimators import ActivationEstimator
+    from senslora.core.estimators import ActivationEstimator
 
     class Shared(nn.Module):  # the last target runs twice per forward, as in ALBERT
         def __init__(self):
@@ -329,7 +329,7 @@ def test_default_recipe_on_other_decoder_families(family):
     [({"normalize": "layer"}, "--normalize"), ({"fusion": "max"}, "--fusion must be one of"), ({"saliency": "x"}, "--saliency")],
 )
 def test_bad_recipe_values_fail_before_any_estimation(bad, match, monkeypatch):
-    import senslora.estimators as est
+    import senslora.core.estimators as est
 
     monkeypatch.setattr(est, "estimate_diagonals", lambda *a, **k: pytest.fail("estimated before checking"))
     with pytest.raises(SensloraError, match=match):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from senslora.projection import (
+from senslora.bench.projection import (
     A100_BF16_FLOPS,
     DEFAULT_UTILISATION,
     Architecture,

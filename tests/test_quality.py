@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_bert, tiny_llama
 
-from senslora.data import Example, make_batches
-from senslora.errors import SensloraError
-from senslora.losses import per_example_loss
-from senslora.quality import (
+from senslora.core.errors import SensloraError
+from senslora.core.losses import per_example_loss
+from senslora.data.examples import Example, make_batches
+from senslora.training.quality import (
     QualitySelection,
     dedupe,
     normalise_text,

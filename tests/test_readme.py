@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from senslora.cli import build_parser, main
+from senslora.cli.main import build_parser, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -95,6 +95,6 @@ def test_import_senslora_is_cheap_and_exports_the_public_api():
     code = (
         "import sys, senslora; assert 'torch' not in sys.modules, 'import senslora loaded torch'; "
         "from senslora import allocate, Allocation, load_model, make_batches, load_examples, sample_examples; "
-        "assert allocate.__module__ == 'senslora.pipeline'"
+        "assert allocate.__module__ == 'senslora.core.pipeline'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from senslora.allocation import allocate_params, allocate_ranks
-from senslora.errors import SensloraError
-from senslora.shaping import (
+from senslora.core.allocation import allocate_params, allocate_ranks
+from senslora.core.errors import SensloraError
+from senslora.core.shaping import (
     concentration,
     concentration_warning,
     gini,

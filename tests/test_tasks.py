@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from senslora.data import vader_dir
-from senslora.errors import SensloraError
-from senslora.tasks import TASKS, load_task, split_80_10_10
+from senslora.core.errors import SensloraError
+from senslora.data.examples import vader_dir
+from senslora.data.tasks import TASKS, load_task, split_80_10_10
 
 
 def _write_csv(path, rows, header=("text", "label")):
@@ -202,7 +202,7 @@ def test_builtin_chat_task():
 
 
 def test_split_is_independent_of_order_of_calls():
-    from senslora.data import Example
+    from senslora.data.examples import Example
 
     examples = [Example(text=str(i), id=str(i)) for i in range(100)]
     first = split_80_10_10(examples, 3, "x")

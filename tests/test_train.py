@@ -8,11 +8,18 @@ from dataclasses import replace
 import pytest
 from tiny import tiny_bert, tiny_llama
 
-from senslora.cli import main
-from senslora.errors import SensloraError
-from senslora.evaluation import evaluate_model
-from senslora.models import load_model
-from senslora.train import CHECKPOINTS_DIR, TrainConfig, checkpoints, evaluate_run, load_task_for, train
+from senslora.cli.main import main
+from senslora.core.errors import SensloraError
+from senslora.data.models import load_model
+from senslora.training.evaluation import evaluate_model
+from senslora.training.train import (
+    CHECKPOINTS_DIR,
+    TrainConfig,
+    checkpoints,
+    evaluate_run,
+    load_task_for,
+    train,
+)
 
 NUMBERS = "one two three four five six seven eight nine ten".split()
 
@@ -247,7 +254,7 @@ def test_cli_train_and_evaluate(assets, tmp_path, capsys):
 
 
 def test_single_class_predictions_warn_on_the_summary_line_and_in_result_json(assets, tmp_path, capsys, monkeypatch):
-    from senslora import evaluation
+    from senslora.training import evaluation
 
     real = evaluation._predict_and_loss
 
@@ -312,7 +319,7 @@ def test_real_smollm2_on_chat_qa(tmp_path):
 
 
 def test_a_validation_only_run_never_reads_the_test_split(assets, tmp_path, monkeypatch):
-    import senslora.train as train_module
+    import senslora.training.train as train_module
 
     task = load_task_for(_config(assets))
     test_ids = {ex.id for ex in task.test}

@@ -7,7 +7,7 @@ import warnings
 
 from tiny import tiny_llama
 
-from senslora.methods.base import peft_wrapping, wrap_peft
+from senslora.training.methods.base import peft_wrapping, wrap_peft
 
 MESSAGE = "is_gradient_checkpointing"
 

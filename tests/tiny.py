@@ -66,7 +66,7 @@ def save_tiny_bert_with_minilm_tokenizer(folder, **overrides):
     """A tiny random BERT classifier saved as an HF folder with the real MiniLM tokenizer."""
     from transformers import AutoTokenizer
 
-    from senslora.models import resolve_model_path
+    from senslora.data.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     tiny_bert(vocab_size=tok.vocab_size, **overrides).save_pretrained(folder)
@@ -181,7 +181,7 @@ def write_tiny_llama_gguf(path, *, architecture: str = "llama", raw_type=None, s
 
 def layer_inputs(model, batches, module) -> list:
     """Each batch's input of ``module`` (float64), from one plain forward pass per batch."""
-    from senslora.losses import model_inputs
+    from senslora.core.losses import model_inputs
 
     seen = []
     handle = module.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().double()))

@@ -14,27 +14,27 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "allocate": "pipeline",
-    "Allocation": "pipeline",
-    "estimate_diagonals": "estimators",
-    "ESTIMATORS": "estimators",
-    "PRESETS": "presets",
-    "load_model": "models",
-    "load_examples": "data",
-    "sample_examples": "data",
-    "make_batches": "data",
-    "SensloraError": "errors",
+    "allocate": "core.pipeline",
+    "Allocation": "core.pipeline",
+    "estimate_diagonals": "core.estimators",
+    "ESTIMATORS": "core.estimators",
+    "PRESETS": "core.presets",
+    "load_model": "data.models",
+    "load_examples": "data.examples",
+    "sample_examples": "data.examples",
+    "make_batches": "data.examples",
+    "SensloraError": "core.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the import
-    from .data import load_examples, make_batches, sample_examples  # noqa: F401
-    from .errors import SensloraError  # noqa: F401
-    from .estimators import ESTIMATORS, estimate_diagonals  # noqa: F401
-    from .models import load_model  # noqa: F401
-    from .pipeline import Allocation, allocate  # noqa: F401
-    from .presets import PRESETS  # noqa: F401
+    from .core.errors import SensloraError  # noqa: F401
+    from .core.estimators import ESTIMATORS, estimate_diagonals  # noqa: F401
+    from .core.pipeline import Allocation, allocate  # noqa: F401
+    from .core.presets import PRESETS  # noqa: F401
+    from .data.examples import load_examples, make_batches, sample_examples  # noqa: F401
+    from .data.models import load_model  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -1,0 +1,759 @@
+"""Tables and plots built only from a benchmark's result files (``senslora report DIR``).
+
+Writes ``DIR/RESULTS.md`` and ``DIR/plots/*.png``. Every number on that page is read from a
+``runs/<experiment>/<run>/result.json`` written by ``senslora bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..core.cache import atomic_dir, atomic_write_text
+from ..core.errors import SensloraError
+
+# The paper's targets, checked as ratios measured in one benchmark run.
+TARGET_ALLOC_OVER_FORWARD = 1.25
+TARGET_STEP_TIME = 1.03
+TARGET_MEMORY = 1.02
+
+
+def load_runs(out: Path) -> list[dict[str, Any]]:
+    """Every run folder's result.json merged with its bench.json (experiment, grid point)."""
+    runs = []
+    for result_path in sorted((out / "runs").glob("*/*/result.json")):
+        try:
+            result = json.loads(result_path.read_text())
+            meta = json.loads((result_path.parent / "bench.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SensloraError(
+                f"{result_path.parent} has an unreadable result.json or bench.json ({exc}); rerun `senslora bench`"
+            ) from None
+        if not isinstance(result, dict) or "status" not in result:
+            raise SensloraError(f"{result_path} is not a senslora result (no status); rerun `senslora bench`")
+        _add_generation_mean(result)
+        runs.append({**result, "_meta": meta, "_dir": result_path.parent})
+    return runs
+
+
+GENERATION_MEAN = "mean(bleu,rouge1,rougeL)"
+
+
+def _add_generation_mean(result: dict) -> None:
+    """The paper's Table 2 average: BLEU-4, ROUGE-1 and ROUGE-L, each in percent, averaged."""
+    m = result.get("metrics") or {}
+    if all(isinstance(m.get(k), (int, float)) for k in ("bleu", "rouge1", "rougeL")):
+        m[GENERATION_MEAN] = (m["bleu"] + 100 * m["rouge1"] + 100 * m["rougeL"]) / 3
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% t-interval (SciPy's t quantile)."""
+    from scipy import stats
+
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return m, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return m, m - half, m + half
+
+
+def detectable_effect(sd: float, n: int, *, power: float = 0.8) -> float:
+    """Smallest true paired difference a two-sided 5% paired t-test on ``n`` pairs detects with
+    probability ``power``, for a difference standard deviation ``sd`` (SciPy's noncentral t).
+
+    Hand-written (a one-line root find): no maintained offline package here exposes paired-t power."""
+    from scipy import optimize, stats
+
+    if n < 2 or sd <= 0:
+        return math.nan
+    df, se = n - 1, sd / math.sqrt(n)
+    crit = stats.t.ppf(0.975, df)
+
+    def shortfall(effect: float) -> float:
+        nc = effect / se
+        p = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+        # SciPy's nct returns nan far in the tail, where the power is 1 to machine precision
+        return (1.0 if math.isnan(p) else p) - power
+
+    hi = se * (crit + 1)
+    while shortfall(hi) < 0:  # power rises with the effect: widen the bracket until it passes
+        hi *= 2
+    return float(optimize.brentq(shortfall, 0.0, hi))
+
+
+def seeds_for_half_width(sd: float, half_width: float, *, at_least: int = 2) -> int:
+    """Fewest pairs whose 95% t-interval of the mean difference has half-width <= ``half_width``."""
+    from scipy import stats
+
+    if sd <= 0:
+        return at_least
+    n = max(at_least, 2)
+    while stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _row_key(run: dict, drop: tuple[str, ...] = ("seed",)) -> tuple:
+    return tuple((k, json.dumps(v, sort_keys=True)) for k, v in run["_meta"]["grid"].items() if k not in drop)
+
+
+def _label(key: tuple) -> str:
+    return ", ".join(f"{k}={json.loads(v)}" for k, v in key) or "(single setting)"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
+    """Mean ± std per grid point, and paired differences against the experiment's baseline."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    lines = [f"## Experiment `{name}` (training)", ""]
+    if not ok:
+        return lines + ["No completed run.", ""]
+    metric_names = sorted({m for r in ok for m in r["metrics"]})
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        groups[_row_key(r)].append(r)
+    header = (
+        ["setting", "seeds"]
+        + [f"{m}" for m in metric_names]
+        + ["adapter params", "step time (s)", "peak mem (MB)"]
+    )
+    rows = []
+    for key, members in groups.items():
+        cells = [_label(key), str(len(members))]
+        for m in metric_names:
+            vals = [r["metrics"][m] for r in members if isinstance(r["metrics"].get(m), (int, float))]
+            cells.append("–" if not vals else "{:.4f} ± {:.4f}".format(*mean_std(vals)))
+        adapter, budget = members[0].get("trainable_params"), members[0].get("budget_params")
+        # AdaLoRA trains 1.5x its final budget; show both when they differ.
+        cells.append(str(adapter) if budget in (None, adapter) else f"{adapter} (final budget {budget})")
+        steps = [r["step_time_median_s"] for r in members if r.get("step_time_median_s")]
+        cells.append(_fmt(statistics.fmean(steps)) if steps else "–")
+        mems = [r["peak_memory_mb"] for r in members if r.get("peak_memory_mb") is not None]
+        cells.append(_fmt(statistics.fmean(mems), 0) if mems else "–")
+        rows.append(cells)
+    # Tasks differ in their primary metric (accuracy, pearson, rougeL): compare each on its own.
+    by_primary: dict[str, list[dict]] = defaultdict(list)
+    for r in ok:
+        by_primary[r["primary_metric"]].append(r)
+    primaries = ", ".join(
+        f"**{p}** ({', '.join(sorted({str(r.get('task', '?')) for r in rs}))})"
+        for p, rs in by_primary.items()
+    )
+    splits = sorted({r.get("split", "test") for r in ok})
+    lines += [
+        f"{'/'.join(s.capitalize() for s in splits)}-split metrics, mean ± sample std over seeds. "
+        f"Primary metric: {primaries}.",
+        "",
+    ]
+    lines += _table(header, rows) + [""]
+    lines += allocation_shape_section(ok)
+
+    baseline = ok[0]["_meta"].get("baseline") or {}
+    against = [baseline, *(ok[0]["_meta"].get("also_against") or [])] if baseline else []
+    for primary, members in by_primary.items():
+        for setting in against:
+            lines += paired_section(members, setting, primary)
+        plot_name = name if len(by_primary) == 1 else f"{name}-{primary}"
+        _bar_plot(
+            plot_name,
+            {k: [r for r in g if r["primary_metric"] == primary] for k, g in groups.items()},
+            primary,
+            plots,
+        )
+        lines += [f"![{plot_name}](plots/{plot_name}.png)", ""]
+    return lines
+
+
+def _same_setting(run: dict, setting: dict) -> bool:
+    grid = run["_meta"]["grid"]
+    return all(json.dumps(grid.get(k), sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in setting.items())
+
+
+# Concentration figures shown per setting (key in method_record.concentration, digits).
+SHAPE_COLUMNS = (
+    ("median_rank", 1),
+    ("max_rank_over_avg", 2),
+    ("top_matrix_share", 3),
+    ("top5pct_share", 3),
+    ("rank_gini", 2),
+)
+
+
+def allocation_shape_section(ok: list[dict]) -> list[str]:
+    """Concentration of the allocated ranks per setting (senslora runs), and whether a setting
+    allocates exactly the ranks of the experiment's baseline (then its metric differences are
+    training noise, not an effect of the setting)."""
+    # Runs written before concentration was recorded still have their ranks: "–" for the shape.
+    alloc = [r for r in ok if (r.get("method_record") or {}).get("ranks")]
+    if not alloc:
+        return []
+    baseline = alloc[0]["_meta"].get("baseline") or {}
+    base_ranks = {
+        r["seed"]: r["method_record"].get("ranks")
+        for r in ok
+        if baseline and _same_setting(r, baseline) and (r.get("method_record") or {}).get("ranks")
+    }
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in alloc:
+        groups[_row_key(r)].append(r)
+    header = ["setting", "recipe", "median rank", "max / avg rank", "top matrix", "top 5%", "rank Gini"]
+    header += ["ranks vs baseline"] if base_ranks else []
+    rows = []
+    for key, members in groups.items():
+        conc = [m["method_record"].get("concentration") for m in members]
+        means = (
+            [_fmt(statistics.fmean(c[k] for c in conc), d) for k, d in SHAPE_COLUMNS]
+            if all(conc)
+            else ["–"] * len(SHAPE_COLUMNS)
+        )
+        row = [_label(key), str(members[0]["method_record"].get("recipe", "–")), *means]
+        if base_ranks:
+            same = [m["method_record"].get("ranks") == base_ranks.get(m["seed"]) for m in members]
+            row.append("baseline" if baseline and _same_setting(members[0], baseline) else
+                       ("**no change in ranks**" if all(same) else f"differ ({sum(not x for x in same)}/{len(same)} seeds)"))
+        rows.append(row)
+    return [
+        "Allocation shape (mean over seeds; shares are of the LoRA parameters, the top 5% of matrices by parameters):",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+
+
+def _matches(run: dict, setting: dict) -> bool:
+    return all(run["_meta"]["grid"].get(k, run["_meta"]["params"].get(k)) == v for k, v in setting.items())
+
+
+def paired_diffs(ok: list[dict], baseline: dict, metric: str) -> dict[tuple, list[float]]:
+    """Per setting (grid point without the seed), the per-seed differences setting − baseline in
+    ``metric``, pairing each run with the baseline run at the same seed and the same other grid values."""
+    drop = ("seed", *baseline)
+    base = {
+        (_row_key(r, drop), r["seed"]): r["metrics"].get(metric) for r in ok if _matches(r, baseline)
+    }
+    diffs: dict[tuple, list[float]] = defaultdict(list)
+    for r in ok:
+        if _matches(r, baseline):
+            continue
+        b = base.get((_row_key(r, drop), r["seed"]))
+        if b is not None and r["metrics"].get(metric) is not None:
+            diffs[_row_key(r)].append(r["metrics"][metric] - b)
+    return diffs
+
+
+def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
+    """Per seed, setting − baseline on the primary metric; mean, 95% interval and wins."""
+    diffs = paired_diffs(ok, baseline, primary)
+    if not diffs:
+        return []
+    base_label = ", ".join(f"{k}={v}" for k, v in baseline.items())
+    rows = []
+    for key, d in diffs.items():
+        m, lo, hi = paired_interval(d)
+        wins = sum(x > 0 for x in d)
+        sd = statistics.stdev(d) if len(d) > 1 else math.nan
+        rows.append(
+            [
+                _label(key),
+                str(len(d)),
+                f"{m:+.4f}",
+                f"[{lo:+.4f}, {hi:+.4f}]" if not math.isnan(lo) else "–",
+                f"{wins}/{len(d)}",
+                _fmt(sd),
+                _fmt((hi - lo) / 2),
+                _fmt(detectable_effect(sd, len(d)) if len(d) > 1 else math.nan),
+            ]
+        )
+    header = ["setting", "pairs", "mean diff", "95% interval", "wins", "sd of diff", "half-width", "detectable"]
+    return (
+        [f"Paired difference in {primary} against {base_label} (same seed, same split):", ""]
+        + _table(header, rows)
+        + [
+            "",
+            "sd of diff: standard deviation of the per-seed differences; half-width: of the 95% interval; "
+            "detectable: the smallest true difference this many pairs detect with 80% power (two-sided 5% "
+            "paired t-test, at the observed sd).",
+            "",
+        ]
+    )
+
+
+def _setting_name(setting: dict) -> str:
+    """A short name for a grid setting: {variant: {method: senslora, options.preset: paper}} ->
+    "senslora, preset=paper"."""
+    parts = []
+    for k, v in setting.items():
+        items = v.items() if isinstance(v, dict) else [(k, v)]
+        parts += [str(b) if a == "method" else f"{a.removeprefix('options.')}={b}" for a, b in items]
+    return ", ".join(parts) or "default"
+
+
+def _digits(x: float) -> int:
+    return 2 if abs(x) >= 2 else 3
+
+
+def _verdict(lo: float, hi: float) -> str:
+    if math.isnan(lo):
+        return ""
+    return "**win**" if lo > 0 else ("**loss**" if hi < 0 else "tie")
+
+
+def _diff_cell(d: list[float]) -> str:
+    if not d:
+        return "–"
+    m, lo, hi = paired_interval(d)
+    k = _digits(m)
+    interval = f" [{lo:+.{k}f}, {hi:+.{k}f}]" if not math.isnan(lo) else ""
+    return f"{m:+.{k}f}{interval} {sum(x > 0 for x in d)}/{len(d)} {_verdict(lo, hi)}".rstrip()
+
+
+def headline_section(by_exp: dict[str, list[dict]]) -> list[str]:
+    """One table per experiment that declares `also_against`: per setting and task, the mean of
+    the primary metric (and, for generation, the mean of BLEU-4, ROUGE-1 and ROUGE-L) and the
+    paired difference against the baseline and each further comparison, with its 95% interval,
+    wins over seeds, and "win" / "loss" where the interval excludes zero ("tie" otherwise)."""
+    lines: list[str] = []
+    for name, members in by_exp.items():
+        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
+        if not ok or not ok[0]["_meta"].get("also_against"):
+            continue
+        against = [ok[0]["_meta"]["baseline"], *ok[0]["_meta"]["also_against"]]
+        tasks = list(dict.fromkeys(str(r["task"]) for r in ok))
+        columns = []  # (task, metric)
+        for task in tasks:
+            primary = next(r["primary_metric"] for r in ok if str(r["task"]) == task)
+            columns.append((task, primary))
+            if any(GENERATION_MEAN in r["metrics"] for r in ok if str(r["task"]) == task):
+                columns.append((task, GENERATION_MEAN))
+        settings = list(dict.fromkeys(_row_key(r, ("seed", "task")) for r in ok))
+        rank = {k: next((i for i, a in enumerate(against) if all(_matches(r, a) for r in ok
+                         if _row_key(r, ("seed", "task")) == k)), len(against)) for k in settings}
+        settings.sort(key=lambda k: rank[k])  # the baseline and the comparisons first, then file order
+        header = ["setting"]
+        for task, metric in columns:
+            header += [f"{task} {metric}"] + [f"vs {_setting_name(a)}" for a in against]
+        rows = []
+        for key in settings:
+            row = [_setting_name({k: json.loads(v) for k, v in key})]
+            for task, metric in columns:
+                in_task = [r for r in ok if str(r["task"]) == task]
+                mine = [r["metrics"][metric] for r in in_task if _row_key(r, ("seed", "task")) == key
+                        and isinstance(r["metrics"].get(metric), (int, float))]
+                if mine:
+                    mu, sd = mean_std(mine)
+                    row.append(f"{mu:.{_digits(mu)}f} ± {sd:.{_digits(mu)}f} ({len(mine)})")
+                else:
+                    row.append("–")
+                full_key = next((_row_key(r) for r in in_task if _row_key(r, ("seed", "task")) == key), None)
+                for a in against:
+                    d = paired_diffs(in_task, a, metric).get(full_key, []) if full_key else []
+                    row.append("baseline" if full_key and all(_matches(r, a) for r in in_task
+                               if _row_key(r) == full_key) else _diff_cell(d))
+            rows.append(row)
+        lines += [
+            f"### `{name}`: every method against {', '.join(_setting_name(a) for a in against)}",
+            "",
+            *_table(header, rows),
+            "",
+            "Cells: mean ± sd over seeds (seeds); differences are paired by seed: mean [95% t-interval] "
+            "wins/pairs, **win** or **loss** where the interval excludes zero, tie otherwise.",
+            "",
+        ]
+    cost = cost_lines(by_exp)
+    if not lines and not cost:
+        return []
+    return ["## Headline", "", *lines, *cost]
+
+
+def cost_lines(by_exp: dict[str, list[dict]]) -> list[str]:
+    """Training cost of every method against uniform LoRA (per-step time and peak memory at each
+    batch size, from experiments whose grid has `method` and `batch_size`, averaged over seeds),
+    and senslora's allocation time against EVA's initialisation inside the same benchmark."""
+    lines: list[str] = []
+    for name, members in by_exp.items():
+        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
+        if not ok or not {"method", "batch_size"} <= set(ok[0]["_meta"]["grid"]):
+            continue
+        vals: dict[tuple, list[dict]] = defaultdict(list)
+        for r in ok:
+            vals[(r["_meta"]["grid"]["method"], r["_meta"]["grid"]["batch_size"])].append(r)
+        sizes = sorted({b for _, b in vals})
+        rows = []
+        for method in dict.fromkeys(m for m, _ in vals):
+            row = [method]
+            for what in ("step_time_median_s", "peak_memory_mb"):
+                for b in sizes:
+                    num = [r[what] for r in vals.get((method, b), []) if r.get(what)]
+                    den = [r[what] for r in vals.get(("lora", b), []) if r.get(what)]
+                    row.append(f"{statistics.fmean(num) / statistics.fmean(den):.2f}" if num and den else "–")
+            rows.append(row)
+        header = ["method"] + [f"step time / lora, batch {b}" for b in sizes]
+        header += [f"peak memory / lora, batch {b}" for b in sizes]
+        lines += [f"### Training cost against uniform LoRA (`{name}`)", "", *_table(header, rows), ""]
+    rows = []
+    for name, members in by_exp.items():
+        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
+        eva = {
+            (str(r.get("task")), r["seed"]): r for r in ok if (r.get("method_record") or {}).get("eva_seconds")
+        }
+        groups: dict[str, list[float]] = defaultdict(list)
+        per_example: dict[str, list[float]] = defaultdict(list)
+        for r in ok:
+            e = eva.get((str(r.get("task")), r["seed"]))
+            if r["method"] != "senslora" or not r.get("allocation_time_s") or e is None:
+                continue
+            label = f"{r['task']}, senslora {(r.get('method_record') or {}).get('recipe', '?')}"
+            groups[label].append(r["allocation_time_s"] / e["method_record"]["eva_seconds"])
+            n_s, n_e = (r.get("config") or {}).get("calib_samples"), (e.get("config") or {}).get("calib_samples")
+            if n_s and n_e:
+                per_example[label].append((r["allocation_time_s"] / n_s) / (e["method_record"]["eva_seconds"] / n_e))
+        for label, ratios in groups.items():
+            rows.append([f"{name}: {label}", str(len(ratios)), f"{statistics.median(ratios):.2f}",
+                         f"{statistics.median(per_example[label]):.2f}" if per_example[label] else "–"])
+    if rows:
+        lines += [
+            "### Allocation time against EVA's initialisation (inside the training runs)",
+            "",
+            *_table(["setting", "pairs", "senslora / EVA (median)", "per calibration example (median)"], rows),
+            "",
+            "Both are timed inside the benchmark's training runs, at the same seed and task; EVA repeats "
+            "its SVD passes until the ranks converge.",
+            "",
+        ]
+    return lines
+
+
+def _readme_block(readme: Path, out: Path) -> tuple[str, int, int, str]:
+    start, end = f"<!-- senslora report {out} -->", "<!-- /senslora report -->"
+    try:
+        text = readme.read_text()
+    except OSError as exc:
+        raise SensloraError(f"cannot read {readme} ({exc.strerror}); pass an existing markdown file to --readme") from None
+    i = text.find(start)
+    j = text.find(end, i + 1) if i >= 0 else -1
+    if i < 0 or j < 0:
+        raise SensloraError(f"{readme} has no `{start}` ... `{end}` block; add the two markers where the table goes")
+    return text, i, j, start
+
+
+def write_readme_block(readme: str | Path, out: Path, lines: list[str]) -> Path:
+    """Replace the text between README's `<!-- senslora report OUT -->` and `<!-- /senslora report -->`
+    markers by ``lines`` (atomically; the rest of the file is kept byte for byte)."""
+    readme = Path(readme)
+    text, i, j, start = _readme_block(readme, out)
+    block = "\n".join(line.replace("### ", "#### ", 1) if line.startswith("### ") else line for line in lines)
+    atomic_write_text(readme, text[: i + len(start)] + "\n" + block + "\n" + text[j:])
+    return readme
+
+
+def _bar_plot(name: str, groups: dict[tuple, list[dict]], primary: str, plots: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, means, stds = [], [], []
+    for key, members in groups.items():
+        vals = [r["metrics"][primary] for r in members if isinstance(r["metrics"].get(primary), (int, float))]
+        if vals:
+            m, s = mean_std(vals)
+            labels.append(_label(key).replace(", ", "\n"))
+            means.append(m)
+            stds.append(s)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4))
+    ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, fontsize=6)
+    ax.set_ylabel(primary)
+    lo = min(m - s for m, s in zip(means, stds, strict=True)) if means else 0
+    hi = max(m + s for m, s in zip(means, stds, strict=True)) if means else 1
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.set_title(f"{name}: test {primary} (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(plots / f"{name}.png", dpi=100)
+    plt.close(fig)
+
+
+def _extra_over_forward(r: dict) -> float | None:
+    """The estimator's own extra peak memory: allocation's minus a plain forward's (x model size)."""
+    fwd = r.get("forward_extra_peak_over_model")
+    return None if fwd is None else r["extra_peak_over_model"] - fwd
+
+
+def probe_section(name: str, runs: list[dict]) -> list[str]:
+    """Allocation cost probes, and rank agreement between calibration samples (seeds)."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    lines = [f"## Experiment `{name}` (allocation cost)", ""]
+    if not ok:
+        return lines + ["No completed run.", ""]
+    rows = []
+    for r in ok:
+        rows.append(
+            [
+                r["model"],
+                r["estimator"],
+                str(r.get("recipe") or "–"),
+                str(r["examples"]),
+                str(r["tokens"]),
+                _fmt(r["forward_s"], 3),
+                _fmt(r["allocation_s"], 3),
+                _fmt(_alloc_ratio(r), 2),
+                _fmt(r.get("ratio_to_forward_backward"), 2),
+                f"{r['seconds_per_token'] * 1e3:.3f}",
+                _fmt(r.get("forward_extra_peak_over_model"), 2),
+                _fmt(r["extra_peak_over_model"], 2),
+                _fmt(_extra_over_forward(r), 3),
+            ]
+        )
+    lines += _table(
+        [
+            "model",
+            "estimator",
+            "recipe",
+            "examples",
+            "tokens",
+            "forward (s, min)",
+            "allocation (s, min)",
+            "alloc / forward (median of paired repeats)",
+            "alloc / (fwd+bwd)",
+            "ms per token",
+            "plain forward: extra peak mem / model size",
+            "allocation: extra peak mem / model size",
+            "allocation minus plain forward (x model size)",
+        ],
+        rows,
+    ) + [""]
+    # Agreement: runs equal in everything but the calibration seed.
+    by_setting: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        by_setting[_row_key(r)].append(r)
+    agree = []
+    for key, members in by_setting.items():
+        for a, b in zip(members, members[1:], strict=False):
+            rho, diff = rank_agreement(a["ranks"], b["ranks"])
+            agree.append(
+                [
+                    _label(key),
+                    f"{a['params'].get('seed')} vs {b['params'].get('seed')}",
+                    _fmt(rho, 3),
+                    str(diff),
+                    str(sum(a["ranks"].values())),
+                ]
+            )
+    if agree:
+        lines += ["Rank agreement between allocations from two different calibration samples:", ""]
+        lines += _table(
+            ["setting", "calibration seeds", "Spearman of ranks", "total |rank difference|", "rank budget"],
+            agree,
+        ) + [""]
+    return lines
+
+
+def rank_agreement(a: dict[str, int], b: dict[str, int]) -> tuple[float, int]:
+    """Spearman correlation (SciPy) and total absolute difference of two rank allocations."""
+    from scipy import stats
+
+    names = sorted(a)
+    x, y = [a[n] for n in names], [b[n] for n in names]
+    rho = stats.spearmanr(x, y).statistic if len(set(x)) > 1 and len(set(y)) > 1 else math.nan
+    return float(rho), int(sum(abs(p - q) for p, q in zip(x, y, strict=True)))
+
+
+def _alloc_ratio(r: dict) -> float:
+    """Allocation / forward of a probe: the median of per-repeat paired ratios (see profiling)."""
+    from .profiling import paired_ratio
+
+    return paired_ratio(r["runs"]) if r.get("runs") else r["ratio_to_forward"]
+
+
+def targets_section(runs: list[dict]) -> list[str]:
+    """The paper's claims as ratios from one benchmark run, each with pass / fail."""
+    rows = []
+    for r in runs:
+        if (
+            r["status"] == "ok"
+            and r["_meta"]["kind"] == "allocation-probe"
+            and r["estimator"] == "activation"
+        ):
+            v = _alloc_ratio(r)
+            rows.append(
+                [
+                    f"allocation / forward ({r['_meta']['experiment']}: {r['model']}, {r['examples']} examples, seed {r.get('params', {}).get('seed', 0)})",
+                    f"{v:.2f}",
+                    f"≤ {TARGET_ALLOC_OVER_FORWARD}",
+                    "pass" if v <= TARGET_ALLOC_OVER_FORWARD else "**FAIL**",
+                ]
+            )
+    pairs = _method_pairs(runs)
+    for num, den, what, target in [
+        ("senslora", "lora", "step_time_median_s", TARGET_STEP_TIME),
+        ("senslora", "lora", "peak_memory_mb", TARGET_MEMORY),
+        ("adalora", "senslora", "step_time_median_s", None),
+        ("dylora", "lora", "step_time_median_s", None),
+        ("adalora", "lora", "step_time_median_s", None),
+    ]:
+        for setting, ratio in pairs.get((num, den, what), []):
+            label = (
+                f"{num} / {den} {'per-step time' if what.startswith('step') else 'peak memory'} ({setting})"
+            )
+            verdict = "report" if target is None else ("pass" if ratio <= target else "**FAIL**")
+            rows.append([label, f"{ratio:.3f}", "–" if target is None else f"≤ {target}", verdict])
+    rows += _selection_cost_rows(runs)
+    if not rows:
+        return []
+    return (
+        ["## Targets (ratios measured within one benchmark run)", ""]
+        + _table(["quantity", "measured", "target", "verdict"], rows)
+        + [""]
+    )
+
+
+def _selection_cost_rows(runs: list[dict]) -> list[list[str]]:
+    """CKA and quality scoring against one plain forward pass over the same examples (mean over runs)."""
+    cka, quality = [], []
+    for r in runs:
+        if r["status"] != "ok":
+            continue
+        t = (r.get("layer_selection") or {}).get("timings") or {}
+        if t.get("forward"):
+            cka.append((t["hidden_states"] + t.get("cka", 0.0)) / t["forward"])
+        t = (r.get("data_selection") or {}).get("timings") or {}
+        if t.get("forward"):
+            quality.append((t["score"] + t.get("dedupe", 0.0)) / t["forward"])
+    rows = []
+    if cka:
+        rows.append(
+            [
+                f"CKA layer selection / one forward pass ({len(cka)} runs)",
+                f"{statistics.fmean(cka):.3f}",
+                "≈ 1 (one forward)",
+                "report",
+            ]
+        )
+    if quality:
+        rows.append(
+            [
+                f"quality scoring / one forward pass ({len(quality)} runs)",
+                f"{statistics.fmean(quality):.3f}",
+                "≤ 1 (≤ 2 with IFD)",
+                "report",
+            ]
+        )
+    return rows
+
+
+def _method_pairs(runs: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
+    """Ratios num/den of a quantity between methods run at the same grid point (averaged over seeds)."""
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["status"] != "ok" or r["_meta"]["kind"] != "train" or "method" not in r["_meta"]["grid"]:
+            continue
+        key = (r["_meta"]["experiment"], _row_key(r, ("seed", "method")))
+        for what in ("step_time_median_s", "peak_memory_mb"):
+            if r.get(what) is not None:
+                values[(key, what)][r["method"]].append(r[what])
+    out: dict[tuple, list[tuple[str, float]]] = defaultdict(list)
+    for ((exp, key), what), by_method in values.items():
+        for num, den in [
+            ("senslora", "lora"),
+            ("adalora", "senslora"),
+            ("dylora", "lora"),
+            ("adalora", "lora"),
+        ]:
+            if by_method.get(num) and by_method.get(den):
+                ratio = statistics.fmean(by_method[num]) / statistics.fmean(by_method[den])
+                out[(num, den, what)].append((f"{exp}: {_label(key)}", ratio))
+    return out
+
+
+def build_report(out: str | Path, *, command: str | None = None, readme: str | Path | None = None) -> Path:
+    """Write RESULTS.md and plots/ from the result files under ``out``; with ``readme``, also
+    its headline into that file's marked block (:func:`write_readme_block`)."""
+    out = Path(out)
+    if not (out / "runs").is_dir():
+        raise SensloraError(
+            f"{out} holds no benchmark runs (no runs/ folder); run `senslora bench CONFIG --out {out}` first"
+        )
+    if readme is not None:
+        _readme_block(Path(readme), out)  # refuse before writing anything
+    runs = load_runs(out)
+    if not runs:
+        raise SensloraError(f"{out}/runs holds no result.json; run `senslora bench CONFIG --out {out}` first")
+    path = out / "RESULTS.md"
+    # All or nothing: a failed write leaves the previous RESULTS.md and plots/ untouched.
+    with atomic_dir(out / "plots") as plots:
+        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command)))
+    if readme is not None:
+        n_ok = sum(r["status"] == "ok" for r in runs)
+        head = headline_section(_by_experiment(runs))
+        note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
+                f"{len(runs)} result files; details in [{out}/RESULTS.md]({out}/RESULTS.md).")
+        write_readme_block(readme, out, [note, "", *head[2:]])
+    return path
+
+
+def _by_experiment(runs: list[dict]) -> dict[str, list[dict]]:
+    by_exp: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_exp[r["_meta"]["experiment"]].append(r)
+    return by_exp
+
+
+def _projection(by_exp: dict[str, list[dict]]) -> list[str]:
+    """The 8B projection from the first probe experiment with 3+ calibration sizes on smollm2."""
+    from .projection import projection_lines
+
+    for members in by_exp.values():
+        probes = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "allocation-probe"]
+        lines = projection_lines(probes) if probes else []
+        if lines:
+            return lines
+    return []
+
+
+def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None) -> list[str]:
+    n_ok = sum(r["status"] == "ok" for r in runs)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `senslora report {out}` from {len(runs)} result files ({n_ok} ok, {len(runs) - n_ok} failed), "
+        f"written by `{command or f'senslora bench {out}/benchmark.yaml --out {out}'}`. Every figure on this page is computed from those files; the projection's hardware assumptions are constants stated in `senslora.bench.projection`.",
+        "",
+    ]
+    lines += targets_section(runs)
+    by_exp = _by_experiment(runs)
+    lines += headline_section(by_exp)
+    for name, members in by_exp.items():
+        kind = members[0]["_meta"]["kind"]
+        lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)
+        failed = [r for r in members if r["status"] != "ok"]
+        if failed:
+            lines += (
+                ["Failed runs:", ""] + [f"- `{r['_dir'].name}`: {r.get('error', '?')}" for r in failed] + [""]
+            )
+    lines += _projection(by_exp)
+    versions = next((r.get("versions") for r in runs if r.get("versions")), {})
+    if versions:
+        lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    return lines

@@ -1,0 +1,429 @@
+"""Thin recipes behind the CLI subcommands: load model and data, call the library, write outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import SensloraError
+from ..data.guard import data_input, model_input, task_input, writing
+from ..training.options import parse_option
+from ..training.train import TrainConfig, seed_everything
+
+NAMED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail before any work if the output folder exists (unless ``overwrite``) or its parent is unwritable."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
+    check_out_parent(out)
+    return out
+
+
+def check_out_parent(out: str | Path) -> None:
+    """Fail before any work if the nearest existing ancestor of ``out`` is not a writable folder."""
+    probe = Path(out).absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not _writable(probe):
+        raise SensloraError(f"cannot write into {probe}; choose another --out")
+
+
+def _writable(path: Path) -> bool:
+    """Whether a folder can be created in ``path`` (tried: root passes ``os.access`` everywhere,
+    and /proc or a read-only mount pass it too)."""
+    import os
+    import tempfile
+
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".senslora-probe-", dir=path))
+    except OSError:
+        return False
+    return True
+
+
+def calibration_inputs(args: argparse.Namespace) -> list:
+    """The model folder and calibration data of ``args`` as inputs for :func:`senslora.data.guard.writing`."""
+    return [model_input(args.model), data_input(args.calib)]
+
+
+def _device_map_file(args: argparse.Namespace) -> str | None:
+    device_map = getattr(args, "device_map", None)
+    return device_map if device_map not in (None, *NAMED_DEVICE_MAPS) else None
+
+
+def load_model_for(args: argparse.Namespace, kind: str | None = None, **extra):
+    """Model + tokenizer from the common --model/--device/--dtype/--task-kind flags."""
+    from ..data.models import load_model
+
+    kind = kind or getattr(args, "task_kind", "auto")
+    num_labels = getattr(args, "num_labels", 2)
+    return load_model(
+        args.model, kind=kind, num_labels=num_labels, device=args.device, dtype=args.dtype, **extra
+    )
+
+
+def big_model_options(args: argparse.Namespace) -> dict:
+    """``device_map`` / ``offload_folder`` / ``max_memory`` for :func:`senslora.data.models.load_model`."""
+    device_map = getattr(args, "device_map", None)
+    if device_map is None:
+        for flag in ("offload_folder", "max_memory"):
+            if getattr(args, flag, None) is not None:
+                raise SensloraError(
+                    f"--{flag.replace('_', '-')} only applies with --device-map; add --device-map auto"
+                )
+        return {}
+    if device_map not in NAMED_DEVICE_MAPS:
+        path = Path(device_map)
+        if not path.is_file():
+            raise SensloraError(
+                f"--device-map {device_map!r} is neither auto/balanced/sequential nor a JSON file; "
+                "pass one of those"
+            )
+        try:
+            device_map = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SensloraError(f"--device-map file {path} is not valid JSON ({exc})") from None
+        if not isinstance(device_map, dict) or not device_map:
+            raise SensloraError(f"--device-map file {path} must hold a JSON object of module name -> device")
+    options: dict = {"device_map": device_map}
+    if getattr(args, "offload_folder", None) is not None:
+        options["offload_folder"] = args.offload_folder
+    if getattr(args, "max_memory", None) is not None:
+        options["max_memory"] = parse_max_memory(args.max_memory)
+    return options
+
+
+def parse_max_memory(text: str) -> dict:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", "cpu": "60GiB"}``."""
+    out: dict = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or not key or not value:
+            raise SensloraError(
+                f"--max-memory {text!r} is not DEVICE=SIZE[,DEVICE=SIZE]; e.g. 0=20GiB,cpu=60GiB"
+            )
+        out[int(key) if key.isdigit() else key] = value
+    return out
+
+
+def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> list[dict]:
+    """Seeded calibration sample from the --calib flags, tokenised into padded batches."""
+    from ..data.examples import calibration_batches
+
+    return calibration_batches(
+        args.calib,
+        tokenizer,
+        kind,
+        samples=args.calib_samples,
+        seed=args.seed,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        estimator=args.estimator,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+    )
+
+
+def target_spec(args: argparse.Namespace):
+    if args.targets and args.target_names:
+        raise SensloraError("pass either --targets (regex) or --target-names (list), not both")
+    if args.target_names:
+        return [t.strip() for t in args.target_names.split(",") if t.strip()]
+    return args.targets
+
+
+def allocator_options(args: argparse.Namespace) -> dict:
+    """The allocator flags (``add_allocator_args``) as :func:`senslora.core.pipeline.allocate` keywords;
+    ``senslora train`` passes the same dict as method options."""
+    from ..core.presets import RECIPE_KEYS
+
+    # Recipe flags left unset (None) take the --preset's values inside allocate().
+    return {
+        "preset": args.preset,
+        **{k: getattr(args, k) for k in RECIPE_KEYS},
+        "categories": args.categories,
+        "r_min": args.r_min,
+        "r_max": args.r_max,
+        "budget_mode": args.budget,
+        "alpha_mode": args.alpha_mode,
+        "num_probes": args.num_probes,
+        "accumulate_on": args.accumulate_on,
+        "target_modules": target_spec(args),
+    }
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A :class:`TrainConfig` from the ``senslora train`` flags."""
+    options: dict[str, Any] = {
+        **allocator_options(args),
+        "layer_select": args.layers,
+        "layer_ratio": args.layer_ratio,
+        "data_select": args.data_select,
+        "data_keep": args.data_keep,
+    }
+    options.update(parse_option(item) for item in args.option or [])
+    return TrainConfig(
+        method=args.method,
+        model=args.model,
+        task=args.task,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        problem=args.problem,
+        loose_labels=args.loose_labels,
+        split_seed=args.split_seed,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        avg_rank=args.avg_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        epochs=args.epochs,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        calib_samples=args.calib_samples,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        eval_each_epoch=not args.no_eval_each_epoch,
+        eval_split=args.eval_split,
+        device=args.device,
+        dtype=args.dtype,
+        options=options,
+    )
+
+
+def run_allocate(args: argparse.Namespace) -> Path:
+    """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png.
+
+    Under ``accelerate launch`` / ``torchrun`` every process loads the model and the same calibration
+    sample, the estimation is sharded over the processes, and the main process writes the folder.
+    """
+    from ..core.distributed import current
+    from ..core.estimators import ESTIMATORS
+    from ..core.presets import resolve
+
+    out = check_out_dir(args.out, args.overwrite)
+    estimator = resolve(args.preset, estimator=args.estimator)["estimator"]
+    if estimator not in ESTIMATORS:
+        raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    args = argparse.Namespace(**{**vars(args), "estimator": estimator})
+    dist = current()
+    inputs = [*calibration_inputs(args), ("the --device-map file", _device_map_file(args))]
+    inputs.append(("the offload folder", getattr(args, "offload_folder", None)))
+    with writing(out, inputs, lock=dist.is_main):
+        return _allocate(args, out, dist)
+
+
+def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
+    from peft import LoraConfig, TaskType
+
+    from ..core.distributed import process_device
+    from ..core.pipeline import allocate
+    from ..data.models import model_kind, offloaded
+
+    if dist.enabled:
+        # One device per process (cuda:<local rank>, or the CPU under gloo).
+        args = argparse.Namespace(**{**vars(args), "device": process_device(args.device, dist)})
+    seed_everything(args.seed)
+    attn = "eager" if args.estimator == "hutchinson" else None
+    big = big_model_options(args)
+    if big and dist.enabled:
+        raise SensloraError(
+            "--device-map spreads one model over devices; it cannot be combined with one process per "
+            "device (accelerate launch / torchrun): run a single process"
+        )
+    model, tokenizer = load_model_for(args, attn_implementation=attn, **big)
+    if offloaded(model) and args.estimator != "activation":
+        raise SensloraError(
+            f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
+            "(cpu/disk) blocks do not support; use --estimator activation or a --device-map on GPUs only"
+        )
+    kind = model_kind(model)
+    batches = calibration_batches_for(args, tokenizer, kind)
+    alloc = allocate(
+        model,
+        batches,
+        avg_rank=args.avg_rank,
+        lora_alpha=args.lora_alpha,
+        seed=args.seed,
+        progress=not args.no_progress,
+        measure_forward=args.measure_forward,
+        model_name=args.model,
+        **allocator_options(args),
+    )
+    alloc.calibration["source"] = args.calib
+    alloc.calibration["max_length"] = args.max_length
+    task_type = {
+        "causal-lm": TaskType.CAUSAL_LM,
+        "classification": TaskType.SEQ_CLS,
+        "regression": TaskType.SEQ_CLS,
+    }.get(kind)
+    base = LoraConfig(r=max(1, round(args.avg_rank)), lora_alpha=alloc.lora_alpha, task_type=task_type)
+    alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite)  # main only
+    dist.barrier()
+    if dist.is_main:
+        _print_summary(alloc)
+    return out
+
+
+def _print_summary(alloc) -> None:
+    t = alloc.timings
+    ratio = ""
+    if "ratio_to_forward" in t:
+        ratio = f" ({t['ratio_to_forward']:.2f}x one plain forward pass of {t['forward']:.2f} s)"
+    c = alloc.concentration
+    print(
+        f"{len(alloc.matrices)} matrices, {alloc.total_rank} ranks, {alloc.trainable_params:,} LoRA parameters "
+        f"(uniform: {alloc.uniform_params:,}); allocation took {t['total']:.2f} s{ratio}"
+    )
+    print(
+        f"recipe {alloc.recipe}: ranks {min(alloc.ranks.values())}..{max(alloc.ranks.values())} "
+        f"(median {c['median_rank']:g}), top matrix {c['top_matrix_share']:.1%} and top 5% "
+        f"{c['top5pct_share']:.1%} of the LoRA parameters, rank Gini {c['rank_gini']:.2f}, "
+        f"{c['at_r_min']} at r_min, {c['at_r_max']} at r_max"
+    )
+
+
+def run_layers(args: argparse.Namespace) -> Path:
+    """``senslora layers``: CKA per block on the calibration set, kept blocks, cka.json + cka.png."""
+    out = check_out_dir(args.out, args.overwrite)
+    if not 0 < args.layer_ratio <= 1:
+        raise SensloraError(f"--layer-ratio must be in (0, 1], got {args.layer_ratio}")
+    with writing(out, calibration_inputs(args)):
+        return _layers(args, out)
+
+
+def _layers(args: argparse.Namespace, out: Path) -> Path:
+    from ..data.models import model_kind
+    from ..training.cka import select_layers_by_cka
+
+    seed_everything(args.seed)
+    model, tokenizer = load_model_for(args)
+    batches = calibration_batches_for(args, tokenizer, model_kind(model))
+    selection = select_layers_by_cka(
+        model, batches, args.layer_ratio, token=args.token, progress=not args.no_progress
+    )
+    selection.save(out, overwrite=args.overwrite)
+    print(f"kept blocks {selection.kept} of {selection.num_blocks} (lowest CKA)")
+    return out
+
+
+def run_select_data(args: argparse.Namespace) -> Path:
+    """``senslora select-data``: score a task's training split and keep the best fraction."""
+    out = check_out_dir(args.out, args.overwrite)
+    if not 0 < args.data_keep <= 1:
+        raise SensloraError(f"--data-keep must be in (0, 1], got {args.data_keep}")
+    if args.max_length < 8:
+        raise SensloraError(f"--max-length must be at least 8, got {args.max_length}")
+    with writing(out, [model_input(args.model), task_input(args.task)]):
+        return _select_data(args, out)
+
+
+def _select_data(args: argparse.Namespace, out: Path) -> Path:
+    from ..data.models import load_model
+    from ..data.tasks import load_task
+    from ..training.quality import select_training_data
+
+    task = load_task(
+        args.task,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        problem=args.problem,
+        split_seed=args.split_seed,
+        max_train_samples=args.max_train_samples,
+        loose_labels=args.loose_labels,
+    )
+    print(f"task {task.name}: {task.describe()}")
+    seed_everything(args.seed)
+    num_labels = task.num_labels if task.problem == "classification" else 2
+    model, tokenizer = load_model(
+        args.model, kind=task.model_kind, num_labels=num_labels, device=args.device, dtype=args.dtype
+    )
+    kept, selection = select_training_data(
+        model,
+        tokenizer,
+        task.train,
+        kind=task.model_kind,
+        keep=args.data_keep,
+        rule=args.rule,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    selection.save(out, overwrite=args.overwrite)
+    print(f"kept {len(kept)} of {len(task.train)} training examples (rule {selection.rule})")
+    return out
+
+
+def run_diagnose(args: argparse.Namespace) -> Path:
+    """``senslora diagnose``: where S_global sits (tokens, channels) per matrix -> diagnosis.json."""
+    from ..core.cache import atomic_dir
+    from ..core.diagnosis import diagnose_activation, diagnose_diagonals, summarize
+    from ..core.estimators import estimate_diagonals
+    from ..core.targets import find_targets
+    from ..data.models import model_kind
+
+    out = check_out_dir(args.out, args.overwrite)
+    if not 0 < args.fraction < 1:
+        raise SensloraError(f"--fraction must be in (0, 1), got {args.fraction}")
+    seed_everything(args.seed)
+    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
+    unknown = sorted(set(estimators) - {"activation", "fisher"})
+    if unknown or not estimators:
+        raise SensloraError(f"--estimators takes activation and/or fisher, got {args.estimators!r}")
+    args = argparse.Namespace(**{**vars(args), "estimator": "fisher" if "fisher" in estimators else "activation"})
+    model, tokenizer = load_model_for(args)
+    batches = calibration_batches_for(args, tokenizer, model_kind(model))
+    targets = find_targets(model)
+    report: dict = {"model": args.model, "calib": args.calib, "fraction": args.fraction}
+    if "activation" in estimators:
+        act = diagnose_activation(model, batches, targets, tokenizer=tokenizer, fraction=args.fraction)
+        act["distribution"] = {
+            k: summarize(act["matrices"], k)
+            for k in ("top_token_share", "position0_share", "top_channel_share")
+        }
+        report["activation"] = act
+    if "fisher" in estimators:
+        diags = estimate_diagonals("fisher", model, batches, targets, progress=not args.no_progress)
+        fis = {"matrices": diagnose_diagonals(diags, args.fraction)}
+        traces = {n: float(d.values.double().sum()) for n, d in diags.items()}
+        total = sum(traces.values()) or 1.0
+        lead = sorted(traces, key=traces.get, reverse=True)[: max(1, round(0.05 * len(traces)))]
+        fis["summary"] = {
+            "lead_matrices": lead,
+            "lead_share_of_s_global": sum(traces[n] for n in lead) / total,
+        }
+        fis["distribution"] = {
+            k: summarize(fis["matrices"], k) for k in ("top_channel_share", "top_row_share")
+        }
+        report["fisher"] = fis
+    with atomic_dir(out) as tmp:
+        (tmp / "diagnosis.json").write_text(json.dumps(report, indent=1) + "\n")
+    for name in estimators:
+        s = report[name]["summary"]
+        print(
+            f"{name}: the top 5% of matrices hold {s['lead_share_of_s_global']:.0%} of S_global "
+            f"(first: {s['lead_matrices'][0]})"
+        )
+    if "activation" in report:
+        s = report["activation"]["summary"]
+        print(
+            f"activation: {s['lead_top_tokens_at_position0']:.0%} of their top {args.fraction:.0%} tokens "
+            f"are the first token; most common: {[t for t, _ in s['lead_top_token_strings'][:3]]}"
+        )
+    return out

@@ -1,0 +1,508 @@
+"""The Sensitivity-LoRA pipeline: model + calibration batches -> per-matrix ranks (METHOD.md section 1).
+
+``allocate`` runs steps 1-5 (targets, Hessian diagonals, metrics, fusion, integer ranks) and
+returns an :class:`Allocation`, which turns into a PEFT ``LoraConfig`` (step 6 is ordinary LoRA
+training) and saves to / loads from a folder.
+
+Under a launcher with several processes (``accelerate launch`` / ``torchrun``) every process calls
+``allocate`` with the same model and batches: the estimation is sharded over the processes (see
+:mod:`senslora.core.estimators`), every process computes the same ranks from the reduced diagonals, and
+the main process's :class:`Allocation` (its timings) is broadcast so all return the same object.
+:meth:`Allocation.save` writes on the main process only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .allocation import allocate_params, allocate_ranks
+from .distributed import SINGLE, current
+from .errors import SensloraError
+from .losses import input_device
+from .metrics import MatrixScores, fuse, score_matrix
+from .peft_bridge import ALPHA_MODES, ranks_to_lora_config
+from .presets import DEFAULT_PRESET, check_recipe, recipe_name, resolve
+from .shaping import (
+    concentration,
+    concentration_warning,
+    normalize_by_role,
+    rank_cap,
+    temper,
+)
+from .targets import find_targets
+from .timing import sync_device, time_forward
+
+STRATEGIES = ("sra", "pra")
+BUDGET_MODES = ("rank", "params")
+# The single metrics of the paper's Figure 3, plus the fused allocation.
+FIGURE3_SCORES = ("global", "topk", "effective-rank", "fused")
+
+
+@dataclass
+class MatrixAllocation:
+    """Scores and rank of one target matrix."""
+
+    name: str
+    shape: tuple[int, int]  # (d_out, d_in)
+    layer: int | None
+    s_global: float
+    s_topk: float
+    s_eff: float
+    theta: float
+    rank: int
+    params: int  # trainable LoRA parameters: rank * (d_in + d_out)
+    ranks_by_score: dict[str, int] = field(default_factory=dict)  # Figure 3: rank under each single score
+    clamped: int = 0  # negative Hutchinson entries clamped to 0
+
+
+@dataclass
+class Allocation:
+    """The result of :func:`allocate`; everything ``allocation.json`` holds."""
+
+    matrices: list[MatrixAllocation]
+    avg_rank: float
+    total_rank: int
+    budget_mode: str
+    trainable_params: int
+    uniform_params: int  # trainable LoRA parameters of uniform rank avg_rank on the same matrices
+    estimator: str
+    score: str
+    fusion: str
+    strategy: str
+    categories: int
+    topk_fraction: float
+    alpha: float
+    r_min: int
+    r_max: int | None
+    weights: dict[str, float]
+    lora_alpha: float
+    alpha_mode: str
+    calibration: dict = field(default_factory=dict)  # examples, batches, tokens, source
+    timings: dict[str, float] = field(default_factory=dict)  # seconds
+    seed: int = 0
+    model: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    # The recipe (presets.py); the defaults are the paper's, so older allocation.json files load.
+    preset: str = "paper"
+    recipe: str = "paper"
+    sink: str = "keep"
+    token_trim: float = 0.0
+    saliency: str = "hessian"
+    temperature: float = 1.0
+    normalize: str = "none"
+    rho: float | None = 0
+    rank_cap: int | None = None  # floor(rho x avg_rank) when rho is set
+    concentration: dict[str, float] = field(default_factory=dict)
+    format_version: int = 2
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m.name: m.rank for m in self.matrices}
+
+    def to_lora_config(self, base=None):
+        """A ``peft.LoraConfig`` with every matrix at its allocated rank.
+
+        ``base`` supplies every other field (task_type, dropout, ...); by default
+        ``LoraConfig(r=round(avg_rank), lora_alpha=self.lora_alpha)``. Alpha follows ``alpha_mode``
+        relative to ``base.lora_alpha / base.r``.
+        """
+        from peft import LoraConfig
+
+        if base is None:
+            base = LoraConfig(r=max(1, round(self.avg_rank)), lora_alpha=self.lora_alpha)
+        return ranks_to_lora_config(self.ranks, base, alpha_mode=self.alpha_mode)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Allocation:
+        data = dict(data)
+        data["matrices"] = [MatrixAllocation(**{**m, "shape": tuple(m["shape"])}) for m in data["matrices"]]
+        return cls(**data)
+
+    def save(
+        self, out_dir: str | Path, *, plot: bool = True, base_config=None, overwrite: bool = False
+    ) -> Path:
+        """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically.
+
+        With several processes only the main one writes; the others return at once (call a barrier
+        before another process reads the folder).
+        """
+        from .cache import atomic_dir
+
+        out = Path(out_dir)
+        if not current().is_main:
+            return out
+        if out.exists() and not overwrite:
+            raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
+        with atomic_dir(out) as tmp:
+            (tmp / "allocation.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            self.to_lora_config(base_config).save_pretrained(str(tmp / "lora_config"))
+            if plot:
+                from .plot import plot_ranks
+
+                plot_ranks(self, tmp / "ranks.png")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Allocation:
+        """Read an allocation folder (or its ``allocation.json``)."""
+        from .cache import load_json_record
+
+        return load_json_record(
+            path,
+            "allocation.json",
+            cls.from_dict,
+            missing="pass a folder written by `senslora allocate`",
+            invalid="rerun `senslora allocate`",
+        )
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, plus the git revision when available."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "senslora": __version__}
+    for pkg in ("torch", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        if rev.returncode == 0:
+            out["git"] = rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def _count_tokens(batches: Sequence[dict]) -> int:
+    return int(
+        sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            for b in batches
+        )
+    )
+
+
+def _ranks_for(
+    theta, *, total, budget_mode, param_budget, costs, strategy, categories, r_min, r_max
+) -> np.ndarray:
+    if budget_mode == "params":
+        if strategy != "sra":
+            raise SensloraError("--budget params works with --strategy sra only")
+        return allocate_params(theta, param_budget, costs, r_min=r_min, r_max=r_max)
+    return allocate_ranks(theta, total, strategy=strategy, r_min=r_min, r_max=r_max, categories=categories)
+
+
+def _shape_theta(theta, names, costs, *, budget_mode, temperature, normalize) -> np.ndarray:
+    """θ after the recipe's tempering and role normalisation (identity for the paper's recipe).
+
+    With role normalisation under a parameter budget, θ is multiplied by each matrix's cost per
+    rank, so that the *ranks* (not the parameters) follow θ relative to the role's mean.
+    """
+    out = temper(theta, temperature) if temperature != 1 else np.asarray(theta, dtype=np.float64)
+    if normalize == "role":
+        out = normalize_by_role(out, names)
+        if budget_mode == "params":
+            out = out * costs / costs.mean()
+    return out
+
+
+def _weight_of(target) -> torch.Tensor:
+    from .targets import _is_conv1d
+
+    w = target.module.weight
+    if w.device.type == "meta":
+        raise SensloraError(
+            f"--saliency obd needs the weights, and {target.name} is offloaded; "
+            "load the model without --device-map cpu/disk or use --saliency hessian"
+        )
+    return w.T if _is_conv1d(target.module) else w
+
+
+def allocate(
+    model,
+    calibration_batches: Iterable[dict],
+    *,
+    avg_rank: float = 4,
+    preset: str | None = None,
+    estimator: str | None = None,
+    sink: str | None = None,
+    token_trim: float | None = None,
+    saliency: str | None = None,
+    score: str | None = None,
+    fusion: str | None = None,
+    strategy: str | None = None,
+    categories: int = 3,
+    topk_fraction: float | None = None,
+    alpha: float | None = None,
+    temperature: float | None = None,
+    normalize: str | None = None,
+    rho: float | None = None,
+    r_min: int = 1,
+    r_max: int | None = None,
+    budget_mode: str = "rank",
+    target_modules: str | Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    lora_alpha: float | None = None,
+    alpha_mode: str = "proportional",
+    seed: int = 0,
+    device=None,
+    accumulate_on: str = "cpu",
+    num_probes: int = 1,
+    loss_fn=None,
+    progress: bool = True,
+    measure_forward: bool = False,
+    model_name: str = "",
+    distributed: bool | None = None,
+) -> Allocation:
+    """Allocate per-matrix LoRA ranks from Hessian-diagonal sensitivity (paper sections 3-4).
+
+    The recipe (``estimator`` ... ``rho``) starts from ``preset`` (:mod:`senslora.core.presets`:
+    ``robust``, the default, or ``paper``, the published method unchanged); every recipe argument
+    left at None takes the preset's value.
+
+    Args:
+        model: any torch / HF model; it is not modified (hooks are removed, modes restored).
+        calibration_batches: dicts of tensors (``input_ids``, ``attention_mask``, and ``labels`` for
+            the ``fisher`` / ``hutchinson`` estimators), e.g. from :func:`senslora.data.examples.make_batches`.
+        avg_rank: average rank; the budget is ``avg_rank * number of target matrices`` ranks
+            (``budget_mode="rank"``) or that many uniform-LoRA parameters (``"params"``).
+        preset: ``robust`` (default) or ``paper``.
+        estimator: ``activation`` (paper, forward only), ``fisher``, ``hutchinson`` (see estimators).
+        sink, token_trim: activation statistics: ``sink="drop"`` leaves out each sequence's first
+            real token (decoders' attention sink); ``token_trim`` drops that fraction of each
+            batch's highest-energy tokens per matrix input.
+        saliency: ``hessian`` (paper: h_ij) or ``obd`` (h_ij * w_ij^2, Optimal Brain Damage).
+        temperature, normalize: θ^temperature; ``normalize="role"`` divides θ by its role's mean.
+        rho: every rank <= floor(rho * avg_rank) (EVA's cap); 0 for none.
+        score: ``fused`` (paper) or a single metric ``global`` / ``local`` / ``topk`` / ``effective-rank``.
+        fusion: ``sigma-mu2`` (paper: beta, gamma = sigma / mu^2) or ``equal`` (0.5 / mu).
+        strategy: ``sra`` (proportional, eq. 15) or ``pra`` (``categories`` rank steps, section 4.4).
+        topk_fraction, alpha: k = fraction * N for Top-k; the Effective-Rank energy threshold.
+        r_min, r_max: per-matrix rank bounds; ``r_max=None`` means min(d_in, d_out). ``r_min=0``
+            lets a matrix drop out of ``target_modules``.
+        target_modules, layers: which matrices (see :func:`senslora.core.targets.find_targets`).
+        lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
+            per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
+        measure_forward: also time one plain forward pass over the same batches first (the
+            reference cost; ``timings["forward"]`` and ``timings["ratio_to_forward"]``). Off by
+            default: it doubles what the user waits for; the benchmark's probes turn it on.
+        distributed: ``None`` (default): with several processes, shard the calibration batches and
+            the forward-pass reference over them (every process must call ``allocate`` with the
+            same batches); ``False``: this process does everything alone.
+    """
+    from .diagonal import weight_saliency
+    from .estimators import estimate_diagonals
+
+    recipe = resolve(
+        preset,
+        estimator=estimator,
+        sink=sink,
+        token_trim=token_trim,
+        saliency=saliency,
+        score=score,
+        fusion=fusion,
+        strategy=strategy,
+        topk_fraction=topk_fraction,
+        alpha=alpha,
+        temperature=temperature,
+        normalize=normalize,
+        rho=rho,
+    )
+    if recipe["estimator"] != "activation" and sink is None and token_trim is None:
+        # The preset's token statistics belong to the activation estimator; gradient estimators
+        # see every token through the task loss.
+        recipe.update(sink="keep", token_trim=0.0)
+    check_recipe(recipe)
+    estimator, score, fusion, strategy = (recipe[k] for k in ("estimator", "score", "fusion", "strategy"))
+    topk_fraction, alpha = recipe["topk_fraction"], recipe["alpha"]
+    if budget_mode not in BUDGET_MODES:
+        raise SensloraError(f"unknown budget mode {budget_mode!r}; choose one of {', '.join(BUDGET_MODES)}")
+    if alpha_mode not in ALPHA_MODES:
+        raise SensloraError(f"unknown alpha mode {alpha_mode!r}; choose one of {', '.join(ALPHA_MODES)}")
+    if r_min < 0:
+        raise SensloraError(f"--r-min must be >= 0, got {r_min}")
+    if categories < 1:
+        raise SensloraError(f"--categories must be >= 1, got {categories}")
+    if not math.isfinite(avg_rank) or avg_rank <= 0:
+        raise SensloraError(f"--avg-rank must be a positive number, got {avg_rank}")
+
+    # Step 1: target matrices and the budget.
+    targets = find_targets(model, target_modules, layers)
+    n = len(targets)
+    caps = np.array([min(t.shape) for t in targets], dtype=np.int64)
+    if r_max is not None:
+        if r_max < max(r_min, 1):
+            raise SensloraError(f"--r-max {r_max} is below --r-min {r_min}; raise --r-max")
+        caps = np.minimum(caps, r_max)
+    cap = rank_cap(avg_rank, recipe["rho"])
+    if cap is not None:
+        caps = np.minimum(caps, cap)
+    if avg_rank < r_min:
+        raise SensloraError(
+            f"--avg-rank {avg_rank} is below --r-min {r_min}; raise --avg-rank or lower --r-min"
+        )
+    if avg_rank > caps.min():
+        raise SensloraError(
+            f"--avg-rank {avg_rank} is above the largest rank ({int(caps.min())}) the smallest target matrix allows; lower --avg-rank"
+        )
+    costs = np.array([t.lora_params_per_rank for t in targets], dtype=np.int64)
+    total = int(round(avg_rank * n))
+    uniform_params = int(round(avg_rank * costs.sum()))
+    if lora_alpha is None:
+        lora_alpha = 2.0 * avg_rank
+
+    batches = list(calibration_batches)
+    if not batches:
+        raise SensloraError("the calibration set is empty; pass --calib with at least one example")
+    timings: dict[str, float] = {}
+    device = device or input_device(model)
+    dist = current() if distributed is not False else SINGLE
+
+    # Reference cost: one plain forward pass over the same batches (after one warm-up batch,
+    # so neither measurement pays the one-off start-up cost); with several processes, over this
+    # process's shard, the batches its estimator will see.
+    local = dist.shard(batches) if dist.enabled else batches
+    if measure_forward and local:
+        time_forward(model, local[:1], device)
+        timings["forward"] = time_forward(model, local, device, progress=progress and dist.is_main)
+
+    # Step 2: Hessian diagonals.
+    start = time.perf_counter()
+    diagonals = estimate_diagonals(
+        estimator,
+        model,
+        batches,
+        targets,
+        loss_fn=loss_fn,
+        device=device,
+        accumulate_on=accumulate_on,
+        progress=progress,
+        seed=seed,
+        num_probes=num_probes,
+        distributed=distributed,
+        **({"sink": recipe["sink"], "token_trim": recipe["token_trim"]} if estimator == "activation" else {}),
+    )
+    if recipe["saliency"] == "obd":
+        diagonals = {t.name: weight_saliency(diagonals[t.name], _weight_of(t)) for t in targets}
+    sync_device(device)
+    timings["estimation"] = time.perf_counter() - start
+
+    # Step 3: the three metrics per matrix.
+    start = time.perf_counter()
+    scores: list[MatrixScores] = [score_matrix(diagonals[t.name], topk_fraction, alpha) for t in targets]
+    timings["metrics"] = time.perf_counter() - start
+
+    # Steps 4-5: fuse into theta and turn into integer ranks.
+    start = time.perf_counter()
+    names = [t.name for t in targets]
+    shape = dict(
+        budget_mode=budget_mode, temperature=recipe["temperature"], normalize=recipe["normalize"]
+    )
+    theta, weights = fuse(scores, fusion=fusion, score=score)
+    theta = _shape_theta(theta, names, costs, **shape)
+    alloc_kwargs = dict(
+        total=total,
+        budget_mode=budget_mode,
+        param_budget=uniform_params,
+        costs=costs,
+        strategy=strategy,
+        categories=categories,
+        r_min=r_min,
+        r_max=caps,
+    )
+    ranks = _ranks_for(theta, **alloc_kwargs)
+    timings["allocation"] = time.perf_counter() - start
+    timings["total"] = timings["estimation"] + timings["metrics"] + timings["allocation"]
+    if "forward" in timings and timings["forward"] > 0:
+        timings["ratio_to_forward"] = timings["total"] / timings["forward"]
+
+    # Figure 3: what each single metric would allocate under the same budget.
+    by_score: dict[str, np.ndarray] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in FIGURE3_SCORES:
+            th, _ = fuse(scores, fusion=fusion, score=s)
+            by_score[s] = _ranks_for(_shape_theta(th, names, costs, **shape), **alloc_kwargs)
+
+    matrices = [
+        MatrixAllocation(
+            name=t.name,
+            shape=t.shape,
+            layer=t.layer,
+            s_global=float(sc.s_global),
+            s_topk=float(sc.s_topk),
+            s_eff=float(sc.s_eff),
+            theta=float(th),
+            rank=int(r),
+            params=int(r) * int(t.lora_params_per_rank),
+            ranks_by_score={s: int(v[i]) for s, v in by_score.items()},
+            clamped=int(diagonals[t.name].clamped),
+        )
+        for i, (t, sc, th, r) in enumerate(zip(targets, scores, theta, ranks, strict=True))
+    ]
+    alloc = Allocation(
+        matrices=matrices,
+        avg_rank=float(avg_rank),
+        total_rank=int(ranks.sum()),
+        budget_mode=budget_mode,
+        trainable_params=int(sum(m.params for m in matrices)),
+        uniform_params=uniform_params,
+        estimator=estimator,
+        score=score,
+        fusion=fusion,
+        strategy=strategy,
+        categories=categories,
+        topk_fraction=topk_fraction,
+        alpha=alpha,
+        r_min=r_min,
+        r_max=r_max,
+        weights={k: float(v) for k, v in weights.items()},
+        lora_alpha=float(lora_alpha),
+        alpha_mode=alpha_mode,
+        calibration={
+            "batches": len(batches),
+            "examples": int(sum(len(b["input_ids"]) for b in batches)),
+            "tokens": _count_tokens(batches),
+        },
+        timings=timings,
+        seed=seed,
+        model=model_name,
+        versions=package_versions(),
+        preset=DEFAULT_PRESET if preset is None else preset,
+        recipe=recipe_name(preset, recipe),
+        sink=recipe["sink"],
+        token_trim=float(recipe["token_trim"]),
+        saliency=recipe["saliency"],
+        temperature=float(recipe["temperature"]),
+        normalize=recipe["normalize"],
+        rho=recipe["rho"],
+        rank_cap=cap,
+        concentration=concentration(ranks, [m.params for m in matrices], r_min, caps),
+    )
+    note = concentration_warning(names, [m.params for m in matrices], costs * avg_rank)
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
+    if dist.enabled:
+        alloc.calibration["processes"] = dist.world_size
+        # The ranks are equal everywhere (same reduced diagonals); the timings are the main's.
+        alloc = dist.broadcast(alloc)
+    return alloc

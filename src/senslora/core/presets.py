@@ -1,0 +1,137 @@
+"""Named allocation recipes: the paper's, unchanged, and the product's default.
+
+A recipe fixes every choice of how sensitivity becomes ranks (estimator, statistics, metrics,
+fusion, strategy, shaping). :func:`resolve` starts from a preset and applies the caller's explicit
+choices on top, so ``--preset paper --rho 2`` is the paper's recipe with a rank cap.
+
+- ``paper``: Sensitivity-LoRA exactly as published (activation estimator over every token, fused
+  score with sigma/mu^2 weights, SRA, no cap). It reproduces the allocations of senslora <= 0.1:
+  the same ranks, and scores to float precision (tests/test_presets.py checks stored copies).
+- ``robust``: the default: the paper's recipe with EVA's rank cap (every rank <= 2x the average
+  rank). See docs/METHOD-NOTES.md ("Robust default") for the diagnosis and the validation sweep
+  that chose it over the other variants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from .errors import SensloraError
+
+Check = Callable[[Any], bool]
+
+RECIPE_KEYS = (
+    "estimator",
+    "sink",
+    "token_trim",
+    "saliency",
+    "score",
+    "fusion",
+    "topk_fraction",
+    "alpha",
+    "strategy",
+    "temperature",
+    "normalize",
+    "rho",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "estimator": "activation",
+        "sink": "keep",
+        "token_trim": 0.0,
+        "saliency": "hessian",
+        "score": "fused",
+        "fusion": "sigma-mu2",
+        "topk_fraction": 0.5,
+        "alpha": 0.85,
+        "strategy": "sra",
+        "temperature": 1.0,
+        "normalize": "none",
+        "rho": 0,
+    },
+}
+# Chosen on validation only (benchmarks/robust.yaml sweep-chat / sweep-movie; docs/METHOD-NOTES.md).
+PRESETS["robust"] = {**PRESETS["paper"], "rho": 2.0}
+DEFAULT_PRESET = "robust"
+
+
+def resolve(preset: str | None = None, **choices: Any) -> dict[str, Any]:
+    """The full recipe: ``preset``'s values, overridden by every choice that is not None."""
+    name = DEFAULT_PRESET if preset is None else preset
+    if name not in PRESETS:
+        raise SensloraError(f"unknown --preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    unknown = sorted(set(choices) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"not recipe options: {', '.join(unknown)}")
+    recipe = dict(PRESETS[name])
+    recipe.update({k: v for k, v in choices.items() if v is not None})
+    return recipe
+
+
+def recipe_name(preset: str | None, recipe: dict[str, Any]) -> str:
+    """``preset`` if the recipe is exactly it, else ``preset+changes`` (e.g. ``paper+rho=2``)."""
+    name = DEFAULT_PRESET if preset is None else preset
+    changed = [f"{k}={recipe[k]}" for k in RECIPE_KEYS if recipe[k] != PRESETS[name][k]]
+    return name + ("+" + ",".join(changed) if changed else "")
+
+
+# ----------------------------------------------------------------- the one table of recipe checks
+
+
+def is_number(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
+    """A finite real number (not a bool) in ``[low, high]``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return ok and low <= value <= high
+
+
+def one_of(*choices: Any) -> tuple[Check, str]:
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+def recipe_checks() -> dict[str, tuple[Check, str]]:
+    """Per recipe key: a predicate and what it accepts. The only place the recipe's values are
+    range-checked: ``allocate`` (:func:`check_recipe`), training / benchmark options
+    (:mod:`senslora.training.options`) and the activation estimator's own arguments all read it."""
+    from .diagonal import SALIENCIES
+    from .estimators import ESTIMATORS, SINK_MODES
+    from .metrics import FUSIONS, SCORES
+    from .pipeline import STRATEGIES
+    from .shaping import NORMALIZE
+
+    unit = (lambda v: is_number(v, 0, 1) and v > 0, "a number in (0, 1]")
+    return {
+        "estimator": one_of(*ESTIMATORS),
+        "sink": one_of(*SINK_MODES),
+        "token_trim": (lambda v: is_number(v, 0, 0.5) and v < 0.5, "a number in [0, 0.5)"),
+        "saliency": one_of(*SALIENCIES),
+        "score": one_of(*SCORES),
+        "fusion": one_of(*FUSIONS),
+        "topk_fraction": unit,
+        "alpha": unit,
+        "strategy": one_of(*STRATEGIES),
+        "temperature": unit,
+        "normalize": one_of(*NORMALIZE),
+        "rho": (lambda v: v == 0 or is_number(v, 1), "0 (no cap) or a number >= 1 (max rank = rho x average rank)"),
+    }
+
+
+def check_value(key: str, value: Any, checks: dict[str, tuple[Check, str]] | None = None) -> None:
+    """One-line :class:`SensloraError` naming the flag when ``value`` is not acceptable for ``key``."""
+    ok, accepted = (checks or recipe_checks())[key]
+    if not ok(value):
+        raise SensloraError(f"--{key.replace('_', '-')} must be {accepted}, got {value!r}")
+
+
+def check_recipe(recipe: dict[str, Any]) -> None:
+    """Every value of a resolved recipe, then the one rule between keys."""
+    checks = recipe_checks()
+    for key in RECIPE_KEYS:
+        check_value(key, recipe[key], checks)
+    if recipe["estimator"] != "activation" and (recipe["sink"] != "keep" or recipe["token_trim"]):
+        raise SensloraError(
+            "--sink drop and --token-trim apply to the activation estimator only; "
+            "pass --sink keep --token-trim 0 with another --estimator"
+        )

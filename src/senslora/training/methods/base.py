@@ -1,0 +1,141 @@
+"""The fine-tuning method interface and registry.
+
+A method turns a loaded base model into the model that is trained (PEFT LoRA, adapters, full
+fine-tuning, ...), optionally acts at fixed points of the training loop, and saves / reloads what
+it trained. One shared test suite (tests/test_methods.py) runs over every registered method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+from ...core.errors import SensloraError
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may need besides the model.
+
+    Attributes:
+        avg_rank: the budget: uniform LoRA of this rank on the target matrices is the reference.
+        lora_alpha: reference alpha of uniform LoRA (scaling alpha / r).
+        lora_dropout: dropout on LoRA / adapter inputs.
+        task_kind: ``classification`` | ``regression`` | ``causal-lm``.
+        calibration_batches: batches for data-driven methods (senslora, eva, cka); from the train split.
+        total_steps: optimizer steps of the whole run (AdaLoRA's schedule needs it).
+        seed: run seed.
+        options: method options from the CLI (estimator, score, fusion, strategy, topk_fraction,
+            alpha, layer_ratio, layers, target_modules, ...).
+        out_dir: the run folder (methods may write e.g. ``allocation/`` into it).
+        device: torch device of the model.
+    """
+
+    avg_rank: float = 4
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    task_kind: str = "classification"
+    calibration_batches: list[dict] = field(default_factory=list)
+    total_steps: int = 100
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+    device: Any = "cpu"
+
+
+class Method:
+    """Base class: override :meth:`prepare`; the hooks default to doing nothing."""
+
+    name: ClassVar[str] = ""
+    #: True when the trained model is a PEFT model saved with ``save_pretrained``.
+    is_peft: ClassVar[bool] = True
+    #: Training options this method always sets (they override the CLI's defaults), e.g. the
+    #: ``cka`` method is ``lora`` with ``layer_select="cka"``.
+    implied_options: ClassVar[dict[str, Any]] = {}
+    #: Options this method reads besides the common ones (see :mod:`senslora.training.options`).
+    option_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] = {}  # method-specific facts written into result.json
+
+    def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        """Return the model to train, with exactly the method's parameters trainable."""
+        raise NotImplementedError
+
+    def on_step_begin(self, model: nn.Module, step: int) -> None:
+        """Before the forward pass of optimizer step ``step`` (0-based)."""
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """After ``optimizer.step()`` and before ``zero_grad()`` (AdaLoRA's update_and_allocate)."""
+
+    def on_eval(self, model: nn.Module) -> None:
+        """Before evaluation (e.g. DyLoRA evaluates at full rank)."""
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Save what was trained into ``out_dir`` (PEFT: ``save_pretrained``)."""
+        model.save_pretrained(str(out_dir))
+
+    def load(self, base_model: nn.Module, adapter_dir: Path, ctx: MethodContext) -> nn.Module:
+        """Rebuild the trained model from a fresh base model and :meth:`save`'s folder."""
+        from peft import PeftModel
+
+        with peft_wrapping():
+            return PeftModel.from_pretrained(base_model, str(adapter_dir))
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """While PEFT wraps a model: PEFT 0.21's ``PeftModel.__init__`` reads transformers 5's deprecated
+    ``is_gradient_checkpointing`` property, which warns (FutureWarning) on every wrap, with nothing
+    for the user to do. Exactly that warning is ignored, and only here; every other one shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
+def wrap_peft(model: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
+    """``peft.get_peft_model`` under :func:`peft_wrapping`."""
+    from peft import get_peft_model
+
+    with peft_wrapping():
+        return get_peft_model(model, config, **kwargs)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Method:
+    from . import load_all
+
+    load_all()
+    if name not in METHODS:
+        raise SensloraError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]()
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the task head's parameters (trained by every method, excluded from adapter counts)."""
+    heads = ("classifier", "score", "lm_head")
+    return [n for n, _ in model.named_parameters() if any(part in heads for part in n.split("."))]
+
+
+def adapter_parameter_count(model: nn.Module) -> int:
+    """Trainable parameters excluding the task head: what budgets are matched on."""
+    heads = set(head_parameter_names(model))
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in heads)
