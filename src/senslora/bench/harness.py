@@ -231,7 +231,7 @@ def expand(cfg: dict[str, Any]) -> list[Run]:
 
 def train_config(params: dict[str, Any]):
     """A TrainConfig from flat params; ``options.X`` keys (and unknown keys) become options."""
-    from ..training.train import TrainConfig
+    from ..training.config import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
     kwargs: dict[str, Any] = {}

@@ -9,8 +9,9 @@ from typing import Any
 
 from ..core.errors import SensloraError
 from ..data.guard import data_input, model_input, task_input, writing
+from ..training.config import TrainConfig
 from ..training.options import parse_option
-from ..training.train import TrainConfig, seed_everything
+from ..training.train import seed_everything
 
 NAMED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
