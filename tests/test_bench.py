@@ -197,6 +197,23 @@ def test_report_tables_paired_differences_and_targets(tmp_path):
     assert (tmp_path / "plots" / "main.png").exists()
 
 
+def test_report_marks_a_setting_whose_ranks_equal_the_baselines_as_no_evidence(tmp_path):
+    ranks = {"q": 3, "v": 5}
+    for seed in range(2):
+        for score, got, acc in (("fused", ranks, 0.80), ("topk", ranks, 0.83), ("local", {"q": 4, "v": 4}, 0.81)):
+            result = _train_result("senslora", seed, acc + seed / 100, 0.5)
+            result["method_record"] = {"ranks": got if score != "local" or seed else ranks, "recipe": "robust"}
+            _fake_run(tmp_path, "ablation", f"score={score},seed={seed}", {"score": score, "seed": seed},
+                      result, {"score": "fused"})
+    text = build_report(tmp_path).read_text()
+    # Allocation shape table: the ranks column.
+    assert "| score=topk | robust | – | – | – | – | – | **no change in ranks** |" in text
+    assert "| score=local | robust | – | – | – | – | – | differ (1/2 seeds) |" in text
+    # The paired table says the +0.03 of score=topk is not evidence; score=local is not marked.
+    assert "| score=topk (**no change in ranks**: not evidence) | 2 | +0.0300 |" in text
+    assert "| score=local | 2 | +0.0100 |" in text
+
+
 def test_report_without_runs_and_with_corrupt_result(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     (tmp_path / "runs" / "e" / "r").mkdir(parents=True)

@@ -111,6 +111,25 @@ def test_preset_paper_reproduces_the_stored_smollm2_allocation(stored, tmp_path,
     assert_reproduces(_stored_fields(data), stored["smollm2/cli-default"])
 
 
+DEFAULTS = Path(__file__).parent / "data" / "default_allocations.json"
+
+
+def _without_run_facts(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k not in ("timings", "versions")}
+
+
+def test_default_allocation_on_minilm_reproduces_the_stored_file(tmp_path, capsys):
+    # allocation.json of the default recipe as written before the issue-12 layout change.
+    data = _cli_allocation(tmp_path, capsys, "--model", "minilm", "--calib", "movie", "--avg-rank", "4")
+    assert_reproduces(_without_run_facts(data), json.loads(DEFAULTS.read_text())["minilm/cli-robust"])
+
+
+@pytest.mark.slow
+def test_default_allocation_on_smollm2_reproduces_the_stored_file(tmp_path, capsys):
+    data = _cli_allocation(tmp_path, capsys, "--model", "smollm2", "--calib", "chat", "--avg-rank", "8")
+    assert_reproduces(_without_run_facts(data), json.loads(DEFAULTS.read_text())["smollm2/cli-robust"])
+
+
 def _assert_unconcentrated(data: dict, avg_rank: float) -> None:
     c = data["concentration"]
     assert max(m["rank"] for m in data["matrices"]) <= 4 * avg_rank

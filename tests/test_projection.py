@@ -30,9 +30,13 @@ def test_linear_fit_and_formulas():
     act, fisher = memory_gib(arch, "activation"), memory_gib(arch, "fisher")
     assert act["accumulators"] * 1024**3 == 160 and act["gradients"] == 0
     assert fisher["accumulators"] * 1024**3 == 3200 and fisher["gradients"] * 1024**3 == 2000
-    assert projected_seconds(arch, 50, 1.1) == pytest.approx(
-        1.1 * 2 * 1000 * 50 / (A100_BF16_FLOPS * DEFAULT_UTILISATION)
-    )
+    # A worked case with round numbers: 2 x 1000 parameters x 50 tokens = 1e5 FLOPs; at 1e5 FLOP/s
+    # achieved (peak 2e5, half of it used) one forward pass takes 1 s, 1.1 passes 1.1 s.
+    assert projected_seconds(arch, 50, 1.1, peak_flops=2e5, utilisation=0.5) == pytest.approx(1.1)
+    # The defaults are an A100's bf16 peak at a utilisation below one: a real 8B forward pass of
+    # 1,000 tokens (1.6e13 FLOPs) cannot take less than 50 ms there.
+    assert 0 < DEFAULT_UTILISATION <= 1 and A100_BF16_FLOPS == 312e12
+    assert projected_seconds(llama31_8b(), 1000, 1.0) >= 2 * 8.0e9 * 1000 / 312e12
 
 
 def _probe(tokens, seconds, ratio):

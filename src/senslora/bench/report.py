@@ -201,25 +201,45 @@ SHAPE_COLUMNS = (
 )
 
 
+def _ranks(run: dict) -> dict | None:
+    return (run.get("method_record") or {}).get("ranks")
+
+
+def ranks_against_baseline(ok: list[dict], baseline: dict) -> dict[tuple, str]:
+    """Per setting (grid point without the seed) of the runs that allocate ranks: ``"baseline"``,
+    ``"no change in ranks"`` when every seed allocates exactly the baseline's ranks at that seed (its
+    metric differences are then training noise, not an effect of the setting), or ``"differ (k/n
+    seeds)"``. Empty when the baseline has no recorded ranks."""
+    base = {r["seed"]: _ranks(r) for r in ok if baseline and _same_setting(r, baseline) and _ranks(r)}
+    if not base:
+        return {}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        if _ranks(r):
+            groups[_row_key(r)].append(r)
+    verdicts = {}
+    for key, members in groups.items():
+        differ = sum(_ranks(m) != base.get(m["seed"]) for m in members)
+        if _same_setting(members[0], baseline):
+            verdicts[key] = "baseline"
+        else:
+            verdicts[key] = "no change in ranks" if not differ else f"differ ({differ}/{len(members)} seeds)"
+    return verdicts
+
+
 def allocation_shape_section(ok: list[dict]) -> list[str]:
     """Concentration of the allocated ranks per setting (senslora runs), and whether a setting
-    allocates exactly the ranks of the experiment's baseline (then its metric differences are
-    training noise, not an effect of the setting)."""
+    allocates exactly the ranks of the experiment's baseline (:func:`ranks_against_baseline`)."""
     # Runs written before concentration was recorded still have their ranks: "–" for the shape.
-    alloc = [r for r in ok if (r.get("method_record") or {}).get("ranks")]
+    alloc = [r for r in ok if _ranks(r)]
     if not alloc:
         return []
-    baseline = alloc[0]["_meta"].get("baseline") or {}
-    base_ranks = {
-        r["seed"]: r["method_record"].get("ranks")
-        for r in ok
-        if baseline and _same_setting(r, baseline) and (r.get("method_record") or {}).get("ranks")
-    }
+    verdicts = ranks_against_baseline(ok, alloc[0]["_meta"].get("baseline") or {})
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in alloc:
         groups[_row_key(r)].append(r)
     header = ["setting", "recipe", "median rank", "max / avg rank", "top matrix", "top 5%", "rank Gini"]
-    header += ["ranks vs baseline"] if base_ranks else []
+    header += ["ranks vs baseline"] if verdicts else []
     rows = []
     for key, members in groups.items():
         conc = [m["method_record"].get("concentration") for m in members]
@@ -229,10 +249,9 @@ def allocation_shape_section(ok: list[dict]) -> list[str]:
             else ["–"] * len(SHAPE_COLUMNS)
         )
         row = [_label(key), str(members[0]["method_record"].get("recipe", "–")), *means]
-        if base_ranks:
-            same = [m["method_record"].get("ranks") == base_ranks.get(m["seed"]) for m in members]
-            row.append("baseline" if baseline and _same_setting(members[0], baseline) else
-                       ("**no change in ranks**" if all(same) else f"differ ({sum(not x for x in same)}/{len(same)} seeds)"))
+        if verdicts:
+            verdict = verdicts[key]
+            row.append(f"**{verdict}**" if verdict == "no change in ranks" else verdict)
         rows.append(row)
     return [
         "Allocation shape (mean over seeds; shares are of the LoRA parameters, the top 5% of matrices by parameters):",
@@ -269,6 +288,7 @@ def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
     if not diffs:
         return []
     base_label = ", ".join(f"{k}={v}" for k, v in baseline.items())
+    unchanged = {k for k, v in ranks_against_baseline(ok, baseline).items() if v == "no change in ranks"}
     rows = []
     for key, d in diffs.items():
         m, lo, hi = paired_interval(d)
@@ -276,7 +296,7 @@ def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
         sd = statistics.stdev(d) if len(d) > 1 else math.nan
         rows.append(
             [
-                _label(key),
+                _label(key) + (" (**no change in ranks**: not evidence)" if key in unchanged else ""),
                 str(len(d)),
                 f"{m:+.4f}",
                 f"[{lo:+.4f}, {hi:+.4f}]" if not math.isnan(lo) else "–",
