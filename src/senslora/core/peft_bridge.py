@@ -7,7 +7,6 @@ are left out of ``target_modules`` (PEFT rejects r = 0).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import replace
@@ -88,9 +87,3 @@ def peft_scalings(peft_model) -> dict[str, float]:
         if isinstance(s, dict) and s:
             out[name[len(prefix) :] if name.startswith(prefix) else name] = float(next(iter(s.values())))
     return out
-
-
-def expected_scaling(rank: int, *, base_rank: int, base_alpha: float, mode: str) -> float:
-    """The scaling PEFT should apply for ``rank`` under ``mode`` (the tests compare PEFT's layers with it)."""
-    a = lora_alpha_for(rank, base_rank=base_rank, base_alpha=base_alpha, mode=mode)
-    return a / math.sqrt(rank) if mode == "rslora" else a / rank
