@@ -80,34 +80,27 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_output_args(p: argparse.ArgumentParser, seed: str | None = None) -> None:
-    """--seed (``seed``: its help), --out, --overwrite and --no-progress of the subcommands that
-    write one output folder."""
-    if seed is not None:
-        p.add_argument("--seed", type=int, default=0, help=seed)
+def add_output_args(p: argparse.ArgumentParser, recipe: str, *, seed: str, main_only: bool = False) -> None:
+    """The flags and the command of a subcommand whose recipe (a :mod:`senslora.cli.recipes`
+    function) writes one output folder: --seed (``seed``: its help), --out, --overwrite and
+    --no-progress; the command runs the recipe, then prints ``wrote OUT`` (``main_only``: in the main
+    process only)."""
+    p.add_argument("--seed", type=int, default=0, help=seed)
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-
-def _writes(recipe: str, *, main_only: bool = False):
-    """The command of a subcommand whose recipe (a :mod:`senslora.cli.recipes` function) writes one
-    output folder: run it, then print ``wrote OUT`` (``main_only``: in the main process only)."""
-
     def command(args: argparse.Namespace) -> int:
+        from ..core.distributed import current
         from . import recipes
 
         out = getattr(recipes, recipe)(args)
-        if main_only:
-            from ..core.distributed import current
-
-            if not current().is_main:
-                return 0
-        print(f"wrote {out}")
+        if not main_only or current().is_main:
+            print(f"wrote {out}")
         return 0
 
     command.__name__ = f"cmd_{recipe}"
-    return command
+    p.set_defaults(func=command)
 
 
 def add_allocate_parser(sub) -> None:
@@ -131,14 +124,15 @@ def add_allocate_parser(sub) -> None:
     )
     add_calib_args(p)
     add_flags(p.add_argument_group("allocation"), allocator_flags())
-    add_output_args(p, seed="seed for the calibration sample, fresh heads and probes")
+    add_output_args(
+        p, "run_allocate", seed="seed for the calibration sample, fresh heads and probes", main_only=True
+    )
     p.add_argument("--no-plot", action="store_true", help="skip ranks.png")
     p.add_argument(
         "--measure-forward",
         action="store_true",
         help="first time one plain forward pass over the calibration set, and report allocation / forward",
     )
-    p.set_defaults(func=_writes("run_allocate", main_only=True))
 
 
 TRAIN_GROUPS = ("method and task", "model", "training", "allocation", "layer and data selection")
@@ -256,8 +250,8 @@ def add_layers_parser(sub) -> None:
         choices=TOKEN_CHOICES,
         help="token per example (auto: first for encoders, last non-pad for decoders)",
     )
-    add_output_args(p, seed="seed of the calibration sample")
-    p.set_defaults(func=_writes("run_layers"), estimator="activation")
+    add_output_args(p, "run_layers", seed="seed of the calibration sample")
+    p.set_defaults(estimator="activation")
 
 
 def add_diagnose_parser(sub) -> None:
@@ -276,8 +270,7 @@ def add_diagnose_parser(sub) -> None:
     p.add_argument(
         "--fraction", type=finite_float, default=0.01, help="top fraction of tokens / channels (default 0.01)"
     )
-    add_output_args(p, seed="seed of the calibration sample")
-    p.set_defaults(func=_writes("run_diagnose"))
+    add_output_args(p, "run_diagnose", seed="seed of the calibration sample")
 
 
 def add_select_data_parser(sub) -> None:
@@ -292,21 +285,12 @@ def add_select_data_parser(sub) -> None:
     )
     add_model_args(p)
     g = p.add_argument_group("task")
-    task = (
-        "task",
-        "text_column",
-        "text_pair_column",
-        "label_column",
-        "problem",
-        "loose_labels",
-        "split_seed",
-    )
-    add_flags(g, config_flags(*task, "max_train_samples", "max_length"))
+    task = "task text_column text_pair_column label_column problem loose_labels split_seed max_train_samples"
+    add_flags(g, config_flags(*task.split(), "max_length"))
     g.add_argument("--batch-size", type=positive_int, default=16, help="examples per scoring batch")
     selection_flag("data_keep").add_to(p)
     p.add_argument("--rule", default="auto", metavar="{" + ",".join(RULES) + "}", help="scoring rule")
-    add_output_args(p, seed="seed of the fresh head of a classifier")
-    p.set_defaults(func=_writes("run_select_data"))
+    add_output_args(p, "run_select_data", seed="seed of the fresh head of a classifier")
 
 
 def add_bench_parser(sub) -> None:

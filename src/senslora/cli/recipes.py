@@ -118,18 +118,9 @@ def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> l
     """Seeded calibration sample from the --calib flags, tokenised into padded batches."""
     from ..data.examples import calibration_batches
 
+    same = ("seed", "max_length", "batch_size", "estimator", "text_column", "text_pair_column", "label_column")
     return calibration_batches(
-        args.calib,
-        tokenizer,
-        kind,
-        samples=args.calib_samples,
-        seed=args.seed,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        estimator=args.estimator,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
+        args.calib, tokenizer, kind, samples=args.calib_samples, **{k: getattr(args, k) for k in same}
     )
 
 
