@@ -1,6 +1,9 @@
 """The ``senslora`` command line: subcommands that parse flags and call the library.
 
-Every user-fixable problem ends as one line on stderr and exit status 2.
+The flags that mirror :class:`senslora.training.config.TrainConfig` fields and the allocator's
+flags are described once, in :mod:`senslora.cli.flags`; :mod:`senslora.cli.recipes` is the only
+code that reads the parsed arguments. Every user-fixable problem ends as one line on stderr and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -135,13 +138,11 @@ def add_allocate_parser(sub) -> None:
     )
 
 
-TRAIN_GROUPS = ("method and task", "model", "training", "allocation", "layer and data selection")
-
-
 def add_train_parser(sub) -> None:
     """Every :class:`TrainConfig` field is one flag (:func:`senslora.cli.flags.config_flag`), in the
     section its metadata names; ``options`` is filled by the allocation flags (the section of
     ``avg_rank`` and ``lora_alpha``), the selection flags and ``--option``."""
+    from ..training.config import ALLOCATION, MODEL, SELECTION, TASK, TRAINING
     from ..training.methods import load_all
 
     load_all()  # the method registry, listed with --method
@@ -151,13 +152,13 @@ def add_train_parser(sub) -> None:
         description="Allocate (senslora), fine-tune, evaluate on the held-out test split and write result.json, "
         "adapter/, splits.json and checkpoints into --out.",
     )
-    for title in TRAIN_GROUPS:
+    for title in (TASK, MODEL, TRAINING, ALLOCATION, SELECTION):
         names = [name for name, f in config_fields().items() if f.metadata["group"] == title]
-        if title == "allocation":
+        if title == ALLOCATION:
             flags = allocator_flags(budget_default="params")  # avg_rank and lora_alpha among them
         else:
             flags = config_flags(*names)
-        if title == "layer and data selection":
+        if title == SELECTION:
             flags = [*selection_flags(), *flags]  # options: their keys, then --option
         add_flags(p.add_argument_group(title), flags)
     p.add_argument("--out", required=True, help="run folder")

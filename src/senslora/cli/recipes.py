@@ -309,7 +309,7 @@ def _select_data(args: argparse.Namespace, out: Path) -> Path:
     from ..data.models import load_model
     from ..training.quality import select_training_data
 
-    task = load_task_for(TrainConfig(**config_values(args)))
+    task = load_task_for(TrainConfig(**config_values(args)))  # the task flags are TrainConfig fields
     print(f"task {task.name}: {task.describe()}")
     seed_everything(args.seed)
     num_labels = task.num_labels if task.problem == "classification" else 2
