@@ -1,6 +1,9 @@
 """The ``senslora`` command line: subcommands that parse flags and call the library.
 
-Every user-fixable problem ends as one line on stderr and exit status 2.
+The flags that mirror :class:`senslora.training.config.TrainConfig` fields and the allocator's
+flags are described once, in :mod:`senslora.cli.flags`; :mod:`senslora.cli.recipes` is the only
+code that reads the parsed arguments. Every user-fixable problem ends as one line on stderr and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -10,10 +13,15 @@ import sys
 from collections.abc import Sequence
 
 from ..core.errors import SensloraError, Terminated, raise_on_sigterm
-
-LOOSE_HELP = (
-    "generic tasks: read a label column mixing numbers and text as class names, and merge class names "
-    "differing only in case or spaces (default: both are errors naming the rows)"
+from .flags import (
+    add_flags,
+    allocator_flags,
+    config_fields,
+    config_flags,
+    finite_float,
+    positive_int,
+    selection_flag,
+    selection_flags,
 )
 
 
@@ -34,41 +42,13 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default="minilm",
-        help="offline alias (minilm, smollm2), a local HF model folder, a .gguf file (or a folder holding one; "
-        "dequantised once into the cache), or a hub name org/name (HF cache; HF_HUB_OFFLINE is honoured)",
-    )
-    g.add_argument(
-        "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
-    )
-    g.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or auto")
+    add_flags(p.add_argument_group("model"), config_flags("model", "device", "dtype"))
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
+    from ..data.models import KINDS
+
     g = p.add_argument_group("calibration data")
     g.add_argument(
         "--calib",
@@ -84,279 +64,103 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--calib-samples",
-        type=_positive_int,
+        type=positive_int,
         default=128,
         help="number of calibration examples (seeded sample)",
     )
     g.add_argument(
         "--max-length", type=int, default=128, help="truncate calibration sequences to this many tokens"
     )
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="calibration batch size")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch size")
     g.add_argument(
         "--task-kind",
         default="auto",
-        choices=["auto", "classification", "regression", "causal-lm"],
+        choices=[k for k in KINDS if k != "base"],
         help="head to put on the model (auto: causal-lm for *ForCausalLM models, else classification)",
     )
     g.add_argument(
-        "--num-labels", type=_positive_int, default=2, help="classes of a fresh classification head"
+        "--num-labels", type=positive_int, default=2, help="classes of a fresh classification head"
     )
 
 
-def add_allocator_args(p: argparse.ArgumentParser, *, budget_default: str = "rank") -> None:
-    """Allocator flags. ``budget_default``: ``rank`` for ``allocate`` (the paper's budget), ``params``
-    for ``train`` (methods are compared at equal trainable parameters)."""
-    from ..core.diagonal import SALIENCIES
-    from ..core.estimators import SINK_MODES
-    from ..core.metrics import FUSIONS, SCORES
-    from ..core.peft_bridge import ALPHA_MODES
-    from ..core.pipeline import BUDGET_MODES, STRATEGIES
-    from ..core.presets import DEFAULT_PRESET, PRESETS
-    from ..core.shaping import NORMALIZE
+def add_output_args(p: argparse.ArgumentParser, recipe: str, *, seed: str, main_only: bool = False) -> None:
+    """The flags and the command of a subcommand whose recipe (a :mod:`senslora.cli.recipes`
+    function) writes one output folder: --seed (``seed``: its help), --out, --overwrite and
+    --no-progress; the command runs the recipe, then prints ``wrote OUT`` (``main_only``: in the main
+    process only)."""
+    p.add_argument("--seed", type=int, default=0, help=seed)
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    g = p.add_argument_group("allocation")
-    g.add_argument(
-        "--avg-rank", type=_finite_float, default=4, help="average LoRA rank (paper: 4 for NLU, 8 for NLG)"
-    )
-    g.add_argument(
-        "--preset",
-        default=None,
-        choices=list(PRESETS),
-        help=f"allocation recipe: robust (chosen on validation data; docs/METHOD-NOTES.md) "
-        f"or paper (Sensitivity-LoRA as published); the flags below override it (default {DEFAULT_PRESET})",
-    )
-    g.add_argument(
-        "--estimator",
-        default=None,
-        help="Hessian-diagonal estimator: activation, fisher, fisher-batch, hutchinson (default: the preset's, activation)",
-    )
-    g.add_argument(
-        "--sink",
-        default=None,
-        choices=SINK_MODES,
-        help="activation: drop each sequence's first token (decoders' attention sink, massive "
-        "activations) or keep it (default: the preset's, keep for both)",
-    )
-    g.add_argument(
-        "--token-trim",
-        type=_finite_float,
-        default=None,
-        help="activation: leave out this fraction of each batch's highest-energy tokens, in [0, 0.5) (default 0)",
-    )
-    g.add_argument(
-        "--saliency",
-        default=None,
-        choices=SALIENCIES,
-        help="hessian: h_ij (paper); obd: h_ij * w_ij^2, Optimal Brain Damage (default hessian)",
-    )
-    g.add_argument(
-        "--score", default=None, choices=SCORES, help="allocation weight (default fused, the paper's)"
-    )
-    g.add_argument(
-        "--fusion",
-        default=None,
-        choices=list(FUSIONS),
-        help="metric weights: sigma/mu^2 (paper, default) or 0.5/mu",
-    )
-    g.add_argument(
-        "--strategy",
-        default=None,
-        choices=STRATEGIES,
-        help="SRA (proportional, default) or PRA (rank categories)",
-    )
-    g.add_argument(
-        "--temperature",
-        type=_finite_float,
-        default=None,
-        help="allocate by theta^T, T in (0, 1]; 1 is the paper's proportional rule (default 1)",
-    )
-    g.add_argument(
-        "--normalize",
-        default=None,
-        choices=NORMALIZE,
-        help="role: compare each matrix only with the same role in other layers (q with q, down with "
-        "down) (default none)",
-    )
-    g.add_argument(
-        "--rho",
-        type=_finite_float,
-        default=None,
-        help="cap every rank at rho x the average rank (EVA's rule), >= 1; 0: no cap "
-        "(default: the preset's; robust: 2, paper: 0)",
-    )
-    g.add_argument("--categories", type=_positive_int, default=3, help="PRA: number of rank categories")
-    g.add_argument(
-        "--topk-fraction", type=_finite_float, default=None, help="Top-k: k = fraction x N (default 0.5)"
-    )
-    g.add_argument(
-        "--alpha", type=_finite_float, default=None, help="Effective Rank energy threshold (default 0.85)"
-    )
-    g.add_argument("--r-min", type=int, default=1, help="smallest rank per matrix (0 drops matrices)")
-    g.add_argument(
-        "--r-max", type=int, default=None, help="largest rank per matrix (default min(d_in, d_out))"
-    )
-    g.add_argument(
-        "--budget",
-        default=budget_default,
-        choices=BUDGET_MODES,
-        help=f"hold the rank sum or the parameter count fixed (default {budget_default})",
-    )
-    g.add_argument(
-        "--targets",
-        default=None,
-        help="regex selecting target modules by full name (default: all linears in blocks)",
-    )
-    g.add_argument(
-        "--target-names",
-        default=None,
-        help="comma-separated module names or name suffixes (instead of --targets)",
-    )
-    g.add_argument(
-        "--lora-alpha",
-        type=_finite_float,
-        default=None,
-        help="reference LoRA alpha of the uniform run (default 2 x avg rank)",
-    )
-    g.add_argument(
-        "--alpha-mode",
-        default="proportional",
-        choices=ALPHA_MODES,
-        help="how per-matrix alpha follows the rank",
-    )
-    g.add_argument(
-        "--num-probes", type=_positive_int, default=1, help="hutchinson: Rademacher probes per batch"
-    )
-    g.add_argument(
-        "--accumulate-on", default="cpu", choices=["cpu", "device"], help="where fp32 accumulators live"
-    )
+    def command(args: argparse.Namespace) -> int:
+        from ..core.distributed import current
+        from . import recipes
+
+        out = getattr(recipes, recipe)(args)
+        if not main_only or current().is_main:
+            print(f"wrote {out}")
+        return 0
+
+    command.__name__ = f"cmd_{recipe}"
+    p.set_defaults(func=command)
 
 
-def cmd_allocate(args: argparse.Namespace) -> int:
-    from ..core.distributed import current
-    from .recipes import run_allocate
-
-    out = run_allocate(args)
-    if current().is_main:
-        print(f"wrote {out}")
-    return 0
-
-
-def add_generic_task_args(g) -> None:
-    """The columns and problem type of a user's task file (``csv:``, ``jsonl:``, ``disk:``)."""
-    g.add_argument(
-        "--text-column", default="text", help="generic tasks: text column (the prompt for generation)"
+def add_allocate_parser(sub) -> None:
+    p = sub.add_parser(
+        "allocate",
+        help="estimate sensitivities on a calibration set and write per-matrix ranks + a PEFT LoraConfig",
+        description="Estimate Hessian diagonals on calibration data, allocate per-matrix LoRA ranks, "
+        "write allocation.json, lora_config/ and ranks.png into --out.",
     )
+    add_model_args(p)
+    g = p.add_argument_group("models larger than the GPU (accelerate big-model loading)")
     g.add_argument(
-        "--text-pair-column", default=None, help="generic tasks: second text column (sentence pairs)"
-    )
-    g.add_argument(
-        "--label-column", default="label", help="generic tasks: label column (the answer for generation)"
-    )
-    g.add_argument(
-        "--problem",
+        "--device-map",
         default=None,
-        choices=["classification", "regression", "generation"],
-        help="generic tasks: problem type (default: inferred from the labels)",
+        help="auto, balanced, sequential, or a JSON file mapping module names to a GPU index, "
+        "cpu or disk; offloaded blocks visit the GPU one at a time (activation estimator only)",
     )
-    g.add_argument("--loose-labels", action="store_true", help=LOOSE_HELP)
+    g.add_argument("--offload-folder", default=None, help="where blocks mapped to disk are stored")
+    g.add_argument(
+        "--max-memory", default=None, help="per-device memory caps for auto maps, e.g. 0=20GiB,cpu=60GiB"
+    )
+    add_calib_args(p)
+    add_flags(p.add_argument_group("allocation"), allocator_flags())
+    add_output_args(
+        p, "run_allocate", seed="seed for the calibration sample, fresh heads and probes", main_only=True
+    )
+    p.add_argument("--no-plot", action="store_true", help="skip ranks.png")
+    p.add_argument(
+        "--measure-forward",
+        action="store_true",
+        help="first time one plain forward pass over the calibration set, and report allocation / forward",
+    )
 
 
 def add_train_parser(sub) -> None:
+    """Every :class:`TrainConfig` field is one flag (:func:`senslora.cli.flags.config_flag`), in the
+    section its metadata names; ``options`` is filled by the allocation flags (the section of
+    ``avg_rank`` and ``lora_alpha``), the selection flags and ``--option``."""
+    from ..training.config import ALLOCATION, MODEL, SELECTION, TASK, TRAINING
+    from ..training.methods import load_all
+
+    load_all()  # the method registry, listed with --method
     p = sub.add_parser(
         "train",
         help="fine-tune a model on a task with one method, evaluate it and write a run folder",
         description="Allocate (senslora), fine-tune, evaluate on the held-out test split and write result.json, "
         "adapter/, splits.json and checkpoints into --out.",
     )
-    g = p.add_argument_group("method and task")
-    g.add_argument(
-        "--method",
-        default="lora",
-        help="lora, senslora, adalora, dylora, houlsby, pfeiffer, eva, cka, tsqlora, full",
-    )
-    g.add_argument(
-        "--task",
-        default="movie-polarity",
-        help="movie-polarity, movie-score, tweet-polarity, chat-qa, or csv:PATH, jsonl:PATH, disk:PATH, glue:NAME",
-    )
-    add_generic_task_args(g)
-    g.add_argument(
-        "--split-seed", type=int, default=0, help="seed of the 80/10/10 split (independent of --seed)"
-    )
-    g.add_argument(
-        "--max-train-samples", type=_positive_int, default=None, help="use only the first n train examples"
-    )
-    g.add_argument(
-        "--max-eval-samples",
-        type=_positive_int,
-        default=None,
-        help="use only the first n validation and test examples",
-    )
-    add_model_args(p)
-    g = p.add_argument_group("training")
-    g.add_argument("--lr", type=_finite_float, default=5e-4, help="peak AdamW learning rate (paper: 5e-4)")
-    g.add_argument(
-        "--batch-size", type=_positive_int, default=16, help="examples per step (also for evaluation)"
-    )
-    g.add_argument(
-        "--eval-batch-size",
-        type=_positive_int,
-        default=None,
-        help="examples per evaluation batch (default: --batch-size)",
-    )
-    g.add_argument("--epochs", type=_positive_int, default=3, help="passes over the train split")
-    g.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens (>= 8)")
-    g.add_argument(
-        "--max-new-tokens", type=_positive_int, default=32, help="generation: tokens generated per answer"
-    )
-    g.add_argument(
-        "--warmup-ratio", type=_finite_float, default=0.06, help="fraction of steps with linear warm-up"
-    )
-    g.add_argument("--weight-decay", type=_finite_float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", type=_finite_float, default=1.0, help="gradient clipping norm (0: off)")
-    g.add_argument(
-        "--lora-dropout", type=_finite_float, default=0.0, help="dropout on the LoRA / adapter input"
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of initialisation, data order, dropout and calibration sample",
-    )
-    g.add_argument(
-        "--calib-samples", type=_positive_int, default=128, help="calibration examples from the train split"
-    )
-    g.add_argument(
-        "--save-every", type=int, default=0, help="checkpoint every n steps (0: at each epoch end only)"
-    )
-    g.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after a successful run")
-    g.add_argument(
-        "--no-eval-each-epoch", action="store_true", help="skip the validation pass after each epoch"
-    )
-    g.add_argument(
-        "--eval-split",
-        default="test",
-        choices=["test", "validation"],
-        help="split of the final evaluation in result.json (validation: for sweeps that must not read test)",
-    )
-    add_allocator_args(p, budget_default="params")
-    g = p.add_argument_group("layer and data selection")
-    g.add_argument(
-        "--layers", default="all", choices=["all", "cka"], help="adapt all blocks, or the blocks CKA selects"
-    )
-    g.add_argument("--layer-ratio", type=_finite_float, default=0.5, help="cka: fraction of blocks kept")
-    g.add_argument(
-        "--data-select",
-        default="none",
-        choices=["none", "quality"],
-        help="train on all data, or the best fraction by quality",
-    )
-    g.add_argument(
-        "--data-keep", type=_finite_float, default=0.5, help="quality: fraction of train examples kept"
-    )
-    g.add_argument(
-        "--option", action="append", metavar="KEY=VALUE", help="extra method option (JSON value), repeatable"
-    )
+    for title in (TASK, MODEL, TRAINING, ALLOCATION, SELECTION):
+        names = [name for name, f in config_fields().items() if f.metadata["group"] == title]
+        if title == ALLOCATION:
+            flags = allocator_flags(budget_default="params")  # avg_rank and lora_alpha among them
+        else:
+            flags = config_flags(*names)
+        if title == SELECTION:
+            flags = [*selection_flags(), *flags]  # options: their keys, then --option
+        add_flags(p.add_argument_group(title), flags)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
@@ -430,6 +234,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_layers_parser(sub) -> None:
+    from ..training.cka import TOKEN_CHOICES
+
     p = sub.add_parser(
         "layers",
         help="layer-wise CKA: which blocks change their input most (seed 003)",
@@ -438,37 +244,15 @@ def add_layers_parser(sub) -> None:
     )
     add_model_args(p)
     add_calib_args(p)
-    p.add_argument(
-        "--layer-ratio", type=_finite_float, default=0.5, help="fraction of blocks to keep, in (0, 1]"
-    )
+    selection_flag("layer_ratio").add_to(p)
     p.add_argument(
         "--token",
         default="auto",
-        choices=["auto", "first", "last"],
+        choices=TOKEN_CHOICES,
         help="token per example (auto: first for encoders, last non-pad for decoders)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
-    add_output_args(p)
-    p.set_defaults(func=cmd_layers, estimator="activation")
-
-
-def cmd_layers(args: argparse.Namespace) -> int:
-    from .recipes import run_layers
-
-    return _wrote(run_layers(args))
-
-
-def _wrote(out) -> int:
-    """The last line of a subcommand that wrote one output folder."""
-    print(f"wrote {out}")
-    return 0
-
-
-def add_output_args(p: argparse.ArgumentParser) -> None:
-    """--out, --overwrite and --no-progress of the subcommands that write one output folder."""
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_output_args(p, "run_layers", seed="seed of the calibration sample")
+    p.set_defaults(estimator="activation")
 
 
 def add_diagnose_parser(sub) -> None:
@@ -485,20 +269,14 @@ def add_diagnose_parser(sub) -> None:
         "--estimators", default="activation,fisher", help="comma list: activation, fisher (default both)"
     )
     p.add_argument(
-        "--fraction", type=_finite_float, default=0.01, help="top fraction of tokens / channels (default 0.01)"
+        "--fraction", type=finite_float, default=0.01, help="top fraction of tokens / channels (default 0.01)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
-    add_output_args(p)
-    p.set_defaults(func=cmd_diagnose)
-
-
-def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .recipes import run_diagnose
-
-    return _wrote(run_diagnose(args))
+    add_output_args(p, "run_diagnose", seed="seed of the calibration sample")
 
 
 def add_select_data_parser(sub) -> None:
+    from ..training.quality import RULES
+
     p = sub.add_parser(
         "select-data",
         help="TsqLoRA-style data-quality selection of a task's training split (our reading of seed 002)",
@@ -508,32 +286,12 @@ def add_select_data_parser(sub) -> None:
     )
     add_model_args(p)
     g = p.add_argument_group("task")
-    g.add_argument(
-        "--task", default="movie-polarity", help="task name or csv:PATH / jsonl:PATH / disk:PATH / glue:NAME"
-    )
-    add_generic_task_args(g)
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split")
-    g.add_argument(
-        "--max-train-samples",
-        type=_positive_int,
-        default=None,
-        help="score only the first n training examples",
-    )
-    g.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
-    g.add_argument("--batch-size", type=_positive_int, default=16, help="examples per scoring batch")
-    p.add_argument(
-        "--data-keep", type=_finite_float, default=0.5, help="fraction of examples to keep, in (0, 1]"
-    )
-    p.add_argument("--rule", default="auto", help="auto, trimmed-loss-high, loss-high, loss-low or ifd")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fresh head of a classifier")
-    add_output_args(p)
-    p.set_defaults(func=cmd_select_data)
-
-
-def cmd_select_data(args: argparse.Namespace) -> int:
-    from .recipes import run_select_data
-
-    return _wrote(run_select_data(args))
+    task = "task text_column text_pair_column label_column problem loose_labels split_seed max_train_samples"
+    add_flags(g, config_flags(*task.split(), "max_length"))
+    g.add_argument("--batch-size", type=positive_int, default=16, help="examples per scoring batch")
+    selection_flag("data_keep").add_to(p)
+    p.add_argument("--rule", default="auto", metavar="{" + ",".join(RULES) + "}", help="scoring rule")
+    add_output_args(p, "run_select_data", seed="seed of the fresh head of a classifier")
 
 
 def add_bench_parser(sub) -> None:
@@ -548,7 +306,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--only", default=None, help="regex: run only matching experiment/run ids")
     p.add_argument(
         "--timeout",
-        type=_finite_float,
+        type=finite_float,
         default=3600,
         help="seconds before one run is stopped and marked failed (0: no limit)",
     )
@@ -576,7 +334,9 @@ def add_fetch_parser(sub) -> None:
         "~/.cache/senslora), from the SHA-256-checked vaderSentiment source tarball that pip downloads "
         "(or --from a copy on disk). Does nothing when the data is already there and intact.",
     )
-    p.add_argument("--from", dest="source", default=None, metavar="TARBALL", help="a vaderSentiment-3.3.2.tar.gz on disk")
+    p.add_argument(
+        "--from", dest="source", default=None, metavar="TARBALL", help="a vaderSentiment-3.3.2.tar.gz on disk"
+    )
     p.add_argument("--force", action="store_true", help="fetch again even if the data is there")
     p.set_defaults(func=cmd_fetch)
 
@@ -610,40 +370,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="senslora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser(
-        "allocate",
-        help="estimate sensitivities on a calibration set and write per-matrix ranks + a PEFT LoraConfig",
-        description="Estimate Hessian diagonals on calibration data, allocate per-matrix LoRA ranks, "
-        "write allocation.json, lora_config/ and ranks.png into --out.",
-    )
-    add_model_args(p)
-    g = p.add_argument_group("models larger than the GPU (accelerate big-model loading)")
-    g.add_argument(
-        "--device-map",
-        default=None,
-        help="auto, balanced, sequential, or a JSON file mapping module names to a GPU index, "
-        "cpu or disk; offloaded blocks visit the GPU one at a time (activation estimator only)",
-    )
-    g.add_argument("--offload-folder", default=None, help="where blocks mapped to disk are stored")
-    g.add_argument(
-        "--max-memory", default=None, help="per-device memory caps for auto maps, e.g. 0=20GiB,cpu=60GiB"
-    )
-    add_calib_args(p)
-    add_allocator_args(p)
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed for the calibration sample, fresh heads and probes"
-    )
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-plot", action="store_true", help="skip ranks.png")
-    p.add_argument(
-        "--measure-forward",
-        action="store_true",
-        help="first time one plain forward pass over the calibration set, and report allocation / forward",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=cmd_allocate)
+    add_allocate_parser(sub)
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_layers_parser(sub)

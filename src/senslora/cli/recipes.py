@@ -11,7 +11,7 @@ from ..core.errors import SensloraError
 from ..data.guard import data_input, model_input, task_input, writing
 from ..training.config import TrainConfig
 from ..training.options import parse_option
-from ..training.train import seed_everything
+from ..training.train import load_task_for, seed_everything
 
 NAMED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -118,18 +118,9 @@ def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> l
     """Seeded calibration sample from the --calib flags, tokenised into padded batches."""
     from ..data.examples import calibration_batches
 
+    same = ("seed", "max_length", "batch_size", "estimator", "text_column", "text_pair_column", "label_column")
     return calibration_batches(
-        args.calib,
-        tokenizer,
-        kind,
-        samples=args.calib_samples,
-        seed=args.seed,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        estimator=args.estimator,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
+        args.calib, tokenizer, kind, samples=args.calib_samples, **{k: getattr(args, k) for k in same}
     )
 
 
@@ -161,50 +152,30 @@ def allocator_options(args: argparse.Namespace) -> dict:
     }
 
 
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of ``args`` that are :class:`TrainConfig` fields (their ``dest`` is the field name)."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TrainConfig)} - {"options"}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A :class:`TrainConfig` from the ``senslora train`` flags."""
+    """A :class:`TrainConfig` from the ``senslora train`` flags: one flag per field; ``options`` from
+    the allocator flags, the selection flags and every ``--option KEY=VALUE``."""
+    from .flags import selection_flags
+
     options: dict[str, Any] = {
         **allocator_options(args),
-        "layer_select": args.layers,
-        "layer_ratio": args.layer_ratio,
-        "data_select": args.data_select,
-        "data_keep": args.data_keep,
+        **{flag.dest: getattr(args, flag.dest) for flag in selection_flags()},
     }
-    options.update(parse_option(item) for item in args.option or [])
-    return TrainConfig(
-        method=args.method,
-        model=args.model,
-        task=args.task,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
-        problem=args.problem,
-        loose_labels=args.loose_labels,
-        split_seed=args.split_seed,
-        max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
-        avg_rank=args.avg_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        epochs=args.epochs,
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        seed=args.seed,
-        calib_samples=args.calib_samples,
-        save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints,
-        eval_each_epoch=not args.no_eval_each_epoch,
-        eval_split=args.eval_split,
-        device=args.device,
-        dtype=args.dtype,
-        options=options,
-    )
+    options.update(parse_option(item) for item in args.options or [])
+    return TrainConfig(**config_values(args), options=options)
+
+
+def with_values(args: argparse.Namespace, **values: Any) -> argparse.Namespace:
+    """A copy of ``args`` with ``values`` replaced (e.g. the estimator a preset resolves to)."""
+    return argparse.Namespace(**{**vars(args), **values})
 
 
 def run_allocate(args: argparse.Namespace) -> Path:
@@ -221,7 +192,7 @@ def run_allocate(args: argparse.Namespace) -> Path:
     estimator = resolve(args.preset, estimator=args.estimator)["estimator"]
     if estimator not in ESTIMATORS:
         raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    args = argparse.Namespace(**{**vars(args), "estimator": estimator})
+    args = with_values(args, estimator=estimator)
     dist = current()
     inputs = [*calibration_inputs(args), ("the --device-map file", _device_map_file(args))]
     inputs.append(("the offload folder", getattr(args, "offload_folder", None)))
@@ -238,7 +209,7 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
 
     if dist.enabled:
         # One device per process (cuda:<local rank>, or the CPU under gloo).
-        args = argparse.Namespace(**{**vars(args), "device": process_device(args.device, dist)})
+        args = with_values(args, device=process_device(args.device, dist))
     seed_everything(args.seed)
     attn = "eager" if args.estimator == "hutchinson" else None
     big = big_model_options(args)
@@ -336,19 +307,9 @@ def run_select_data(args: argparse.Namespace) -> Path:
 
 def _select_data(args: argparse.Namespace, out: Path) -> Path:
     from ..data.models import load_model
-    from ..data.tasks import load_task
     from ..training.quality import select_training_data
 
-    task = load_task(
-        args.task,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
-        problem=args.problem,
-        split_seed=args.split_seed,
-        max_train_samples=args.max_train_samples,
-        loose_labels=args.loose_labels,
-    )
+    task = load_task_for(TrainConfig(**config_values(args)))  # the task flags are TrainConfig fields
     print(f"task {task.name}: {task.describe()}")
     seed_everything(args.seed)
     num_labels = task.num_labels if task.problem == "classification" else 2
@@ -387,7 +348,7 @@ def run_diagnose(args: argparse.Namespace) -> Path:
     unknown = sorted(set(estimators) - {"activation", "fisher"})
     if unknown or not estimators:
         raise SensloraError(f"--estimators takes activation and/or fisher, got {args.estimators!r}")
-    args = argparse.Namespace(**{**vars(args), "estimator": "fisher" if "fisher" in estimators else "activation"})
+    args = with_values(args, estimator="fisher" if "fisher" in estimators else "activation")
     model, tokenizer = load_model_for(args)
     batches = calibration_batches_for(args, tokenizer, model_kind(model))
     targets = find_targets(model)

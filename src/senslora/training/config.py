@@ -1,7 +1,15 @@
 """The configuration of a fine-tuning run: :class:`TrainConfig`, validated, saved as ``config.json``.
 
 Every field carries its command-line help in ``metadata["help"]``; ``senslora train``'s flags are
-built from these fields (see :mod:`senslora.cli`).
+generated from these fields (:mod:`senslora.cli.flags`). Other metadata keys, all optional:
+
+- ``group``: the section of ``senslora train --help`` the flag is listed in;
+- ``choices``: the accepted values (a registry), enforced when the flags are parsed;
+- ``names``: the known values (a registry), shown with the flag; the library checks the value and
+  names the alternatives itself (e.g. ``unknown method ...``);
+- ``min``: ``1`` for a count, parsed as a positive integer;
+- ``flag`` / ``metavar``: the flag's name and placeholder where they are not derived from the
+  field (a true-by-default bool ``x`` is ``--no-x``).
 """
 
 from __future__ import annotations
@@ -12,73 +20,112 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..core.errors import SensloraError
-from .methods.base import get_method
+from ..data.models import DTYPES, MODEL_ALIASES
+from ..data.tasks import PROBLEMS, TASKS
+from .methods.base import METHODS, get_method
 from .options import check_options
 
 LAYER_SELECTIONS = ("all", "cka")
 DATA_SELECTIONS = ("none", "quality")
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 EVAL_SPLITS = ("test", "validation")
+
+# sections of `senslora train --help`
+TASK, MODEL, TRAINING, ALLOCATION, SELECTION = (
+    "method and task",
+    "model",
+    "training",
+    "allocation",
+    "layer and data selection",
+)
+
+
+def _f(default: Any, help: str, group: str = TRAINING, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, **meta})
+
 
 @dataclass
 class TrainConfig:
     """Everything that defines a fine-tuning run (saved as ``config.json``)."""
 
-    method: str = _f(
-        "lora", "fine-tuning method (senslora.training.methods.METHODS), e.g. lora, senslora, adalora, full"
+    method: str = _f("lora", "fine-tuning method (senslora.training.methods.METHODS)", TASK, names=METHODS)
+    model: str = _f(
+        "minilm",
+        f"offline alias ({', '.join(MODEL_ALIASES)}), a local HF model folder, a .gguf file (or a folder "
+        "holding one; dequantised once into the cache), or a hub name org/name (HF cache; "
+        "HF_HUB_OFFLINE is honoured)",
+        MODEL,
     )
-    model: str = _f("minilm", "model alias (minilm, smollm2) or a local Hugging Face model folder")
     task: str = _f(
-        "movie-polarity", "task name (senslora.data.tasks.TASKS) or csv:PATH, jsonl:PATH, disk:PATH, glue:NAME"
+        "movie-polarity",
+        f"built-in task ({', '.join(TASKS)}) or csv:PATH, jsonl:PATH, disk:PATH, glue:NAME",
+        TASK,
     )
-    text_column: str = _f("text", "generic tasks: text column (the prompt for generation)")
-    text_pair_column: str | None = _f(None, "generic tasks: second text column (sentence pairs)")
-    label_column: str = _f("label", "generic tasks: label column (the answer for generation)")
+    text_column: str = _f("text", "generic tasks: text column (the prompt for generation)", TASK)
+    text_pair_column: str | None = _f(None, "generic tasks: second text column (sentence pairs)", TASK)
+    label_column: str = _f("label", "generic tasks: label column (the answer for generation)", TASK)
     problem: str | None = _f(
-        None, "generic tasks: classification, regression or generation (default: inferred)"
+        None, "generic tasks: problem type (default: inferred from the labels)", TASK, choices=PROBLEMS
     )
     loose_labels: bool = _f(
-        False, "generic tasks: read mixed number/text labels as class names, merge case/space variants"
+        False,
+        "generic tasks: read a label column mixing numbers and text as class names, and merge class names "
+        "differing only in case or spaces (default: both are errors naming the rows)",
+        TASK,
     )
-    split_seed: int = _f(0, "seed of the 80/10/10 split, independent of the training seed")
-    max_train_samples: int | None = _f(None, "use only the first n examples of the (shuffled) train split")
-    max_eval_samples: int | None = _f(None, "use only the first n examples of the validation and test splits")
-    avg_rank: float = _f(4, "average LoRA rank; every method is sized against uniform LoRA of this rank")
-    lora_alpha: float | None = _f(None, "LoRA alpha of the uniform reference (default 2 x avg_rank)")
+    split_seed: int = _f(0, "seed of the 80/10/10 split (independent of --seed)", TASK)
+    max_train_samples: int | None = _f(
+        None, "use only the first n examples of the (shuffled) train split", TASK, min=1
+    )
+    max_eval_samples: int | None = _f(
+        None, "use only the first n examples of the validation and test splits", TASK, min=1
+    )
+    avg_rank: float = _f(
+        4,
+        "average LoRA rank (paper: 4 for NLU, 8 for NLG); the budget is uniform LoRA of this rank",
+        ALLOCATION,
+    )
+    lora_alpha: float | None = _f(
+        None, "reference LoRA alpha of the uniform run (default 2 x avg rank)", ALLOCATION
+    )
     lora_dropout: float = _f(0.0, "dropout on the LoRA / adapter input")
-    lr: float = _f(5e-4, "peak learning rate of AdamW (the paper: 5e-4)")
-    batch_size: int = _f(16, "examples per optimizer step (also the evaluation batch size by default)")
+    lr: float = _f(5e-4, "peak AdamW learning rate (paper: 5e-4)")
+    batch_size: int = _f(16, "examples per optimizer step (also per evaluation batch)", min=1)
     eval_batch_size: int | None = _f(
-        None, "examples per evaluation batch (default: batch_size); larger is faster for generation"
+        None, "examples per evaluation batch (default: --batch-size); larger is faster for generation", min=1
     )
-    epochs: int = _f(3, "passes over the train split")
+    epochs: int = _f(3, "passes over the train split", min=1)
     max_length: int = _f(128, "truncate examples to this many tokens (at least 8)")
-    max_new_tokens: int = _f(32, "generation tasks: tokens generated per answer at evaluation")
+    max_new_tokens: int = _f(32, "generation tasks: tokens generated per answer at evaluation", min=1)
     warmup_ratio: float = _f(0.06, "fraction of the steps with a linear learning-rate warm-up")
     weight_decay: float = _f(0.0, "AdamW weight decay (applied to every trainable parameter)")
-    max_grad_norm: float = _f(1.0, "clip the gradient norm to this value (0 = no clipping)")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this value (0: no clipping)")
     seed: int = _f(0, "seed of the head / adapter initialisation, data order, dropout and calibration sample")
-    calib_samples: int = _f(128, "calibration examples drawn from the train split (senslora, eva, cka)")
+    calib_samples: int = _f(
+        128, "calibration examples drawn from the train split (senslora, eva, cka)", min=1
+    )
     save_every: int = _f(0, "write a checkpoint every n optimizer steps (0: only at each epoch end)")
     keep_checkpoints: bool = _f(False, "keep checkpoints/ after a successful run")
-    eval_each_epoch: bool = _f(True, "evaluate on the validation split after each epoch")
+    eval_each_epoch: bool = _f(
+        True, "run the validation pass after each epoch; --no-eval-each-epoch skips it"
+    )
     eval_split: str = _f(
         "test",
-        "split of the final evaluation (result.json metrics): test, or validation for sweeps that "
-        "choose settings and must not read the test split",
+        "split of the final evaluation (result.json metrics); validation for sweeps that choose "
+        "settings and must not read the test split",
+        choices=EVAL_SPLITS,
     )
-    device: str | None = _f(None, "torch device (default: cuda if available, else cpu)")
-    dtype: str = _f("float32", "model dtype: float32, bfloat16, float16")
+    device: str | None = _f(None, "torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)", MODEL)
+    dtype: str = _f("float32", "model dtype", MODEL, names=DTYPES)
     options: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "method options: the allocator's (estimator, score, fusion, strategy, ...), target_modules, "
-            "layer_select (all|cka), layer_ratio, data_select (none|quality), data_keep, and any method-specific ones"
+            "help": "method option KEY=VALUE (VALUE in JSON), repeatable: the allocator's (estimator, score, "
+            "fusion, strategy, ...; the allocation flags set them), target_modules, layer_select (all|cka), "
+            "layer_ratio, data_select (none|quality), data_keep (the flags above set these four), "
+            "layer_budget, plot, and method-specific ones such as eva_rho",
+            "group": SELECTION,
+            "flag": "--option",
+            "metavar": "KEY=VALUE",
         },
     )
 
