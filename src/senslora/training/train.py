@@ -254,6 +254,8 @@ def _run(
 def _evaluate(
     model, tokenizer, examples, task, config: TrainConfig, method: Method, device, progress: bool, **kwargs
 ) -> dict:
+    """Metrics of ``model`` on ``examples`` after ``method.on_eval``: every evaluation of a run (per
+    epoch, final, and ``evaluate_run``'s) goes through here."""
     from .evaluation import evaluate_model
 
     method.on_eval(model)
@@ -284,8 +286,9 @@ def evaluate_run(
     a validation-only run), optionally merge.
 
     Returns ``{"metrics", "recorded" (result.json's), "reproduced" (equal), "merged" (folder or None)}``.
-    ``merge_to`` writes the merged model and tokenizer as a plain Hugging Face folder (PEFT's
-    ``merge_and_unload``, or the method's own :meth:`~senslora.training.methods.base.Method.merge`), usable as ``--model``.
+    ``merge_to`` writes the merged model and tokenizer as a plain Hugging Face folder (the method's
+    :meth:`~senslora.training.methods.base.Method.merge`: PEFT's ``merge_and_unload`` unless the
+    method has its own), usable as ``--model``.
     """
     run = Path(run_dir)
     result = read_result(run)
