@@ -1,20 +1,22 @@
 """One suite over every registered fine-tuning method, plus method-specific checks.
 
 The shared tests run on tiny_bert (classification) and tiny_llama (causal LM) for whatever
-:func:`senslora.training.methods.load_all` registers. Steps are driven in the training loop's order:
-``on_step_begin`` -> forward (per-example loss, plus the method's ``extra_loss`` if any) ->
-backward -> ``optimizer.step`` -> ``on_optimizer_step`` -> ``zero_grad``; ``on_eval`` before
-evaluating.
+:func:`senslora.training.methods.load_all` registers. Training goes through the real training loop
+(:func:`senslora.training.loop.build_loop` and :meth:`~senslora.training.loop.Loop.run`, as
+:func:`senslora.training.train.train` runs it: hooks, extra loss, clipping, AdamW, the linear
+schedule, checkpoints), on fixed token batches instead of a tokenised task; ``on_eval`` is called
+before evaluating. :func:`test_a_whole_run_reproduces` runs the public ``train`` per method.
 
 Budget: a method's parameters are compared with uniform LoRA at the same average rank,
 ``avg_rank * sum(d_in + d_out)`` over the default targets. The count compared is the method's
-``budget_parameter_count(model)`` when it defines one (AdaLoRA: its final target budget
-``target_r * sum(d_in + d_out + 1)``, since it trains ``init_r = 1.5 x`` and prunes down), else
-``adapter_parameter_count`` (trainable parameters outside the task head).
+``budget_parameter_count(model)`` (AdaLoRA: its final target budget
+``target_r * sum(d_in + d_out + 1)``, since it trains ``init_r = 1.5 x`` and prunes down; by default
+``adapter_parameter_count``, the trainable parameters outside the task head).
 """
 
 from __future__ import annotations
 
+import gc
 import io
 
 import pytest
@@ -23,6 +25,9 @@ from tiny import tiny_bert, tiny_llama, token_batches
 
 from senslora.core.losses import model_inputs, per_example_loss
 from senslora.core.targets import find_targets
+from senslora.training.checkpoint import TrainState, checkpoints
+from senslora.training.config import TrainConfig
+from senslora.training.loop import build_loop, make_accelerator
 from senslora.training.methods import METHODS, MethodContext, load_all
 from senslora.training.methods.base import adapter_parameter_count, head_parameter_names
 
@@ -59,6 +64,15 @@ SHARED_MODELS = ("bert", "llama")
 
 
 @pytest.fixture(autouse=True, scope="module")
+def _frozen_heap():
+    # The loop's memory measurement runs gc.collect() twice per run; with every object alive now
+    # (modules, torch, transformers) moved out of the collector's sight it takes milliseconds.
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny models are slower with two contending threads (EVA's low-rank SVDs especially).
     previous = torch.get_num_threads()
@@ -86,27 +100,29 @@ def train_batches(kind: str) -> list[dict]:
     return token_batches(3, seed=1, labels=MODELS[kind][2])
 
 
-def make_optimizer(model) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+class Interrupt(Exception):
+    pass
 
 
-def train(method, model, batches: list[dict], steps: int, *, start: int = 0, optimizer=None):
-    """Optimizer steps ``start .. steps - 1`` with the hooks in the training loop's order."""
-    optimizer = optimizer if optimizer is not None else make_optimizer(model)
-    extra_loss = getattr(method, "extra_loss", None)
-    model.train()
-    for step in range(start, steps):
-        method.on_step_begin(model, step)
-        loss = per_example_loss(model, batches[step % len(batches)]).mean()
-        extra = extra_loss(model) if extra_loss is not None else None
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        optimizer.step()
-        method.on_optimizer_step(model, step)
-        optimizer.zero_grad()
-    model.eval()
-    return optimizer
+def train(method, model, batches: list[dict], steps: int, *, out=None, stop_after=None, resume=False):
+    """Optimizer steps ``0 .. steps - 1`` on ``batches[step % len(batches)]`` (one epoch) through the
+    real training loop, with lr 1e-2 and no warm-up. ``out``: write checkpoints there (every 2
+    steps); ``stop_after``: interrupt the run after that step; ``resume``: continue from the last
+    checkpoint in ``out``. Returns the loop's final :class:`TrainState`."""
+    config = TrainConfig(method=method.name, lr=1e-2, warmup_ratio=0.0, epochs=1, save_every=2)
+
+    def stop(step: int) -> None:
+        if step == stop_after:
+            raise Interrupt
+
+    loop = build_loop(model, method, config, steps, make_accelerator("cpu"), out=out, step_callback=stop)
+    state = loop.resume(checkpoints(out)[-1]) if resume else TrainState()
+    try:
+        loop.run(state, lambda epoch: [batches[step % len(batches)] for step in range(steps)])
+    finally:
+        model.eval()
+    assert state.step == steps and len(state.history) == 1
+    return state
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -198,31 +214,24 @@ def test_same_seed_gives_identical_parameters(name, kind, tmp_path):
 @pytest.mark.parametrize("kind", SHARED_MODELS)
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_resume_from_a_checkpoint_matches_uninterrupted_training(name, kind, tmp_path):
-    """Checkpoint = trainable weights + optimizer state + ``method.state_dict()`` when defined."""
+    """Checkpoint = trainable weights + optimizer and scheduler state + RNG + ``method.state_dict()``."""
     batches = train_batches(kind)
     method, model, _ = prepared(name, kind, tmp_path / "a")
     train(method, model, batches, steps=4)
     expected = trainable(model)
 
     method, model, _ = prepared(name, kind, tmp_path / "b")
-    optimizer = train(method, model, batches, steps=2)
-    buffer = io.BytesIO()
-    method_state = method.state_dict() if hasattr(method, "state_dict") else None
-    torch.save(
-        {"model": trainable(model), "optimizer": optimizer.state_dict(), "method": method_state}, buffer
-    )
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
+    with pytest.raises(Interrupt):
+        train(method, model, batches, steps=4, out=tmp_path / "b", stop_after=3)
+    assert [p.name for p in checkpoints(tmp_path / "b")] == ["step-2"]
+    has_state = method.state_dict() is not None
+    assert (tmp_path / "b" / "checkpoints" / "step-2" / "method.pt").is_file() == has_state
 
     method, model, _ = prepared(name, kind, tmp_path / "c")
-    assert not model.load_state_dict(checkpoint["model"], strict=False).unexpected_keys
-    optimizer = make_optimizer(model)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["method"] is not None:
-        method.load_state_dict(checkpoint["method"])
-    train(method, model, batches, steps=4, start=2, optimizer=optimizer)
+    assert trainable(model).keys() == expected.keys()
+    state = train(method, model, batches, steps=4, out=tmp_path / "b", resume=True)
+    assert state.resumed_at == [2]
     resumed = trainable(model)
-    assert resumed.keys() == expected.keys()
     assert all(torch.equal(resumed[n], expected[n]) for n in expected)
 
 
@@ -231,10 +240,57 @@ def test_resume_from_a_checkpoint_matches_uninterrupted_training(name, kind, tmp
 @pytest.mark.parametrize("name", BUDGETED)
 def test_budget_within_ten_percent_of_uniform_lora(name, kind, avg_rank, tmp_path):
     method, model, _ = prepared(name, kind, tmp_path, avg_rank=avg_rank)
-    budget = getattr(method, "budget_parameter_count", None)
-    count = budget(model) if budget is not None else adapter_parameter_count(model)
+    count = method.budget_parameter_count(model)
     reference = lora_reference(kind, avg_rank)
     assert abs(count - reference) <= 0.1 * reference, (count, reference)
+
+
+@pytest.fixture(scope="module")
+def run_assets(tmp_path_factory):
+    """A tiny BERT classifier folder (word-level tokenizer) and a 30-row sentiment CSV."""
+    from conftest import make_word_tokenizer
+    from tiny import write_sentiment_csv
+
+    root = tmp_path_factory.mktemp("run-assets")
+    tiny_bert().save_pretrained(root / "bert")
+    make_word_tokenizer().save_pretrained(root / "bert")
+    write_sentiment_csv(root / "sentiment.csv", n=30)
+    return root
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_a_whole_run_reproduces(name, run_assets, tmp_path):
+    """The public ``train`` (one epoch, checkpoints every 2 steps), then ``evaluate_run`` on the saved adapter."""
+    from senslora.training.train import evaluate_run
+    from senslora.training.train import train as train_run
+
+    config = TrainConfig(
+        method=name,
+        model=str(run_assets / "bert"),
+        task=f"csv:{run_assets / 'sentiment.csv'}",
+        epochs=1,
+        batch_size=8,
+        max_length=16,
+        lr=1e-2,
+        calib_samples=8,
+        save_every=2,
+        keep_checkpoints=True,
+        eval_each_epoch=False,
+        options={"plot": False},
+        device="cpu",
+    )
+    result = train_run(config, tmp_path / "run", progress=False)
+    train_size = result["data"]["train"]
+    if name == "tsqlora":  # trains on what its data-quality selection keeps
+        assert train_size == result["data_selection"]["counts"]["kept"] < 24
+    else:
+        assert train_size == 24
+    assert result["steps"] == -(-train_size // 8)
+    assert checkpoints(tmp_path / "run")[-1].name == f"step-{result['steps']}"
+    if name != "full":
+        budget, reference = result["budget_params"], lora_reference("bert", 4)
+        assert abs(budget - reference) <= 0.1 * reference, (budget, reference)
+    assert evaluate_run(tmp_path / "run")["reproduced"]
 
 
 def test_this_suite_covers_the_baselines():

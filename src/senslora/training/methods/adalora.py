@@ -65,14 +65,18 @@ class AdaLoRA(Method):
         # Round half up (Python's round() would map 1.5 x 3 = 4.5 to 4).
         init_r = max(target_r + 1, int(1.5 * target_r + 0.5))
         tinit, tfinal, delta_t = adalora_schedule(ctx.total_steps)
+        # The rank schedule, as recorded in result.json (PEFT calls delta_t "deltaT").
+        schedule = {
+            "init_r": init_r,
+            "target_r": target_r,
+            "tinit": tinit,
+            "tfinal": tfinal,
+            "delta_t": delta_t,
+            "total_step": ctx.total_steps,
+            "orth_reg_weight": ORTH_REG_WEIGHT,
+        }
         config = AdaLoraConfig(
-            init_r=init_r,
-            target_r=target_r,
-            tinit=tinit,
-            tfinal=tfinal,
-            deltaT=delta_t,
-            total_step=ctx.total_steps,
-            orth_reg_weight=ORTH_REG_WEIGHT,
+            **{"deltaT" if key == "delta_t" else key: value for key, value in schedule.items()},
             lora_alpha=ctx.lora_alpha,
             lora_dropout=ctx.lora_dropout,
             target_modules=[t.name for t in targets],
@@ -83,13 +87,7 @@ class AdaLoRA(Method):
         self._sizes = {t.name: t.lora_params_per_rank + 1 for t in targets}
         self._budget_params = target_r * sum(self._sizes.values())
         self.record.update(
-            init_r=init_r,
-            target_r=target_r,
-            tinit=tinit,
-            tfinal=tfinal,
-            delta_t=delta_t,
-            total_step=ctx.total_steps,
-            orth_reg_weight=ORTH_REG_WEIGHT,
+            schedule,
             target_rank_budget=target_r * len(targets),
             target_budget_params=self._budget_params,
         )

@@ -129,6 +129,7 @@ class BottleneckMethod(Method):
     """Shared implementation; subclasses set :attr:`places`."""
 
     is_peft = False
+    mergeable = False  # the adapters are extra modules: nothing to fold into the base weights
     places: tuple[str, ...] = ()
 
     def __init__(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
 
 from ...core.errors import SensloraError
@@ -50,11 +51,20 @@ class MethodContext:
 
 
 class Method:
-    """Base class: override :meth:`prepare`; the hooks default to doing nothing."""
+    """Base class: override :meth:`prepare`; every other hook has a default (mostly: do nothing).
+
+    The training loop calls, in this order: :meth:`prepare` once; per optimizer step
+    :meth:`on_step_begin`, the forward pass plus :meth:`extra_loss`, backward,
+    :meth:`on_optimizer_step`; :meth:`on_eval` before every evaluation; :meth:`state_dict` at every
+    checkpoint and :meth:`load_state_dict` on a resume; :meth:`budget_parameter_count` for
+    ``result.json``; :meth:`save` at the end. ``evaluate`` calls :meth:`load` (and :meth:`merge`).
+    """
 
     name: ClassVar[str] = ""
     #: True when the trained model is a PEFT model saved with ``save_pretrained``.
     is_peft: ClassVar[bool] = True
+    #: False when the trained model cannot be folded into a plain model (``evaluate --merge``).
+    mergeable: ClassVar[bool] = True
     #: Training options this method always sets (they override the CLI's defaults), e.g. the
     #: ``cka`` method is ``lora`` with ``layer_select="cka"``.
     implied_options: ClassVar[dict[str, Any]] = {}
@@ -77,6 +87,25 @@ class Method:
     def on_eval(self, model: nn.Module) -> None:
         """Before evaluation (e.g. DyLoRA evaluates at full rank)."""
 
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to every training step's task loss (AdaLoRA's orthogonality penalty), or
+        None: nothing to add (the default)."""
+        return None
+
+    def budget_parameter_count(self, model: nn.Module) -> int:
+        """The parameter count compared with uniform LoRA's budget (``budget_params``). Default:
+        :func:`adapter_parameter_count`, the trainable parameters outside the task head."""
+        return adapter_parameter_count(model)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Run state outside the model's weights, saved in every checkpoint (``method.pt``), or None
+        when the method has none (the default; no ``method.pt`` is written)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on a resume, after :meth:`prepare` and the trained weights.
+        Default: nothing to restore."""
+
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Save what was trained into ``out_dir`` (PEFT: ``save_pretrained``)."""
         model.save_pretrained(str(out_dir))
@@ -87,6 +116,14 @@ class Method:
 
         with peft_wrapping():
             return PeftModel.from_pretrained(base_model, str(adapter_dir))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """The trained model (from :meth:`load`) as a plain model, with what was trained folded in.
+        Default: PEFT's ``merge_and_unload``; a method that is not PEFT overrides this, or sets
+        :attr:`mergeable` to False."""
+        if not self.is_peft:
+            raise SensloraError(f"method {self.name} cannot be merged into the base model")
+        return model.merge_and_unload()
 
 
 @contextlib.contextmanager
