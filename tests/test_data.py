@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from senslora.core.errors import SensloraError
-from senslora.data import examples as data
+from senslora.data import corpora
 from senslora.data.examples import (
     CALIB_ALIASES,
     Example,
@@ -91,7 +91,7 @@ def _never_run(cmd, **kwargs):
 
 def test_vader_missing_is_one_line_and_never_downloads(monkeypatch, tmp_path):
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path))
-    monkeypatch.setattr(data.subprocess, "run", _never_run)
+    monkeypatch.setattr(corpora.subprocess, "run", _never_run)
     with pytest.raises(SensloraError, match=r"VADER data in .* is missing; run `senslora fetch` \(or scripts/setup.sh\)"):
         vader_records("tweets")
     assert list(tmp_path.iterdir()) == []
@@ -106,9 +106,9 @@ def test_fetch_download_failure(monkeypatch, tmp_path):
             cmd, 1, "", "ERROR: No matching distribution found for vaderSentiment\n"
         )
 
-    monkeypatch.setattr(data.subprocess, "run", fail)
+    monkeypatch.setattr(corpora.subprocess, "run", fail)
     with pytest.raises(SensloraError, match="No matching distribution.*get it by hand.*senslora fetch --from"):
-        data.fetch_vader()
+        corpora.fetch_vader()
     assert list(tmp_path.rglob("*_GroundTruth.txt")) == []
 
 
@@ -124,10 +124,10 @@ def _fake_sdist(path: Path) -> Path:
 
     inner = io.BytesIO()
     with tarfile.open(fileobj=inner, mode="w:gz") as tar:
-        for name in data.VADER_SETS:
+        for name in corpora.VADER_SETS:
             add(tar, f"hutto_ICWSM_2014/{name}_GroundTruth.txt", b"1\t0.5\tnice\r\n2\t-1.5\tbad\r\n")
     with tarfile.open(path, "w:gz") as tar:
-        add(tar, data._VADER_INNER, inner.getvalue())
+        add(tar, corpora._VADER_INNER, inner.getvalue())
     return path
 
 
@@ -136,16 +136,16 @@ def test_fetch_from_a_tarball_checks_its_hash(monkeypatch, tmp_path, capsys):
     from senslora.core.cache import sha256_file
 
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data.subprocess, "run", _never_run)
+    monkeypatch.setattr(corpora.subprocess, "run", _never_run)
     sdist = _fake_sdist(tmp_path / "vaderSentiment-3.3.2.tar.gz")
     assert main(["fetch", "--from", str(sdist)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"has SHA-256 {sha256_file(sdist)}, not that of" in err[0]
     assert not (tmp_path / "cache").exists()
-    monkeypatch.setattr(data, "VADER_SDIST_SHA256", sha256_file(sdist))
-    monkeypatch.setitem(data.VADER_SETS, "tweets", 2)
+    monkeypatch.setattr(corpora, "VADER_SDIST_SHA256", sha256_file(sdist))
+    monkeypatch.setitem(corpora.VADER_SETS, "tweets", 2)
     assert main(["fetch", "--from", str(sdist)]) == 0
-    assert capsys.readouterr().out.strip() == f"VADER data ready in {data.vader_dir()}"
+    assert capsys.readouterr().out.strip() == f"VADER data ready in {corpora.vader_dir()}"
     assert vader_records("tweets") == [("1", 0.5, "nice"), ("2", -1.5, "bad")]
     assert main(["fetch"]) == 0  # there and intact: nothing to do (no pip)
     assert sdist.is_file()
@@ -155,9 +155,9 @@ def test_vader_hand_copied_and_damaged(monkeypatch, tmp_path):
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path))
     folder = tmp_path / "data" / "vader"
     folder.mkdir(parents=True)
-    for name in data.VADER_SETS:
+    for name in corpora.VADER_SETS:
         (folder / f"{name}_GroundTruth.txt").write_text("1\t0.5\tnice\r\n2\t-1\tbad\r\n", encoding="utf-8")
-    monkeypatch.setattr(data.subprocess, "run", _never_run)
+    monkeypatch.setattr(corpora.subprocess, "run", _never_run)
     with pytest.raises(SensloraError, match="has 2 rows, expected 4200"):
         vader_records("tweets")
 
