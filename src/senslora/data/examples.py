@@ -401,7 +401,8 @@ def calibration_batches(
 ) -> list[dict[str, Any]]:
     """Seeded calibration sample of ``calib`` (``samples`` examples), tokenised into padded batches.
 
-    The messages name the ``senslora allocate`` flags (``--max-length``, ``--label-column``,
+    For a classification or regression model, an estimator that needs the task loss (its
+    ``needs_labels``: all but ``activation``) needs every example labelled. The messages name the ``senslora allocate`` flags (``--max-length``, ``--label-column``,
     ``--estimator``) that set these values.
     """
     if max_length < 8:
@@ -413,7 +414,10 @@ def calibration_batches(
         label_column=label_column,
     )
     examples = sample_examples(examples, samples, seed)
-    if kind in ("classification", "regression") and estimator not in ("activation",):
+    from ..core.estimators import ESTIMATORS  # imports torch: not at module level
+
+    needs_labels = estimator not in ESTIMATORS or ESTIMATORS[estimator].needs_labels
+    if kind in ("classification", "regression") and needs_labels:
         if any(e.label is None for e in examples):
             raise SensloraError(
                 f"estimator {estimator} needs labelled calibration data for a {kind} model; pass --label-column or use --estimator activation"
