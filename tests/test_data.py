@@ -19,6 +19,8 @@ from senslora.data.examples import (
     chat_pairs,
     load_examples,
     make_batches,
+    pad_rows,
+    padding_id,
     prompt_text,
     sample_examples,
     vader_records,
@@ -313,6 +315,35 @@ def test_unknown_spec(tmp_path):
         load_examples(tmp_path / "d.xlsx")
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json"])
+def test_calibration_sets_and_tasks_read_files_alike(tmp_path, suffix):
+    # One reader (senslora.data.readers) behind both: same rows, same ids, same parse errors.
+    from senslora.data.tasks import load_task
+
+    rows = [{"text": f"t {i}", "label": f"{i / 4:g}"} for i in range(20)]
+    path = tmp_path / f"d{suffix}"
+    if suffix in (".csv", ".tsv"):
+        sep = "," if suffix == ".csv" else "\t"
+        path.write_text("text" + sep + "label\n" + "".join(f"{r['text']}{sep}{r['label']}\n" for r in rows))
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    examples = load_examples(path, label_column="label")
+    task = load_task(f"{'csv' if suffix in ('.csv', '.tsv') else 'jsonl'}:{path}", problem="regression")
+    in_task = {ex.id: (ex.text, ex.label) for ex in task.train + task.validation + task.test}
+    assert in_task == {ex.id: (ex.text, float(ex.label)) for ex in examples}
+    assert len(in_task) == len(rows)
+    if suffix in (".csv", ".tsv"):
+        path.write_text(path.read_text() + "extra" + sep + "1" + sep + "2\n")
+        kind = suffix[1:].upper()
+        message = f"does not parse as {kind}: data row 21 has 3 fields, the header 2"
+        with pytest.raises(SensloraError, match=message):
+            load_examples(path, label_column="label")
+        with pytest.raises(SensloraError, match=message):
+            load_task(f"csv:{path}")
+
+
 # --------------------------------------------------------------------------------- sampling
 def test_sample_examples():
     examples = [Example(text=str(i), id=str(i)) for i in range(50)]
@@ -346,6 +377,24 @@ def test_classification_batches(word_tokenizer):
     assert reg["labels"].dtype == torch.float32 and reg["labels"].tolist() == [1.0, 0.0, 1.0]
     unlabelled = make_batches([Example("good"), Example("bad")], tok, kind="classification")
     assert "labels" not in unlabelled[0]
+
+
+def test_pad_rows_and_padding_id(word_tokenizer):
+    ids, mask = pad_rows([[1, 2, 3], [4], []], 0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    left, left_mask = pad_rows([[1, 2, 3], [4]], 9, left=True, width=4)  # as generation pads
+    assert left.tolist() == [[9, 1, 2, 3], [9, 9, 9, 4]]
+    assert left_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert pad_rows([], 0)[0].shape == (0, 0)
+    tok = word_tokenizer()
+    assert tok.pad_token is None and padding_id(tok) == tok.eos_token_id  # no pad token: EOS
+    tok.pad_token = "[UNK]"
+    assert padding_id(tok) == tok.convert_tokens_to_ids("[UNK]")
+    assert make_batches([Example("the film"), Example("bad")], tok, kind="base")[0]["input_ids"][1, -1] == (
+        padding_id(tok)
+    )
 
 
 def test_batch_errors(word_tokenizer):

