@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from senslora.core.errors import SensloraError
-from senslora.data import examples as data
+from senslora.data import corpora
 from senslora.data.examples import (
     CALIB_ALIASES,
     Example,
@@ -19,6 +19,8 @@ from senslora.data.examples import (
     chat_pairs,
     load_examples,
     make_batches,
+    pad_rows,
+    padding_id,
     prompt_text,
     sample_examples,
     vader_records,
@@ -91,7 +93,7 @@ def _never_run(cmd, **kwargs):
 
 def test_vader_missing_is_one_line_and_never_downloads(monkeypatch, tmp_path):
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path))
-    monkeypatch.setattr(data.subprocess, "run", _never_run)
+    monkeypatch.setattr(corpora.subprocess, "run", _never_run)
     with pytest.raises(SensloraError, match=r"VADER data in .* is missing; run `senslora fetch` \(or scripts/setup.sh\)"):
         vader_records("tweets")
     assert list(tmp_path.iterdir()) == []
@@ -106,9 +108,9 @@ def test_fetch_download_failure(monkeypatch, tmp_path):
             cmd, 1, "", "ERROR: No matching distribution found for vaderSentiment\n"
         )
 
-    monkeypatch.setattr(data.subprocess, "run", fail)
+    monkeypatch.setattr(corpora.subprocess, "run", fail)
     with pytest.raises(SensloraError, match="No matching distribution.*get it by hand.*senslora fetch --from"):
-        data.fetch_vader()
+        corpora.fetch_vader()
     assert list(tmp_path.rglob("*_GroundTruth.txt")) == []
 
 
@@ -124,10 +126,10 @@ def _fake_sdist(path: Path) -> Path:
 
     inner = io.BytesIO()
     with tarfile.open(fileobj=inner, mode="w:gz") as tar:
-        for name in data.VADER_SETS:
+        for name in corpora.VADER_SETS:
             add(tar, f"hutto_ICWSM_2014/{name}_GroundTruth.txt", b"1\t0.5\tnice\r\n2\t-1.5\tbad\r\n")
     with tarfile.open(path, "w:gz") as tar:
-        add(tar, data._VADER_INNER, inner.getvalue())
+        add(tar, corpora._VADER_INNER, inner.getvalue())
     return path
 
 
@@ -136,16 +138,16 @@ def test_fetch_from_a_tarball_checks_its_hash(monkeypatch, tmp_path, capsys):
     from senslora.core.cache import sha256_file
 
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data.subprocess, "run", _never_run)
+    monkeypatch.setattr(corpora.subprocess, "run", _never_run)
     sdist = _fake_sdist(tmp_path / "vaderSentiment-3.3.2.tar.gz")
     assert main(["fetch", "--from", str(sdist)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"has SHA-256 {sha256_file(sdist)}, not that of" in err[0]
     assert not (tmp_path / "cache").exists()
-    monkeypatch.setattr(data, "VADER_SDIST_SHA256", sha256_file(sdist))
-    monkeypatch.setitem(data.VADER_SETS, "tweets", 2)
+    monkeypatch.setattr(corpora, "VADER_SDIST_SHA256", sha256_file(sdist))
+    monkeypatch.setitem(corpora.VADER_SETS, "tweets", 2)
     assert main(["fetch", "--from", str(sdist)]) == 0
-    assert capsys.readouterr().out.strip() == f"VADER data ready in {data.vader_dir()}"
+    assert capsys.readouterr().out.strip() == f"VADER data ready in {corpora.vader_dir()}"
     assert vader_records("tweets") == [("1", 0.5, "nice"), ("2", -1.5, "bad")]
     assert main(["fetch"]) == 0  # there and intact: nothing to do (no pip)
     assert sdist.is_file()
@@ -155,9 +157,9 @@ def test_vader_hand_copied_and_damaged(monkeypatch, tmp_path):
     monkeypatch.setenv("SENSLORA_CACHE", str(tmp_path))
     folder = tmp_path / "data" / "vader"
     folder.mkdir(parents=True)
-    for name in data.VADER_SETS:
+    for name in corpora.VADER_SETS:
         (folder / f"{name}_GroundTruth.txt").write_text("1\t0.5\tnice\r\n2\t-1\tbad\r\n", encoding="utf-8")
-    monkeypatch.setattr(data.subprocess, "run", _never_run)
+    monkeypatch.setattr(corpora.subprocess, "run", _never_run)
     with pytest.raises(SensloraError, match="has 2 rows, expected 4200"):
         vader_records("tweets")
 
@@ -313,6 +315,35 @@ def test_unknown_spec(tmp_path):
         load_examples(tmp_path / "d.xlsx")
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json"])
+def test_calibration_sets_and_tasks_read_files_alike(tmp_path, suffix):
+    # One reader (senslora.data.readers) behind both: same rows, same ids, same parse errors.
+    from senslora.data.tasks import load_task
+
+    rows = [{"text": f"t {i}", "label": f"{i / 4:g}"} for i in range(20)]
+    path = tmp_path / f"d{suffix}"
+    if suffix in (".csv", ".tsv"):
+        sep = "," if suffix == ".csv" else "\t"
+        path.write_text("text" + sep + "label\n" + "".join(f"{r['text']}{sep}{r['label']}\n" for r in rows))
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    examples = load_examples(path, label_column="label")
+    task = load_task(f"{'csv' if suffix in ('.csv', '.tsv') else 'jsonl'}:{path}", problem="regression")
+    in_task = {ex.id: (ex.text, ex.label) for ex in task.train + task.validation + task.test}
+    assert in_task == {ex.id: (ex.text, float(ex.label)) for ex in examples}
+    assert len(in_task) == len(rows)
+    if suffix in (".csv", ".tsv"):
+        path.write_text(path.read_text() + "extra" + sep + "1" + sep + "2\n")
+        kind = suffix[1:].upper()
+        message = f"does not parse as {kind}: data row 21 has 3 fields, the header 2"
+        with pytest.raises(SensloraError, match=message):
+            load_examples(path, label_column="label")
+        with pytest.raises(SensloraError, match=message):
+            load_task(f"csv:{path}")
+
+
 # --------------------------------------------------------------------------------- sampling
 def test_sample_examples():
     examples = [Example(text=str(i), id=str(i)) for i in range(50)]
@@ -346,6 +377,24 @@ def test_classification_batches(word_tokenizer):
     assert reg["labels"].dtype == torch.float32 and reg["labels"].tolist() == [1.0, 0.0, 1.0]
     unlabelled = make_batches([Example("good"), Example("bad")], tok, kind="classification")
     assert "labels" not in unlabelled[0]
+
+
+def test_pad_rows_and_padding_id(word_tokenizer):
+    ids, mask = pad_rows([[1, 2, 3], [4], []], 0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    left, left_mask = pad_rows([[1, 2, 3], [4]], 9, left=True, width=4)  # as generation pads
+    assert left.tolist() == [[9, 1, 2, 3], [9, 9, 9, 4]]
+    assert left_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert pad_rows([], 0)[0].shape == (0, 0)
+    tok = word_tokenizer()
+    assert tok.pad_token is None and padding_id(tok) == tok.eos_token_id  # no pad token: EOS
+    tok.pad_token = "[UNK]"
+    assert padding_id(tok) == tok.convert_tokens_to_ids("[UNK]")
+    assert make_batches([Example("the film"), Example("bad")], tok, kind="base")[0]["input_ids"][1, -1] == (
+        padding_id(tok)
+    )
 
 
 def test_batch_errors(word_tokenizer):

@@ -374,3 +374,29 @@ def test_smollm2_loads_and_runs():
     with torch.no_grad():
         loss = model(**batch).loss
     assert torch.isfinite(loss) and loss.item() < 6.0  # a trained model, far below ln(49152) = 10.8
+
+
+# ------------------------------------------------------------------------------- heads and PEFT
+def test_head_modules_are_what_peft_trains_for_sequence_classification():
+    # The one list of task-head names: the heads transformers adds for sequence classification,
+    # which PEFT's SEQ_CLS keeps trainable (modules_to_save); never the pretrained lm_head.
+    from peft import LoraConfig, get_peft_model
+    from tiny import tiny_bert
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    llama = LlamaForSequenceClassification(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    )
+    for model, target in ((tiny_bert(), "query"), (llama, "q_proj")):
+        heads = [n for n, _ in model.named_parameters() if models.is_head_parameter(n)]
+        assert heads and all(n.split(".")[0] in models.HEAD_MODULES for n in heads)
+        task_type = models.peft_task_type(model_kind(model))
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=[target], task_type=task_type))
+        trained = {n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n}
+        assert trained and all(models.is_head_parameter(n) for n in trained)
+    assert not models.is_head_parameter("lm_head.weight")
+    assert models.peft_task_type("regression") == "SEQ_CLS" and models.peft_task_type("causal-lm") == "CAUSAL_LM"
+    with pytest.raises(SensloraError, match="unknown task kind 'base'"):
+        models.peft_task_type("base")

@@ -51,7 +51,8 @@ class Target:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's transformer blocks: the largest ModuleList whose children share one class."""
+    """The model's transformer blocks: the largest non-empty ModuleList whose children share one
+    class and hold a linear layer (the first such list wins a tie), or None."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:

@@ -44,6 +44,13 @@ MODEL_ALIASES: dict[str, str] = {
 }
 KINDS = ("auto", "classification", "regression", "causal-lm", "base")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+# Module names of the task head transformers adds for sequence classification / regression
+# (``classifier``: BERT-style encoders, ``score``: decoder LMs), the same names PEFT's SEQ_CLS puts
+# in ``modules_to_save``. A causal LM's ``lm_head`` is not among them: it is the pretrained output
+# layer (often tied to the embeddings), which the adapter methods leave frozen.
+HEAD_MODULES = ("classifier", "score")
+# PEFT ``task_type`` of each model kind (SEQ_CLS also trains the head through ``modules_to_save``).
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SETUP_HINT = "run scripts/setup.sh"
@@ -218,9 +225,10 @@ def _single_gguf(folder: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------------- resolution
 def is_local_spec(name: str) -> bool:
-    """Whether a ``--model`` value names a local path: it exists, or it is spelled as one (absolute,
-    ``./``, ``~``, a ``.gguf`` file, or more than one ``/``). Anything else that is not an alias is a
-    Hugging Face hub name (``org/name`` or ``name``)."""
+    """Whether a ``--model`` value names a local path: it exists, or it is spelled as one (starting
+    with ``/``, ``.`` or ``~``, holding a backslash or more than one ``/``, a ``.gguf`` file), or it
+    is no valid hub name. Anything else that is not an alias is a Hugging Face hub name
+    (``org/name`` or ``name``)."""
     if name in MODEL_ALIASES:
         return False
     spelled_as_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
@@ -380,8 +388,9 @@ def load_model(
         num_labels: classes for ``classification`` (at least 2).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``; default CUDA if available.
         dtype: ``torch.dtype`` or ``float32``/``bfloat16``/``float16``/``auto``; default float32.
-        attn_implementation: passed to ``from_pretrained`` when given (``"eager"`` is needed for
-            double backward, e.g. Hutchinson, on CPU).
+        attn_implementation: passed to ``from_pretrained`` when given (``"eager"`` has double
+            backward through attention on CPU; the ``hutchinson`` estimator switches a model to it
+            for its run by itself).
         device_map, offload_folder, max_memory: big-model loading through accelerate (passed to
             ``from_pretrained``; ``device`` is then ignored). ``"auto"`` fills the GPUs, then CPU
             RAM, then ``offload_folder`` on disk; offloaded blocks are moved to the GPU one at a
@@ -389,8 +398,10 @@ def load_model(
             can be calibrated (with the ``activation`` estimator, which needs no backward pass).
 
     New heads are freshly initialised by transformers (seed torch first for reproducibility).
-    The tokenizer always has a pad token (its EOS if it had none) and ``model.config.pad_token_id``
-    is set.
+    The tokenizer always has a pad token (its EOS if it had none), ``model.config.pad_token_id``
+    (and the generation config's, when unset) is set to it, a causal LM's tokenizer pads on the
+    right, and the tokenizer's ``model_max_length`` is capped at the model's positions
+    (:func:`model_positions`), which :func:`senslora.data.batches.make_batches` truncates to.
     """
     if kind not in KINDS:
         raise SensloraError(f"model kind {kind!r} is not supported; use one of {', '.join(KINDS)}")
@@ -535,6 +546,20 @@ def offloaded(model: Any) -> bool:
     placement = getattr(model, "hf_device_map", None) or {}
     devices = {str(d) for d in placement.values()}
     return "disk" in devices or ("cpu" in devices and len(devices) > 1)
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether a parameter (or module) name lies in the task head (:data:`HEAD_MODULES`)."""
+    return any(part in HEAD_MODULES for part in name.split("."))
+
+
+def peft_task_type(kind: str) -> str:
+    """The PEFT ``task_type`` of a model kind (:data:`PEFT_TASK_TYPES`); a bare ``base`` model or
+    any other kind has none and is an error."""
+    try:
+        return PEFT_TASK_TYPES[kind]
+    except KeyError:
+        raise SensloraError(f"unknown task kind {kind!r}; choose one of {', '.join(PEFT_TASK_TYPES)}") from None
 
 
 def model_kind(model: Any) -> str:

