@@ -15,11 +15,17 @@ from typing import Any
 
 from ..core.cache import atomic_dir, atomic_write_text
 from ..core.errors import SensloraError
-
-# The paper's targets, checked as ratios measured in one benchmark run.
-TARGET_ALLOC_OVER_FORWARD = 1.25
-TARGET_STEP_TIME = 1.03
-TARGET_MEMORY = 1.02
+from .costs import (  # noqa: F401  (re-exported: the report's public names)
+    TARGET_ALLOC_OVER_FORWARD,
+    TARGET_MEMORY,
+    TARGET_STEP_TIME,
+    cost_lines,
+    probe_section,
+    rank_agreement,
+    targets_section,
+)
+from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
+from .tables import _fmt, _label, _row_key, _table
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -48,80 +54,6 @@ def _add_generation_mean(result: dict) -> None:
     m = result.get("metrics") or {}
     if all(isinstance(m.get(k), (int, float)) for k in ("bleu", "rouge1", "rougeL")):
         m[GENERATION_MEAN] = (m["bleu"] + 100 * m["rouge1"] + 100 * m["rougeL"]) / 3
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% t-interval (SciPy's t quantile)."""
-    from scipy import stats
-
-    m = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return m, math.nan, math.nan
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return m, m - half, m + half
-
-
-def detectable_effect(sd: float, n: int, *, power: float = 0.8) -> float:
-    """Smallest true paired difference a two-sided 5% paired t-test on ``n`` pairs detects with
-    probability ``power``, for a difference standard deviation ``sd`` (SciPy's noncentral t).
-
-    Hand-written (a one-line root find): no maintained offline package here exposes paired-t power."""
-    from scipy import optimize, stats
-
-    if n < 2 or sd <= 0:
-        return math.nan
-    df, se = n - 1, sd / math.sqrt(n)
-    crit = stats.t.ppf(0.975, df)
-
-    def shortfall(effect: float) -> float:
-        nc = effect / se
-        p = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
-        # SciPy's nct returns nan far in the tail, where the power is 1 to machine precision
-        return (1.0 if math.isnan(p) else p) - power
-
-    hi = se * (crit + 1)
-    while shortfall(hi) < 0:  # power rises with the effect: widen the bracket until it passes
-        hi *= 2
-    return float(optimize.brentq(shortfall, 0.0, hi))
-
-
-def seeds_for_half_width(sd: float, half_width: float, *, at_least: int = 2) -> int:
-    """Fewest pairs whose 95% t-interval of the mean difference has half-width <= ``half_width``."""
-    from scipy import stats
-
-    if sd <= 0:
-        return at_least
-    n = max(at_least, 2)
-    while stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) > half_width:
-        n += 1
-    return n
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def _row_key(run: dict, drop: tuple[str, ...] = ("seed",)) -> tuple:
-    return tuple((k, json.dumps(v, sort_keys=True)) for k, v in run["_meta"]["grid"].items() if k not in drop)
-
-
-def _label(key: tuple) -> str:
-    return ", ".join(f"{k}={json.loads(v)}" for k, v in key) or "(single setting)"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(r) + " |" for r in rows
-    ]
 
 
 def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
@@ -407,64 +339,6 @@ def headline_section(by_exp: dict[str, list[dict]]) -> list[str]:
     return ["## Headline", "", *lines, *cost]
 
 
-def cost_lines(by_exp: dict[str, list[dict]]) -> list[str]:
-    """Training cost of every method against uniform LoRA (per-step time and peak memory at each
-    batch size, from experiments whose grid has `method` and `batch_size`, averaged over seeds),
-    and senslora's allocation time against EVA's initialisation inside the same benchmark."""
-    lines: list[str] = []
-    for name, members in by_exp.items():
-        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
-        if not ok or not {"method", "batch_size"} <= set(ok[0]["_meta"]["grid"]):
-            continue
-        vals: dict[tuple, list[dict]] = defaultdict(list)
-        for r in ok:
-            vals[(r["_meta"]["grid"]["method"], r["_meta"]["grid"]["batch_size"])].append(r)
-        sizes = sorted({b for _, b in vals})
-        rows = []
-        for method in dict.fromkeys(m for m, _ in vals):
-            row = [method]
-            for what in ("step_time_median_s", "peak_memory_mb"):
-                for b in sizes:
-                    num = [r[what] for r in vals.get((method, b), []) if r.get(what)]
-                    den = [r[what] for r in vals.get(("lora", b), []) if r.get(what)]
-                    row.append(f"{statistics.fmean(num) / statistics.fmean(den):.2f}" if num and den else "–")
-            rows.append(row)
-        header = ["method"] + [f"step time / lora, batch {b}" for b in sizes]
-        header += [f"peak memory / lora, batch {b}" for b in sizes]
-        lines += [f"### Training cost against uniform LoRA (`{name}`)", "", *_table(header, rows), ""]
-    rows = []
-    for name, members in by_exp.items():
-        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
-        eva = {
-            (str(r.get("task")), r["seed"]): r for r in ok if (r.get("method_record") or {}).get("eva_seconds")
-        }
-        groups: dict[str, list[float]] = defaultdict(list)
-        per_example: dict[str, list[float]] = defaultdict(list)
-        for r in ok:
-            e = eva.get((str(r.get("task")), r["seed"]))
-            if r["method"] != "senslora" or not r.get("allocation_time_s") or e is None:
-                continue
-            label = f"{r['task']}, senslora {(r.get('method_record') or {}).get('recipe', '?')}"
-            groups[label].append(r["allocation_time_s"] / e["method_record"]["eva_seconds"])
-            n_s, n_e = (r.get("config") or {}).get("calib_samples"), (e.get("config") or {}).get("calib_samples")
-            if n_s and n_e:
-                per_example[label].append((r["allocation_time_s"] / n_s) / (e["method_record"]["eva_seconds"] / n_e))
-        for label, ratios in groups.items():
-            rows.append([f"{name}: {label}", str(len(ratios)), f"{statistics.median(ratios):.2f}",
-                         f"{statistics.median(per_example[label]):.2f}" if per_example[label] else "–"])
-    if rows:
-        lines += [
-            "### Allocation time against EVA's initialisation (inside the training runs)",
-            "",
-            *_table(["setting", "pairs", "senslora / EVA (median)", "per calibration example (median)"], rows),
-            "",
-            "Both are timed inside the benchmark's training runs, at the same seed and task; EVA repeats "
-            "its SVD passes until the ranks converge.",
-            "",
-        ]
-    return lines
-
-
 def _readme_block(readme: Path, out: Path) -> tuple[str, int, int, str]:
     start, end = f"<!-- senslora report {out} -->", "<!-- /senslora report -->"
     try:
@@ -513,198 +387,6 @@ def _bar_plot(name: str, groups: dict[tuple, list[dict]], primary: str, plots: P
     fig.tight_layout()
     fig.savefig(plots / f"{name}.png", dpi=100)
     plt.close(fig)
-
-
-def _extra_over_forward(r: dict) -> float | None:
-    """The estimator's own extra peak memory: allocation's minus a plain forward's (x model size)."""
-    fwd = r.get("forward_extra_peak_over_model")
-    return None if fwd is None else r["extra_peak_over_model"] - fwd
-
-
-def probe_section(name: str, runs: list[dict]) -> list[str]:
-    """Allocation cost probes, and rank agreement between calibration samples (seeds)."""
-    ok = [r for r in runs if r["status"] == "ok"]
-    lines = [f"## Experiment `{name}` (allocation cost)", ""]
-    if not ok:
-        return lines + ["No completed run.", ""]
-    rows = []
-    for r in ok:
-        rows.append(
-            [
-                r["model"],
-                r["estimator"],
-                str(r.get("recipe") or "–"),
-                str(r["examples"]),
-                str(r["tokens"]),
-                _fmt(r["forward_s"], 3),
-                _fmt(r["allocation_s"], 3),
-                _fmt(_alloc_ratio(r), 2),
-                _fmt(r.get("ratio_to_forward_backward"), 2),
-                f"{r['seconds_per_token'] * 1e3:.3f}",
-                _fmt(r.get("forward_extra_peak_over_model"), 2),
-                _fmt(r["extra_peak_over_model"], 2),
-                _fmt(_extra_over_forward(r), 3),
-            ]
-        )
-    lines += _table(
-        [
-            "model",
-            "estimator",
-            "recipe",
-            "examples",
-            "tokens",
-            "forward (s, min)",
-            "allocation (s, min)",
-            "alloc / forward (median of paired repeats)",
-            "alloc / (fwd+bwd)",
-            "ms per token",
-            "plain forward: extra peak mem / model size",
-            "allocation: extra peak mem / model size",
-            "allocation minus plain forward (x model size)",
-        ],
-        rows,
-    ) + [""]
-    # Agreement: runs equal in everything but the calibration seed.
-    by_setting: dict[tuple, list[dict]] = defaultdict(list)
-    for r in ok:
-        by_setting[_row_key(r)].append(r)
-    agree = []
-    for key, members in by_setting.items():
-        for a, b in zip(members, members[1:], strict=False):
-            rho, diff = rank_agreement(a["ranks"], b["ranks"])
-            agree.append(
-                [
-                    _label(key),
-                    f"{a['params'].get('seed')} vs {b['params'].get('seed')}",
-                    _fmt(rho, 3),
-                    str(diff),
-                    str(sum(a["ranks"].values())),
-                ]
-            )
-    if agree:
-        lines += ["Rank agreement between allocations from two different calibration samples:", ""]
-        lines += _table(
-            ["setting", "calibration seeds", "Spearman of ranks", "total |rank difference|", "rank budget"],
-            agree,
-        ) + [""]
-    return lines
-
-
-def rank_agreement(a: dict[str, int], b: dict[str, int]) -> tuple[float, int]:
-    """Spearman correlation (SciPy) and total absolute difference of two rank allocations."""
-    from scipy import stats
-
-    names = sorted(a)
-    x, y = [a[n] for n in names], [b[n] for n in names]
-    rho = stats.spearmanr(x, y).statistic if len(set(x)) > 1 and len(set(y)) > 1 else math.nan
-    return float(rho), int(sum(abs(p - q) for p, q in zip(x, y, strict=True)))
-
-
-def _alloc_ratio(r: dict) -> float:
-    """Allocation / forward of a probe: the median of per-repeat paired ratios (see profiling)."""
-    from .profiling import paired_ratio
-
-    return paired_ratio(r["runs"]) if r.get("runs") else r["ratio_to_forward"]
-
-
-def targets_section(runs: list[dict]) -> list[str]:
-    """The paper's claims as ratios from one benchmark run, each with pass / fail."""
-    rows = []
-    for r in runs:
-        if (
-            r["status"] == "ok"
-            and r["_meta"]["kind"] == "allocation-probe"
-            and r["estimator"] == "activation"
-        ):
-            v = _alloc_ratio(r)
-            rows.append(
-                [
-                    f"allocation / forward ({r['_meta']['experiment']}: {r['model']}, {r['examples']} examples, seed {r.get('params', {}).get('seed', 0)})",
-                    f"{v:.2f}",
-                    f"≤ {TARGET_ALLOC_OVER_FORWARD}",
-                    "pass" if v <= TARGET_ALLOC_OVER_FORWARD else "**FAIL**",
-                ]
-            )
-    pairs = _method_pairs(runs)
-    for num, den, what, target in [
-        ("senslora", "lora", "step_time_median_s", TARGET_STEP_TIME),
-        ("senslora", "lora", "peak_memory_mb", TARGET_MEMORY),
-        ("adalora", "senslora", "step_time_median_s", None),
-        ("dylora", "lora", "step_time_median_s", None),
-        ("adalora", "lora", "step_time_median_s", None),
-    ]:
-        for setting, ratio in pairs.get((num, den, what), []):
-            label = (
-                f"{num} / {den} {'per-step time' if what.startswith('step') else 'peak memory'} ({setting})"
-            )
-            verdict = "report" if target is None else ("pass" if ratio <= target else "**FAIL**")
-            rows.append([label, f"{ratio:.3f}", "–" if target is None else f"≤ {target}", verdict])
-    rows += _selection_cost_rows(runs)
-    if not rows:
-        return []
-    return (
-        ["## Targets (ratios measured within one benchmark run)", ""]
-        + _table(["quantity", "measured", "target", "verdict"], rows)
-        + [""]
-    )
-
-
-def _selection_cost_rows(runs: list[dict]) -> list[list[str]]:
-    """CKA and quality scoring against one plain forward pass over the same examples (mean over runs)."""
-    cka, quality = [], []
-    for r in runs:
-        if r["status"] != "ok":
-            continue
-        t = (r.get("layer_selection") or {}).get("timings") or {}
-        if t.get("forward"):
-            cka.append((t["hidden_states"] + t.get("cka", 0.0)) / t["forward"])
-        t = (r.get("data_selection") or {}).get("timings") or {}
-        if t.get("forward"):
-            quality.append((t["score"] + t.get("dedupe", 0.0)) / t["forward"])
-    rows = []
-    if cka:
-        rows.append(
-            [
-                f"CKA layer selection / one forward pass ({len(cka)} runs)",
-                f"{statistics.fmean(cka):.3f}",
-                "≈ 1 (one forward)",
-                "report",
-            ]
-        )
-    if quality:
-        rows.append(
-            [
-                f"quality scoring / one forward pass ({len(quality)} runs)",
-                f"{statistics.fmean(quality):.3f}",
-                "≤ 1 (≤ 2 with IFD)",
-                "report",
-            ]
-        )
-    return rows
-
-
-def _method_pairs(runs: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
-    """Ratios num/den of a quantity between methods run at the same grid point (averaged over seeds)."""
-    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in runs:
-        if r["status"] != "ok" or r["_meta"]["kind"] != "train" or "method" not in r["_meta"]["grid"]:
-            continue
-        key = (r["_meta"]["experiment"], _row_key(r, ("seed", "method")))
-        for what in ("step_time_median_s", "peak_memory_mb"):
-            if r.get(what) is not None:
-                values[(key, what)][r["method"]].append(r[what])
-    out: dict[tuple, list[tuple[str, float]]] = defaultdict(list)
-    for ((exp, key), what), by_method in values.items():
-        for num, den in [
-            ("senslora", "lora"),
-            ("adalora", "senslora"),
-            ("dylora", "lora"),
-            ("adalora", "lora"),
-        ]:
-            if by_method.get(num) and by_method.get(den):
-                ratio = statistics.fmean(by_method[num]) / statistics.fmean(by_method[den])
-                out[(num, den, what)].append((f"{exp}: {_label(key)}", ratio))
-    return out
 
 
 def build_report(out: str | Path, *, command: str | None = None, readme: str | Path | None = None) -> Path:
