@@ -10,26 +10,11 @@ memory is the difference.
 
 from __future__ import annotations
 
-import resource
 import statistics
-from pathlib import Path
 
 import torch
 
-
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+from ..core.memory import peak_rss_bytes, rss_bytes
 
 
 def time_forward_backward(model, batches) -> float | None:
@@ -106,7 +91,7 @@ def allocation_probe(
     from ..core.timing import time_forward
 
     # Memory: peak after plain forward passes first (peaks only grow), then after allocation.
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         cuda_before = torch.cuda.memory_allocated(dev)
@@ -114,7 +99,7 @@ def allocation_probe(
     forward_peak = (
         torch.cuda.max_memory_allocated(dev) - cuda_before
         if dev.type == "cuda"
-        else _peak_rss_bytes() - rss_before
+        else peak_rss_bytes() - rss_before
     )
     runs = []
     for i in range(repeats):
@@ -135,7 +120,7 @@ def allocation_probe(
     if dev.type == "cuda":
         extra = torch.cuda.max_memory_allocated(dev) - cuda_before
     else:
-        extra = max(0, _peak_rss_bytes() - rss_before)
+        extra = max(0, peak_rss_bytes() - rss_before)
     # Forward + backward reference for the gradient-based estimators, after the memory reading
     # (full-model gradients would otherwise count as the estimator's memory).
     fb = [time_forward_backward(net, batches) for _ in range(repeats)] if estimator != "activation" else []
