@@ -66,14 +66,16 @@ def allocation_probe(
     sees the same load on the machine); ``forward_s`` and ``allocation_s`` are the minima (the
     least disturbed), and ``ratio_of_minima`` their ratio.
     """
+    from ..core.estimators import estimator_class
     from ..core.pipeline import allocate
     from ..data.examples import calibration_batches
     from ..data.models import load_model, model_kind
     from ..training.train import seed_everything
 
+    needs = estimator_class(estimator)
     seed_everything(seed)
     net, tok = load_model(
-        model, device=device, dtype=dtype, attn_implementation="eager" if estimator == "hutchinson" else None
+        model, device=device, dtype=dtype, attn_implementation="eager" if needs.eager_attention else None
     )
     kind = model_kind(net)
     batches = calibration_batches(
@@ -123,7 +125,7 @@ def allocation_probe(
         extra = max(0, peak_rss_bytes() - rss_before)
     # Forward + backward reference for the gradient-based estimators, after the memory reading
     # (full-model gradients would otherwise count as the estimator's memory).
-    fb = [time_forward_backward(net, batches) for _ in range(repeats)] if estimator != "activation" else []
+    fb = [time_forward_backward(net, batches) for _ in range(repeats)] if needs.needs_grad else []
     fwd = min(r["forward"] for r in runs)
     total = min(r["total"] for r in runs)
     tokens = alloc.calibration["tokens"]
