@@ -10,26 +10,11 @@ memory is the difference.
 
 from __future__ import annotations
 
-import resource
 import statistics
-from pathlib import Path
 
 import torch
 
-
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    import os
-
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+from ..core.memory import peak_rss_bytes, rss_bytes
 
 
 def time_forward_backward(model, batches) -> float | None:
@@ -81,14 +66,16 @@ def allocation_probe(
     sees the same load on the machine); ``forward_s`` and ``allocation_s`` are the minima (the
     least disturbed), and ``ratio_of_minima`` their ratio.
     """
+    from ..core.estimators import estimator_class
     from ..core.pipeline import allocate
     from ..data.examples import calibration_batches
     from ..data.models import load_model, model_kind
     from ..training.train import seed_everything
 
+    needs = estimator_class(estimator)
     seed_everything(seed)
     net, tok = load_model(
-        model, device=device, dtype=dtype, attn_implementation="eager" if estimator == "hutchinson" else None
+        model, device=device, dtype=dtype, attn_implementation="eager" if needs.eager_attention else None
     )
     kind = model_kind(net)
     batches = calibration_batches(
@@ -106,7 +93,7 @@ def allocation_probe(
     from ..core.timing import time_forward
 
     # Memory: peak after plain forward passes first (peaks only grow), then after allocation.
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         cuda_before = torch.cuda.memory_allocated(dev)
@@ -114,7 +101,7 @@ def allocation_probe(
     forward_peak = (
         torch.cuda.max_memory_allocated(dev) - cuda_before
         if dev.type == "cuda"
-        else _peak_rss_bytes() - rss_before
+        else peak_rss_bytes() - rss_before
     )
     runs = []
     for i in range(repeats):
@@ -135,10 +122,10 @@ def allocation_probe(
     if dev.type == "cuda":
         extra = torch.cuda.max_memory_allocated(dev) - cuda_before
     else:
-        extra = max(0, _peak_rss_bytes() - rss_before)
+        extra = max(0, peak_rss_bytes() - rss_before)
     # Forward + backward reference for the gradient-based estimators, after the memory reading
     # (full-model gradients would otherwise count as the estimator's memory).
-    fb = [time_forward_backward(net, batches) for _ in range(repeats)] if estimator != "activation" else []
+    fb = [time_forward_backward(net, batches) for _ in range(repeats)] if needs.needs_grad else []
     fwd = min(r["forward"] for r in runs)
     total = min(r["total"] for r in runs)
     tokens = alloc.calibration["tokens"]

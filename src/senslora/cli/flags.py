@@ -162,11 +162,12 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
     (methods are compared at equal trainable parameters)."""
     import inspect
 
+    from ..core.allocation import STRATEGIES
     from ..core.diagonal import SALIENCIES
     from ..core.estimators import ACCUMULATE_ON, ESTIMATORS, SINK_MODES
     from ..core.metrics import FUSIONS, SCORES
     from ..core.peft_bridge import ALPHA_MODES
-    from ..core.pipeline import BUDGET_MODES, STRATEGIES, allocate
+    from ..core.pipeline import BUDGET_MODES, allocate
     from ..core.presets import DEFAULT_PRESET, PRESETS
     from ..core.shaping import NORMALIZE
 

@@ -185,13 +185,12 @@ def run_allocate(args: argparse.Namespace) -> Path:
     sample, the estimation is sharded over the processes, and the main process writes the folder.
     """
     from ..core.distributed import current
-    from ..core.estimators import ESTIMATORS
+    from ..core.estimators import estimator_class
     from ..core.presets import resolve
 
     out = check_out_dir(args.out, args.overwrite)
     estimator = resolve(args.preset, estimator=args.estimator)["estimator"]
-    if estimator not in ESTIMATORS:
-        raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    estimator_class(estimator)  # an unknown name is an error before anything is written
     args = with_values(args, estimator=estimator)
     dist = current()
     inputs = [*calibration_inputs(args), ("the --device-map file", _device_map_file(args))]
@@ -204,14 +203,16 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
     from peft import LoraConfig, TaskType
 
     from ..core.distributed import process_device
+    from ..core.estimators import estimator_class
     from ..core.pipeline import allocate
-    from ..data.models import model_kind, offloaded
+    from ..data.models import PEFT_TASK_TYPES, model_kind, offloaded
 
     if dist.enabled:
         # One device per process (cuda:<local rank>, or the CPU under gloo).
         args = with_values(args, device=process_device(args.device, dist))
     seed_everything(args.seed)
-    attn = "eager" if args.estimator == "hutchinson" else None
+    estimator = estimator_class(args.estimator)
+    attn = "eager" if estimator.eager_attention else None
     big = big_model_options(args)
     if big and dist.enabled:
         raise SensloraError(
@@ -219,7 +220,7 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
             "device (accelerate launch / torchrun): run a single process"
         )
     model, tokenizer = load_model_for(args, attn_implementation=attn, **big)
-    if offloaded(model) and args.estimator != "activation":
+    if offloaded(model) and estimator.needs_grad:
         raise SensloraError(
             f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
             "(cpu/disk) blocks do not support; use --estimator activation or a --device-map on GPUs only"
@@ -239,11 +240,8 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
     )
     alloc.calibration["source"] = args.calib
     alloc.calibration["max_length"] = args.max_length
-    task_type = {
-        "causal-lm": TaskType.CAUSAL_LM,
-        "classification": TaskType.SEQ_CLS,
-        "regression": TaskType.SEQ_CLS,
-    }.get(kind)
+    peft_type = PEFT_TASK_TYPES.get(kind)  # a bare base model has none
+    task_type = TaskType(peft_type) if peft_type is not None else None
     base = LoraConfig(r=max(1, round(args.avg_rank)), lora_alpha=alloc.lora_alpha, task_type=task_type)
     alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite)  # main only
     dist.barrier()

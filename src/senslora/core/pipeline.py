@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .allocation import STRATEGIES as STRATEGIES  # re-exported: part of this module's API
 from .allocation import allocate_params, allocate_ranks
 from .distributed import SINGLE, current
 from .errors import SensloraError
@@ -44,7 +45,6 @@ from .shaping import (
 from .targets import find_targets
 from .timing import sync_device, time_forward
 
-STRATEGIES = ("sra", "pra")
 BUDGET_MODES = ("rank", "params")
 # The single metrics of the paper's Figure 3, plus the fused allocation.
 FIGURE3_SCORES = ("global", "topk", "effective-rank", "fused")

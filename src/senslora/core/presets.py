@@ -95,10 +95,10 @@ def recipe_checks() -> dict[str, tuple[Check, str]]:
     """Per recipe key: a predicate and what it accepts. The only place the recipe's values are
     range-checked: ``allocate`` (:func:`check_recipe`), training / benchmark options
     (:mod:`senslora.training.options`) and the activation estimator's own arguments all read it."""
+    from .allocation import STRATEGIES
     from .diagonal import SALIENCIES
     from .estimators import ESTIMATORS, SINK_MODES
     from .metrics import FUSIONS, SCORES
-    from .pipeline import STRATEGIES
     from .shaping import NORMALIZE
 
     unit = (lambda v: is_number(v, 0, 1) and v > 0, "a number in (0, 1]")

@@ -23,10 +23,8 @@ from ..core.errors import SensloraError
 from ..data.models import DTYPES, MODEL_ALIASES
 from ..data.tasks import PROBLEMS, TASKS
 from .methods.base import METHODS, get_method
-from .options import check_options
+from .options import DATA_SELECTIONS, LAYER_SELECTIONS, check_options
 
-LAYER_SELECTIONS = ("all", "cka")
-DATA_SELECTIONS = ("none", "quality")
 EVAL_SPLITS = ("test", "validation")
 
 # sections of `senslora train --help`

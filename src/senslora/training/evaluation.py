@@ -22,6 +22,7 @@ import torch
 
 from ..core.errors import SensloraError
 from ..core.losses import model_inputs, move_batch, per_example_loss
+from ..data.batches import pad_rows, padding_id
 from ..data.examples import Example, bos_prefix, make_batches, prompt_text
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -155,7 +156,7 @@ def generate_answers(
         ]
         for p in prompts
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_id(tokenizer)
     eos = tokenizer.eos_token_id
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos
@@ -164,12 +165,8 @@ def generate_answers(
     starts = range(0, len(encoded), batch_size)
     for start in _progress(starts, len(starts), "generate", progress):
         chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids) :] = 1
+        input_ids, attention = pad_rows(chunk, pad, left=True)
+        width = input_ids.shape[1]
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_config
         )

@@ -14,12 +14,11 @@ reported, a lower bound.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from ..core.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 if TYPE_CHECKING:
     from .checkpoint import TrainState
@@ -41,36 +40,19 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             return True
-        import ctypes
-        import gc
-
-        gc.collect()
-        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS
-        except OSError:
-            return False
-        return True
+        return reset_peak_rss()
 
     def _in_use(self) -> int:
         if self.cuda:
             return torch.cuda.memory_allocated(self.device)
         if not self.resettable:
             return self._peak()  # only growth of the peak can be seen
-        import os
-
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return rss_bytes()
 
     def _peak(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device)
-        try:
-            import resource
-        except ImportError:  # Windows
-            return 0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+        return peak_rss_bytes()
 
     def after_warmup(self) -> None:
         """Measure from now on (after the first step: one-off allocations stay out of the growth)."""

@@ -14,6 +14,10 @@ from typing import Any
 from ..core.errors import SensloraError
 from ..core.presets import Check, is_number, one_of
 
+# Defined here rather than in .config, which imports this module (both read them; config re-exports).
+LAYER_SELECTIONS = ("all", "cka")
+DATA_SELECTIONS = ("none", "quality")
+
 
 def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
@@ -24,6 +28,7 @@ def _or_null(check: Check) -> Check:
 
 
 def _checks() -> dict[str, tuple[Check, str]]:
+    from ..core.estimators import ACCUMULATE_ON
     from ..core.peft_bridge import ALPHA_MODES
     from ..core.pipeline import BUDGET_MODES
     from ..core.presets import PRESETS, recipe_checks
@@ -42,13 +47,13 @@ def _checks() -> dict[str, tuple[Check, str]]:
         "budget_mode": one_of(*BUDGET_MODES),
         "alpha_mode": one_of(*ALPHA_MODES),
         "num_probes": (lambda v: _is_int(v, 1), "an integer >= 1"),
-        "accumulate_on": one_of("cpu", "device"),
+        "accumulate_on": one_of(*ACCUMULATE_ON),
         # the training loop's
         "target_modules": (targets, "a regex, a list of module names, or null"),
-        "layer_select": one_of("all", "cka"),
+        "layer_select": one_of(*LAYER_SELECTIONS),
         "layer_ratio": (lambda v: is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
         "layer_budget": one_of("match", "kept"),
-        "data_select": one_of("none", "quality"),
+        "data_select": one_of(*DATA_SELECTIONS),
         "data_keep": (lambda v: is_number(v, 0, 1) and v > 0, "a number in (0, 1]"),
         "plot": (lambda v: isinstance(v, bool), "true or false"),
         # method-specific (Method.option_keys)

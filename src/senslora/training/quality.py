@@ -54,10 +54,11 @@ from typing import Any
 import torch
 
 from ..core.errors import SensloraError
+from ..core.losses import IGNORE_INDEX
+from ..data.batches import pad_rows, padding_id
 
 RULES = ("auto", "trimmed-loss-high", "loss-high", "loss-low", "ifd")
 SCORE_KINDS = ("classification", "regression", "causal-lm")
-IGNORE_INDEX = -100
 
 _WS = re.compile(r"\s+")
 
@@ -158,12 +159,9 @@ def _answer_only_batches(
     for s in range(0, len(answers), batch_size):
         chunk = [start + list(a) for a in answers[s : s + batch_size]]
         width = max(max(len(q) for q in chunk), 1)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        input_ids, mask = pad_rows(chunk, pad_id, width=width)
         labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         for row, q in enumerate(chunk):
-            input_ids[row, : len(q)] = torch.tensor(q, dtype=torch.long)
-            mask[row, : len(q)] = 1
             # Loss on the answer tokens only, never on the start tokens or padding.
             labels[row, len(start) : len(q)] = input_ids[row, len(start) : len(q)]
         out.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
@@ -251,12 +249,9 @@ def score_examples(
                 for r in range(b["input_ids"].shape[0]):
                     if offset + r in gen_set:
                         answers.append(b["input_ids"][r][b["labels"][r] != IGNORE_INDEX].tolist())
-            pad_id = (
-                tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else (tokenizer.eos_token_id or 0)
+            answer_batches = _answer_only_batches(
+                answers, _answer_start(tokenizer), padding_id(tokenizer), batch_size
             )
-            answer_batches = _answer_only_batches(answers, _answer_start(tokenizer), int(pad_id), batch_size)
             a_losses, a_counts = _batch_losses(
                 model, answer_batches, device, progress=progress, desc="quality: IFD"
             )

@@ -68,6 +68,7 @@ __all__ = [
     "FisherEstimator",
     "HutchinsonEstimator",
     "estimate_diagonals",
+    "estimator_class",
     "first_tokens",
     "probe_seed",
 ]
@@ -77,6 +78,14 @@ __all__ = [
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls for cls in (ActivationEstimator, FisherEstimator, FisherBatchEstimator, HutchinsonEstimator)
 }
+
+
+def estimator_class(name: str) -> type[Estimator]:
+    """The estimator class registered as ``name`` in :data:`ESTIMATORS` (its capability attributes
+    say what a run needs); any other name is a one-line error."""
+    if name not in ESTIMATORS:
+        raise SensloraError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]
 
 
 def estimate_diagonals(
@@ -117,9 +126,7 @@ def estimate_diagonals(
     Returns:
         ``{target.name: Diagonal}`` in ``(d_out, d_in)`` convention.
     """
-    if estimator not in ESTIMATORS:
-        raise SensloraError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    cls = ESTIMATORS[estimator]
+    cls = estimator_class(estimator)
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
         raise SensloraError(f"unknown option(s) {', '.join(unknown)} for estimator {estimator!r}")

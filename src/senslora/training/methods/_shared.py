@@ -1,4 +1,5 @@
-"""Helpers shared by the baseline methods: targets, the uniform-LoRA budget, PEFT task types."""
+"""Helpers shared by the baseline methods: targets, the uniform-LoRA budget (PEFT task types:
+:func:`senslora.data.models.peft_task_type`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import torch.nn as nn
 from ...core.errors import SensloraError
 from ...core.targets import Target, find_targets
 from .base import MethodContext
-
-PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
 def method_targets(model: nn.Module, ctx: MethodContext) -> list[Target]:
@@ -30,12 +29,3 @@ def lora_reference_params(targets: list[Target], rank: int) -> int:
     """Trainable parameters of uniform LoRA of ``rank`` on ``targets``: rank x sum(d_in + d_out)."""
     return rank * sum(t.lora_params_per_rank for t in targets)
 
-
-def peft_task_type(task_kind: str) -> str:
-    """PEFT ``task_type`` for our task kind (SEQ_CLS also trains the classification head)."""
-    try:
-        return PEFT_TASK_TYPES[task_kind]
-    except KeyError:
-        raise SensloraError(
-            f"unknown task kind {task_kind!r}; choose one of {', '.join(PEFT_TASK_TYPES)}"
-        ) from None

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._shared import method_targets, peft_task_type, uniform_rank
+from ...data.models import peft_task_type
+from ._shared import method_targets, uniform_rank
 from .base import Method, MethodContext, register, wrap_peft
 
 ORTH_REG_WEIGHT = 0.5  # PEFT's and the paper's default

@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from ...core.errors import SensloraError
 from ...core.targets import find_blocks, weight_shape
+from ...data.models import is_head_parameter
 from ._shared import lora_reference_params, method_targets, uniform_rank
 from .base import Method, MethodContext, register
 
@@ -45,7 +46,6 @@ PLACES: dict[str, tuple[str, ...]] = {
     "attention": ("attention.output.dense", "self_attn.o_proj", "attn.c_proj"),
     "ffn": ("output.dense", "mlp.down_proj", "mlp.c_proj"),
 }
-HEAD_MODULES = ("classifier", "score")
 ADAPTER_ATTR = "bottleneck_adapter"
 WEIGHTS_FILE = "bottleneck_adapters.safetensors"
 CONFIG_FILE = "bottleneck_adapters.json"
@@ -112,12 +112,8 @@ def _add_adapters(model: nn.Module, sites: list[str], bottleneck: int, dropout: 
         module.register_forward_hook(_apply_adapter)
 
 
-def _is_head(name: str) -> bool:
-    return any(part in HEAD_MODULES for part in name.split("."))
-
-
 def _is_trained(name: str) -> bool:
-    return f".{ADAPTER_ATTR}." in name or _is_head(name)
+    return f".{ADAPTER_ATTR}." in name or is_head_parameter(name)
 
 
 def _set_trainable(model: nn.Module) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ...core.errors import SensloraError
+from ...data.models import HEAD_MODULES
 
 
 @dataclass
@@ -168,7 +169,10 @@ def get_method(name: str) -> Method:
 
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Names of the task head's parameters (trained by every method, excluded from adapter counts)."""
-    heads = ("classifier", "score", "lm_head")
+    # The shared task-head list plus ``lm_head``, which data.models leaves out on purpose (it is
+    # the pretrained output layer, frozen by the adapter methods): ``full`` fine-tuning of an
+    # untied causal LM trains it, and those parameters count as head here, not as adapter budget.
+    heads = (*HEAD_MODULES, "lm_head")
     return [n for n, _ in model.named_parameters() if any(part in heads for part in n.split("."))]
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch.nn as nn
 
 from ...core.presets import RECIPE_KEYS
-from ._shared import method_targets, peft_task_type, uniform_rank
+from ...data.models import peft_task_type
+from ._shared import method_targets, uniform_rank
 from .base import Method, MethodContext, register, wrap_peft
 
 # Options passed from ``ctx.options`` to :func:`senslora.core.pipeline.allocate` when set.
