@@ -94,9 +94,12 @@ def test_activation_equals_hessian_of_layerwise_reconstruction_loss():
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
-def test_activation_squares_each_shared_input_once_and_matches_per_layer_hooks(make, monkeypatch):
-    from senslora.core.estimators import ActivationEstimator
+@pytest.mark.parametrize("scratch", [None, 16])  # 16 squares: one row per chunk, many chunks
+def test_activation_squares_each_shared_input_once_and_matches_per_layer_hooks(make, scratch, monkeypatch):
+    from senslora.core.estimators import ActivationEstimator, activation
 
+    if scratch is not None:
+        monkeypatch.setattr(activation, "SCRATCH_ELEMENTS", scratch)
     model = make()
     batches = token_batches(2, batch_size=4)  # padded
     targets = find_targets(model)
