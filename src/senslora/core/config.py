@@ -30,7 +30,33 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class AllocationConfig:
-    """The recipe and budget of one allocation; every field is an :func:`allocate` keyword."""
+    """The recipe and budget of one allocation; every field is an :func:`allocate` keyword.
+
+    The recipe (``estimator`` ... ``rho``) starts from ``preset`` (:mod:`senslora.core.presets`:
+    ``robust``, the default, or ``paper``, the published method unchanged).
+
+    Attributes:
+        avg_rank: average rank; the budget is ``avg_rank * number of target matrices`` ranks
+            (``budget_mode="rank"``) or that many uniform-LoRA parameters (``"params"``).
+        preset: ``robust`` (default) or ``paper``.
+        estimator: ``activation`` (paper, forward only), ``fisher``, ``hutchinson`` (see estimators).
+        sink, token_trim: activation statistics: ``sink="drop"`` leaves out each sequence's first
+            real token (decoders' attention sink); ``token_trim`` drops that fraction of each
+            batch's highest-energy tokens per matrix input.
+        saliency: ``hessian`` (paper: h_ij) or ``obd`` (h_ij * w_ij^2, Optimal Brain Damage).
+        temperature, normalize: θ^temperature; ``normalize="role"`` divides θ by its role's mean.
+        rho: every rank <= floor(rho * avg_rank) (EVA's cap); 0 for none.
+        score: ``fused`` (paper) or a single metric ``global`` / ``local`` / ``topk`` / ``effective-rank``.
+        fusion: ``sigma-mu2`` (paper: beta, gamma = sigma / mu^2) or ``equal`` (0.5 / mu).
+        strategy: ``sra`` (proportional, eq. 15) or ``pra`` (``categories`` rank steps, section 4.4).
+        topk_fraction, alpha: k = fraction * N for Top-k; the Effective-Rank energy threshold.
+        r_min, r_max: per-matrix rank bounds; ``r_max=None`` means min(d_in, d_out). ``r_min=0``
+            lets a matrix drop out of ``target_modules``.
+        target_modules, layers: which matrices (see :func:`senslora.core.targets.find_targets`).
+        lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
+            per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
+        seed, num_probes: the ``hutchinson`` probes.
+    """
 
     avg_rank: float = _f(
         4, "average LoRA rank (paper: 4 for NLU, 8 for NLG); the budget is uniform LoRA of this rank"

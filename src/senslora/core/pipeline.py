@@ -292,6 +292,17 @@ def _budget(config: AllocationConfig, rho, targets) -> _Budget:
     return _Budget(caps, cap, costs, total, int(round(config.avg_rank * costs.sum())))
 
 
+def _reference_forward(model, batches, device, dist, *, progress) -> dict[str, float]:
+    """The reference cost: one plain forward pass over the same batches (after one warm-up batch,
+    so neither measurement pays the one-off start-up cost); with several processes, over this
+    process's shard, the batches its estimator will see."""
+    local = dist.shard(batches) if dist.enabled else batches
+    if not local:
+        return {}
+    time_forward(model, local[:1], device)
+    return {"forward": time_forward(model, local, device, progress=progress and dist.is_main)}
+
+
 def _estimate(model, batches, targets, config, recipe, *, device, **run) -> dict:
     """Step 2: the Hessian diagonal of every target matrix (times w^2 for the OBD saliency)."""
     from .diagonal import weight_saliency
@@ -449,39 +460,21 @@ def allocate(
 ) -> Allocation:
     """Allocate per-matrix LoRA ranks from Hessian-diagonal sensitivity (paper sections 3-4).
 
-    The recipe and budget are an :class:`~senslora.core.config.AllocationConfig`: pass one as
-    ``config``, or its fields as keywords (both at once only where they agree). The recipe
-    (``estimator`` ... ``rho``) starts from ``preset`` (:mod:`senslora.core.presets`: ``robust``,
-    the default, or ``paper``, the published method unchanged); every recipe argument left at None
-    takes the preset's value.
+    The recipe and budget are an :class:`~senslora.core.config.AllocationConfig` (its docstring
+    describes every field): pass one as ``config``, or its fields as keywords (both at once only
+    where they agree). Every recipe field left at None takes the ``preset``'s value.
 
     Args:
         model: any torch / HF model; it is not modified (hooks are removed, modes restored).
         calibration_batches: dicts of tensors (``input_ids``, ``attention_mask``, and ``labels`` for
             the ``fisher`` / ``hutchinson`` estimators), e.g. from :func:`senslora.data.examples.make_batches`.
         config: the recipe and budget; a keyword that is not at its default must agree with it.
-        avg_rank: average rank; the budget is ``avg_rank * number of target matrices`` ranks
-            (``budget_mode="rank"``) or that many uniform-LoRA parameters (``"params"``).
-        preset: ``robust`` (default) or ``paper``.
-        estimator: ``activation`` (paper, forward only), ``fisher``, ``hutchinson`` (see estimators).
-        sink, token_trim: activation statistics: ``sink="drop"`` leaves out each sequence's first
-            real token (decoders' attention sink); ``token_trim`` drops that fraction of each
-            batch's highest-energy tokens per matrix input.
-        saliency: ``hessian`` (paper: h_ij) or ``obd`` (h_ij * w_ij^2, Optimal Brain Damage).
-        temperature, normalize: θ^temperature; ``normalize="role"`` divides θ by its role's mean.
-        rho: every rank <= floor(rho * avg_rank) (EVA's cap); 0 for none.
-        score: ``fused`` (paper) or a single metric ``global`` / ``local`` / ``topk`` / ``effective-rank``.
-        fusion: ``sigma-mu2`` (paper: beta, gamma = sigma / mu^2) or ``equal`` (0.5 / mu).
-        strategy: ``sra`` (proportional, eq. 15) or ``pra`` (``categories`` rank steps, section 4.4).
-        topk_fraction, alpha: k = fraction * N for Top-k; the Effective-Rank energy threshold.
-        r_min, r_max: per-matrix rank bounds; ``r_max=None`` means min(d_in, d_out). ``r_min=0``
-            lets a matrix drop out of ``target_modules``.
-        target_modules, layers: which matrices (see :func:`senslora.core.targets.find_targets`).
-        lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
-            per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
+        device, accumulate_on, loss_fn, progress: where and how the estimator runs (see
+            :func:`senslora.core.estimators.estimate_diagonals`).
         measure_forward: also time one plain forward pass over the same batches first (the
             reference cost; ``timings["forward"]`` and ``timings["ratio_to_forward"]``). Off by
             default: it doubles what the user waits for; the benchmark's probes turn it on.
+        model_name: recorded in the :class:`Allocation`.
         distributed: ``None`` (default): with several processes, shard the calibration batches and
             the forward-pass reference over them (every process must call ``allocate`` with the
             same batches); ``False``: this process does everything alone.
@@ -499,13 +492,8 @@ def allocate(
     device = device or input_device(model)
     dist = current() if distributed is not False else SINGLE
 
-    # Reference cost: one plain forward pass over the same batches (after one warm-up batch,
-    # so neither measurement pays the one-off start-up cost); with several processes, over this
-    # process's shard, the batches its estimator will see.
-    local = dist.shard(batches) if dist.enabled else batches
-    if measure_forward and local:
-        time_forward(model, local[:1], device)
-        timings["forward"] = time_forward(model, local, device, progress=progress and dist.is_main)
+    if measure_forward:
+        timings.update(_reference_forward(model, batches, device, dist, progress=progress))
 
     start = time.perf_counter()  # step 2
     run = dict(loss_fn=loss_fn, accumulate_on=accumulate_on, progress=progress, distributed=distributed)
