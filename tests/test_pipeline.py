@@ -129,3 +129,95 @@ def test_activation_never_materialises_dense_diagonals(monkeypatch):
     monkeypatch.setattr(Diagonal, "dense", forbidden)
     alloc = allocate(tiny_bert(), token_batches(), progress=False)
     assert np.isfinite([m.theta for m in alloc.matrices]).all()
+
+
+# ------------------------------------------------------------------- AllocationConfig (issue 12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"preset": "fancy"}, "unknown --preset 'fancy'"),
+        ({"estimator": "nope"}, "--estimator must be one of .*got 'nope'"),
+        ({"rho": 0.5}, "--rho must be .*got 0.5"),
+        ({"estimator": "fisher", "sink": "drop"}, "--sink drop"),
+        ({"budget_mode": "tokens"}, "unknown budget mode 'tokens'"),
+        ({"alpha_mode": "nope"}, "unknown alpha mode 'nope'"),
+        ({"r_min": -1}, "--r-min must be >= 0, got -1"),
+        ({"categories": 0}, "--categories must be >= 1, got 0"),
+        ({"avg_rank": float("nan")}, "--avg-rank must be a positive number, got nan"),
+        ({"r_max": 0}, "--r-max 0 is below --r-min 1"),
+        ({"avg_rank": 2, "r_min": 3}, "--avg-rank 2 is below --r-min 3"),
+    ],
+)
+def test_allocation_config_names_the_first_bad_value(kwargs, message):
+    from senslora import AllocationConfig
+
+    with pytest.raises(SensloraError, match=message) as err:
+        AllocationConfig(**kwargs)
+    assert "\n" not in str(err.value)
+    config = AllocationConfig()
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    with pytest.raises(SensloraError, match=message):
+        config.validate()  # also after changing a valid config
+
+
+def test_allocation_config_fields_are_allocate_keywords_with_its_defaults_and_flag_help():
+    import dataclasses
+    import inspect
+
+    from senslora.cli.flags import allocator_flags
+    from senslora.core.config import AllocationConfig
+
+    keyword = inspect.signature(allocate).parameters
+    fields = {f.name: f for f in dataclasses.fields(AllocationConfig)}
+    assert {name: keyword[name].default for name in fields} == {n: f.default for n, f in fields.items()}
+    assert AllocationConfig().to_dict() == {n: f.default for n, f in fields.items()}
+    assert all(f.metadata["help"] for f in fields.values())
+    flags = {{"budget": "budget_mode"}.get(flag.dest, flag.dest): flag for flag in allocator_flags()}
+    shared = set(flags) & set(fields)
+    assert len(shared) >= 20
+    for name in shared:  # the flag may add its default
+        assert flags[name].help.startswith(fields[name].metadata["help"]), name
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"avg_rank": 3},
+        {"avg_rank": 4, "strategy": "pra", "preset": "paper"},
+        {"avg_rank": 2, "budget_mode": "params", "normalize": "role", "temperature": 0.5, "rho": 2},
+        {"estimator": "hutchinson", "seed": 3, "num_probes": 2, "r_min": 0, "layers": [0]},
+    ],
+)
+def test_config_gives_the_same_allocation_as_the_keywords(kwargs):
+    from senslora.core.config import AllocationConfig
+
+    batches = token_batches()
+    by_keyword = allocate(tiny_bert(), batches, progress=False, **kwargs)
+    config = AllocationConfig(**kwargs)
+    by_config = allocate(tiny_bert(), batches, config=config, progress=False)
+    # A keyword that agrees with the config is allowed.
+    agreeing = allocate(tiny_bert(), batches, config=config, progress=False, **kwargs)
+    assert config.to_dict() == AllocationConfig(**kwargs).to_dict()  # allocate does not change it
+    for alloc in (by_config, agreeing):
+        assert alloc.ranks == by_keyword.ranks
+        a, b = alloc.to_dict(), by_keyword.to_dict()
+        for d in (a, b):
+            del d["timings"], d["versions"]
+        assert a == b
+
+
+def test_config_and_a_conflicting_keyword_is_a_one_line_error():
+    from senslora.core.config import AllocationConfig
+
+    with pytest.raises(SensloraError, match=r"avg_rank=3 and the keyword avg_rank=5") as err:
+        allocate(
+            tiny_bert(), token_batches(), config=AllocationConfig(avg_rank=3), avg_rank=5, progress=False
+        )
+    assert "\n" not in str(err.value)
+    with pytest.raises(SensloraError, match="estimator"):
+        allocate(
+            tiny_bert(), token_batches(), config=AllocationConfig(estimator="fisher"), estimator="activation"
+        )

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "allocate": "core.pipeline",
     "Allocation": "core.pipeline",
+    "AllocationConfig": "core.config",
     "estimate_diagonals": "core.estimators",
     "ESTIMATORS": "core.estimators",
     "PRESETS": "core.presets",
@@ -29,6 +30,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the import
+    from .core.config import AllocationConfig  # noqa: F401
     from .core.errors import SensloraError  # noqa: F401
     from .core.estimators import ESTIMATORS, estimate_diagonals  # noqa: F401
     from .core.pipeline import Allocation, allocate  # noqa: F401

@@ -14,14 +14,14 @@ the main process's :class:`Allocation` (its timings) is broadcast so all return 
 from __future__ import annotations
 
 import json
-import math
 import platform
 import subprocess
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,12 +29,14 @@ import torch
 from .. import __version__
 from .allocation import STRATEGIES as STRATEGIES  # re-exported: part of this module's API
 from .allocation import allocate_params, allocate_ranks
+from .config import BUDGET_MODES as BUDGET_MODES  # re-exported: flags and options read it here
+from .config import AllocationConfig
 from .distributed import SINGLE, current
 from .errors import SensloraError
 from .losses import input_device
 from .metrics import MatrixScores, fuse, score_matrix
-from .peft_bridge import ALPHA_MODES, ranks_to_lora_config
-from .presets import DEFAULT_PRESET, check_recipe, recipe_name, resolve
+from .peft_bridge import ranks_to_lora_config
+from .presets import DEFAULT_PRESET, recipe_name
 from .shaping import (
     concentration,
     concentration_warning,
@@ -45,7 +47,6 @@ from .shaping import (
 from .targets import find_targets
 from .timing import sync_device, time_forward
 
-BUDGET_MODES = ("rank", "params")
 # The single metrics of the paper's Figure 3, plus the fused allocation.
 FIGURE3_SCORES = ("global", "topk", "effective-rank", "fused")
 
@@ -237,10 +238,194 @@ def _weight_of(target) -> torch.Tensor:
     return w.T if _is_conv1d(target.module) else w
 
 
+class _Budget(NamedTuple):
+    """Step 1's numbers: per-matrix rank caps and costs, and the budget they share."""
+
+    caps: np.ndarray  # largest rank per matrix (shape, r_max, the rho cap)
+    cap: int | None  # floor(rho x avg_rank) when rho is set
+    costs: np.ndarray  # LoRA parameters per rank of each matrix
+    total: int  # rank budget
+    uniform_params: int  # parameter budget: uniform LoRA of rank avg_rank
+
+
+_CONFIG_FIELDS = tuple(f.name for f in fields(AllocationConfig))
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # e.g. arrays
+        return False
+
+
+def _config_from(config: AllocationConfig | None, keywords: dict) -> AllocationConfig:
+    """The validated config of one call: built from the keywords, or a copy of ``config``; a keyword
+    that is not at its default and disagrees with ``config`` is an error."""
+    if config is None:
+        return AllocationConfig(**keywords)
+    defaults = {f.name: f.default for f in fields(AllocationConfig)}
+    for name, value in keywords.items():
+        if not _same(value, defaults[name]) and not _same(value, getattr(config, name)):
+            raise SensloraError(
+                f"allocate() got config with {name}={getattr(config, name)!r} and the keyword "
+                f"{name}={value!r}; set {name} in one place"
+            )
+    return replace(config)  # validated again: the caller may have changed fields since
+
+
+def _budget(config: AllocationConfig, rho, targets) -> _Budget:
+    """Step 1: the rank caps and the budget of the target matrices."""
+    caps = np.array([min(t.shape) for t in targets], dtype=np.int64)
+    if config.r_max is not None:
+        caps = np.minimum(caps, config.r_max)
+    cap = rank_cap(config.avg_rank, rho)
+    if cap is not None:
+        caps = np.minimum(caps, cap)
+    if config.avg_rank > caps.min():
+        raise SensloraError(
+            f"--avg-rank {config.avg_rank} is above the largest rank ({int(caps.min())}) the smallest target matrix allows; lower --avg-rank"
+        )
+    costs = np.array([t.lora_params_per_rank for t in targets], dtype=np.int64)
+    total = int(round(config.avg_rank * len(targets)))
+    return _Budget(caps, cap, costs, total, int(round(config.avg_rank * costs.sum())))
+
+
+def _reference_forward(model, batches, device, dist, *, progress) -> dict[str, float]:
+    """The reference cost: one plain forward pass over the same batches (after one warm-up batch,
+    so neither measurement pays the one-off start-up cost); with several processes, over this
+    process's shard, the batches its estimator will see."""
+    local = dist.shard(batches) if dist.enabled else batches
+    if not local:
+        return {}
+    time_forward(model, local[:1], device)
+    return {"forward": time_forward(model, local, device, progress=progress and dist.is_main)}
+
+
+def _estimate(model, batches, targets, config, recipe, *, device, **run) -> dict:
+    """Step 2: the Hessian diagonal of every target matrix (times w^2 for the OBD saliency)."""
+    from .diagonal import weight_saliency
+    from .estimators import estimate_diagonals
+
+    estimator = recipe["estimator"]
+    diagonals = estimate_diagonals(
+        estimator,
+        model,
+        batches,
+        targets,
+        device=device,
+        seed=config.seed,
+        num_probes=config.num_probes,
+        **run,
+        **({"sink": recipe["sink"], "token_trim": recipe["token_trim"]} if estimator == "activation" else {}),
+    )
+    if recipe["saliency"] == "obd":
+        diagonals = {t.name: weight_saliency(diagonals[t.name], _weight_of(t)) for t in targets}
+    sync_device(device)
+    return diagonals
+
+
+def _ranks_by(scores, score, config, recipe, names, budget: _Budget):
+    """Steps 4-5 for one ``score``: fused θ, shaped by the recipe, turned into integer ranks."""
+    theta, weights = fuse(scores, fusion=recipe["fusion"], score=score)
+    theta = _shape_theta(
+        theta,
+        names,
+        budget.costs,
+        budget_mode=config.budget_mode,
+        temperature=recipe["temperature"],
+        normalize=recipe["normalize"],
+    )
+    ranks = _ranks_for(
+        theta,
+        total=budget.total,
+        budget_mode=config.budget_mode,
+        param_budget=budget.uniform_params,
+        costs=budget.costs,
+        strategy=recipe["strategy"],
+        categories=config.categories,
+        r_min=config.r_min,
+        r_max=budget.caps,
+    )
+    return theta, weights, ranks
+
+
+def _figure3(scores, config, recipe, names, budget) -> dict[str, np.ndarray]:
+    """What each single metric would allocate under the same budget (the paper's Figure 3)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {s: _ranks_by(scores, s, config, recipe, names, budget)[2] for s in FIGURE3_SCORES}
+
+
+def _matrices(targets, scores, theta, ranks, by_score, diagonals) -> list[MatrixAllocation]:
+    return [
+        MatrixAllocation(
+            name=t.name,
+            shape=t.shape,
+            layer=t.layer,
+            s_global=float(sc.s_global),
+            s_topk=float(sc.s_topk),
+            s_eff=float(sc.s_eff),
+            theta=float(th),
+            rank=int(r),
+            params=int(r) * int(t.lora_params_per_rank),
+            ranks_by_score={s: int(v[i]) for s, v in by_score.items()},
+            clamped=int(diagonals[t.name].clamped),
+        )
+        for i, (t, sc, th, r) in enumerate(zip(targets, scores, theta, ranks, strict=True))
+    ]
+
+
+def _record(config, recipe, matrices, ranks, weights, budget, batches, timings, model_name) -> Allocation:
+    """Step 6's input: the :class:`Allocation` with the recipe, budget and calibration it came from."""
+    lora_alpha = 2.0 * config.avg_rank if config.lora_alpha is None else config.lora_alpha
+    return Allocation(
+        matrices=matrices,
+        avg_rank=float(config.avg_rank),
+        total_rank=int(ranks.sum()),
+        budget_mode=config.budget_mode,
+        trainable_params=int(sum(m.params for m in matrices)),
+        uniform_params=budget.uniform_params,
+        estimator=recipe["estimator"],
+        score=recipe["score"],
+        fusion=recipe["fusion"],
+        strategy=recipe["strategy"],
+        categories=config.categories,
+        topk_fraction=recipe["topk_fraction"],
+        alpha=recipe["alpha"],
+        r_min=config.r_min,
+        r_max=config.r_max,
+        weights={k: float(v) for k, v in weights.items()},
+        lora_alpha=float(lora_alpha),
+        alpha_mode=config.alpha_mode,
+        calibration={
+            "batches": len(batches),
+            "examples": int(sum(len(b["input_ids"]) for b in batches)),
+            "tokens": _count_tokens(batches),
+        },
+        timings=timings,
+        seed=config.seed,
+        model=model_name,
+        versions=package_versions(),
+        preset=DEFAULT_PRESET if config.preset is None else config.preset,
+        recipe=recipe_name(config.preset, recipe),
+        sink=recipe["sink"],
+        token_trim=float(recipe["token_trim"]),
+        saliency=recipe["saliency"],
+        temperature=float(recipe["temperature"]),
+        normalize=recipe["normalize"],
+        rho=recipe["rho"],
+        rank_cap=budget.cap,
+        concentration=concentration(ranks, [m.params for m in matrices], config.r_min, budget.caps),
+    )
+
+
 def allocate(
     model,
     calibration_batches: Iterable[dict],
     *,
+    config: AllocationConfig | None = None,
     avg_rank: float = 4,
     preset: str | None = None,
     estimator: str | None = None,
@@ -275,101 +460,31 @@ def allocate(
 ) -> Allocation:
     """Allocate per-matrix LoRA ranks from Hessian-diagonal sensitivity (paper sections 3-4).
 
-    The recipe (``estimator`` ... ``rho``) starts from ``preset`` (:mod:`senslora.core.presets`:
-    ``robust``, the default, or ``paper``, the published method unchanged); every recipe argument
-    left at None takes the preset's value.
+    The recipe and budget are an :class:`~senslora.core.config.AllocationConfig` (its docstring
+    describes every field): pass one as ``config``, or its fields as keywords (both at once only
+    where they agree). Every recipe field left at None takes the ``preset``'s value.
 
     Args:
         model: any torch / HF model; it is not modified (hooks are removed, modes restored).
         calibration_batches: dicts of tensors (``input_ids``, ``attention_mask``, and ``labels`` for
             the ``fisher`` / ``hutchinson`` estimators), e.g. from :func:`senslora.data.examples.make_batches`.
-        avg_rank: average rank; the budget is ``avg_rank * number of target matrices`` ranks
-            (``budget_mode="rank"``) or that many uniform-LoRA parameters (``"params"``).
-        preset: ``robust`` (default) or ``paper``.
-        estimator: ``activation`` (paper, forward only), ``fisher``, ``hutchinson`` (see estimators).
-        sink, token_trim: activation statistics: ``sink="drop"`` leaves out each sequence's first
-            real token (decoders' attention sink); ``token_trim`` drops that fraction of each
-            batch's highest-energy tokens per matrix input.
-        saliency: ``hessian`` (paper: h_ij) or ``obd`` (h_ij * w_ij^2, Optimal Brain Damage).
-        temperature, normalize: θ^temperature; ``normalize="role"`` divides θ by its role's mean.
-        rho: every rank <= floor(rho * avg_rank) (EVA's cap); 0 for none.
-        score: ``fused`` (paper) or a single metric ``global`` / ``local`` / ``topk`` / ``effective-rank``.
-        fusion: ``sigma-mu2`` (paper: beta, gamma = sigma / mu^2) or ``equal`` (0.5 / mu).
-        strategy: ``sra`` (proportional, eq. 15) or ``pra`` (``categories`` rank steps, section 4.4).
-        topk_fraction, alpha: k = fraction * N for Top-k; the Effective-Rank energy threshold.
-        r_min, r_max: per-matrix rank bounds; ``r_max=None`` means min(d_in, d_out). ``r_min=0``
-            lets a matrix drop out of ``target_modules``.
-        target_modules, layers: which matrices (see :func:`senslora.core.targets.find_targets`).
-        lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
-            per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
+        config: the recipe and budget; a keyword that is not at its default must agree with it.
+        device, accumulate_on, loss_fn, progress: where and how the estimator runs (see
+            :func:`senslora.core.estimators.estimate_diagonals`).
         measure_forward: also time one plain forward pass over the same batches first (the
             reference cost; ``timings["forward"]`` and ``timings["ratio_to_forward"]``). Off by
             default: it doubles what the user waits for; the benchmark's probes turn it on.
+        model_name: recorded in the :class:`Allocation`.
         distributed: ``None`` (default): with several processes, shard the calibration batches and
             the forward-pass reference over them (every process must call ``allocate`` with the
             same batches); ``False``: this process does everything alone.
     """
-    from .diagonal import weight_saliency
-    from .estimators import estimate_diagonals
+    given = locals()
+    config = _config_from(config, {name: given[name] for name in _CONFIG_FIELDS})
+    recipe = config.recipe()
 
-    recipe = resolve(
-        preset,
-        estimator=estimator,
-        sink=sink,
-        token_trim=token_trim,
-        saliency=saliency,
-        score=score,
-        fusion=fusion,
-        strategy=strategy,
-        topk_fraction=topk_fraction,
-        alpha=alpha,
-        temperature=temperature,
-        normalize=normalize,
-        rho=rho,
-    )
-    if recipe["estimator"] != "activation" and sink is None and token_trim is None:
-        # The preset's token statistics belong to the activation estimator; gradient estimators
-        # see every token through the task loss.
-        recipe.update(sink="keep", token_trim=0.0)
-    check_recipe(recipe)
-    estimator, score, fusion, strategy = (recipe[k] for k in ("estimator", "score", "fusion", "strategy"))
-    topk_fraction, alpha = recipe["topk_fraction"], recipe["alpha"]
-    if budget_mode not in BUDGET_MODES:
-        raise SensloraError(f"unknown budget mode {budget_mode!r}; choose one of {', '.join(BUDGET_MODES)}")
-    if alpha_mode not in ALPHA_MODES:
-        raise SensloraError(f"unknown alpha mode {alpha_mode!r}; choose one of {', '.join(ALPHA_MODES)}")
-    if r_min < 0:
-        raise SensloraError(f"--r-min must be >= 0, got {r_min}")
-    if categories < 1:
-        raise SensloraError(f"--categories must be >= 1, got {categories}")
-    if not math.isfinite(avg_rank) or avg_rank <= 0:
-        raise SensloraError(f"--avg-rank must be a positive number, got {avg_rank}")
-
-    # Step 1: target matrices and the budget.
-    targets = find_targets(model, target_modules, layers)
-    n = len(targets)
-    caps = np.array([min(t.shape) for t in targets], dtype=np.int64)
-    if r_max is not None:
-        if r_max < max(r_min, 1):
-            raise SensloraError(f"--r-max {r_max} is below --r-min {r_min}; raise --r-max")
-        caps = np.minimum(caps, r_max)
-    cap = rank_cap(avg_rank, recipe["rho"])
-    if cap is not None:
-        caps = np.minimum(caps, cap)
-    if avg_rank < r_min:
-        raise SensloraError(
-            f"--avg-rank {avg_rank} is below --r-min {r_min}; raise --avg-rank or lower --r-min"
-        )
-    if avg_rank > caps.min():
-        raise SensloraError(
-            f"--avg-rank {avg_rank} is above the largest rank ({int(caps.min())}) the smallest target matrix allows; lower --avg-rank"
-        )
-    costs = np.array([t.lora_params_per_rank for t in targets], dtype=np.int64)
-    total = int(round(avg_rank * n))
-    uniform_params = int(round(avg_rank * costs.sum()))
-    if lora_alpha is None:
-        lora_alpha = 2.0 * avg_rank
-
+    targets = find_targets(model, config.target_modules, config.layers)  # step 1
+    budget = _budget(config, recipe["rho"], targets)
     batches = list(calibration_batches)
     if not batches:
         raise SensloraError("the calibration set is empty; pass --calib with at least one example")
@@ -377,128 +492,31 @@ def allocate(
     device = device or input_device(model)
     dist = current() if distributed is not False else SINGLE
 
-    # Reference cost: one plain forward pass over the same batches (after one warm-up batch,
-    # so neither measurement pays the one-off start-up cost); with several processes, over this
-    # process's shard, the batches its estimator will see.
-    local = dist.shard(batches) if dist.enabled else batches
-    if measure_forward and local:
-        time_forward(model, local[:1], device)
-        timings["forward"] = time_forward(model, local, device, progress=progress and dist.is_main)
+    if measure_forward:
+        timings.update(_reference_forward(model, batches, device, dist, progress=progress))
 
-    # Step 2: Hessian diagonals.
-    start = time.perf_counter()
-    diagonals = estimate_diagonals(
-        estimator,
-        model,
-        batches,
-        targets,
-        loss_fn=loss_fn,
-        device=device,
-        accumulate_on=accumulate_on,
-        progress=progress,
-        seed=seed,
-        num_probes=num_probes,
-        distributed=distributed,
-        **({"sink": recipe["sink"], "token_trim": recipe["token_trim"]} if estimator == "activation" else {}),
-    )
-    if recipe["saliency"] == "obd":
-        diagonals = {t.name: weight_saliency(diagonals[t.name], _weight_of(t)) for t in targets}
-    sync_device(device)
+    start = time.perf_counter()  # step 2
+    run = dict(loss_fn=loss_fn, accumulate_on=accumulate_on, progress=progress, distributed=distributed)
+    diagonals = _estimate(model, batches, targets, config, recipe, device=device, **run)
     timings["estimation"] = time.perf_counter() - start
 
-    # Step 3: the three metrics per matrix.
-    start = time.perf_counter()
-    scores: list[MatrixScores] = [score_matrix(diagonals[t.name], topk_fraction, alpha) for t in targets]
+    start = time.perf_counter()  # step 3: the three metrics per matrix
+    fraction, alpha = recipe["topk_fraction"], recipe["alpha"]
+    scores: list[MatrixScores] = [score_matrix(diagonals[t.name], fraction, alpha) for t in targets]
     timings["metrics"] = time.perf_counter() - start
 
-    # Steps 4-5: fuse into theta and turn into integer ranks.
-    start = time.perf_counter()
+    start = time.perf_counter()  # steps 4-5: fuse into θ, shape it, integer ranks
     names = [t.name for t in targets]
-    shape = dict(
-        budget_mode=budget_mode, temperature=recipe["temperature"], normalize=recipe["normalize"]
-    )
-    theta, weights = fuse(scores, fusion=fusion, score=score)
-    theta = _shape_theta(theta, names, costs, **shape)
-    alloc_kwargs = dict(
-        total=total,
-        budget_mode=budget_mode,
-        param_budget=uniform_params,
-        costs=costs,
-        strategy=strategy,
-        categories=categories,
-        r_min=r_min,
-        r_max=caps,
-    )
-    ranks = _ranks_for(theta, **alloc_kwargs)
+    theta, weights, ranks = _ranks_by(scores, recipe["score"], config, recipe, names, budget)
     timings["allocation"] = time.perf_counter() - start
     timings["total"] = timings["estimation"] + timings["metrics"] + timings["allocation"]
     if "forward" in timings and timings["forward"] > 0:
         timings["ratio_to_forward"] = timings["total"] / timings["forward"]
 
-    # Figure 3: what each single metric would allocate under the same budget.
-    by_score: dict[str, np.ndarray] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for s in FIGURE3_SCORES:
-            th, _ = fuse(scores, fusion=fusion, score=s)
-            by_score[s] = _ranks_for(_shape_theta(th, names, costs, **shape), **alloc_kwargs)
-
-    matrices = [
-        MatrixAllocation(
-            name=t.name,
-            shape=t.shape,
-            layer=t.layer,
-            s_global=float(sc.s_global),
-            s_topk=float(sc.s_topk),
-            s_eff=float(sc.s_eff),
-            theta=float(th),
-            rank=int(r),
-            params=int(r) * int(t.lora_params_per_rank),
-            ranks_by_score={s: int(v[i]) for s, v in by_score.items()},
-            clamped=int(diagonals[t.name].clamped),
-        )
-        for i, (t, sc, th, r) in enumerate(zip(targets, scores, theta, ranks, strict=True))
-    ]
-    alloc = Allocation(
-        matrices=matrices,
-        avg_rank=float(avg_rank),
-        total_rank=int(ranks.sum()),
-        budget_mode=budget_mode,
-        trainable_params=int(sum(m.params for m in matrices)),
-        uniform_params=uniform_params,
-        estimator=estimator,
-        score=score,
-        fusion=fusion,
-        strategy=strategy,
-        categories=categories,
-        topk_fraction=topk_fraction,
-        alpha=alpha,
-        r_min=r_min,
-        r_max=r_max,
-        weights={k: float(v) for k, v in weights.items()},
-        lora_alpha=float(lora_alpha),
-        alpha_mode=alpha_mode,
-        calibration={
-            "batches": len(batches),
-            "examples": int(sum(len(b["input_ids"]) for b in batches)),
-            "tokens": _count_tokens(batches),
-        },
-        timings=timings,
-        seed=seed,
-        model=model_name,
-        versions=package_versions(),
-        preset=DEFAULT_PRESET if preset is None else preset,
-        recipe=recipe_name(preset, recipe),
-        sink=recipe["sink"],
-        token_trim=float(recipe["token_trim"]),
-        saliency=recipe["saliency"],
-        temperature=float(recipe["temperature"]),
-        normalize=recipe["normalize"],
-        rho=recipe["rho"],
-        rank_cap=cap,
-        concentration=concentration(ranks, [m.params for m in matrices], r_min, caps),
-    )
-    note = concentration_warning(names, [m.params for m in matrices], costs * avg_rank)
+    by_score = _figure3(scores, config, recipe, names, budget)
+    matrices = _matrices(targets, scores, theta, ranks, by_score, diagonals)
+    alloc = _record(config, recipe, matrices, ranks, weights, budget, batches, timings, model_name)
+    note = concentration_warning(names, [m.params for m in matrices], budget.costs * config.avg_rank)
     if note is not None:
         warnings.warn(note, stacklevel=2)
     if dist.enabled:

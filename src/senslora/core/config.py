@@ -1,0 +1,146 @@
+"""What :func:`senslora.core.pipeline.allocate` allocates with: the recipe and the budget.
+
+:class:`AllocationConfig` is a validated dataclass, as peft's ``LoraConfig``: every field carries
+its help text in ``metadata["help"]`` (the same words as the allocator's flags in
+:mod:`senslora.cli.flags`), construction runs :meth:`AllocationConfig.validate`, and
+:meth:`AllocationConfig.to_dict` gives a plain dict. Run-time choices (device, loss, progress bars,
+the forward-pass reference, the model's name, sharding, where the accumulators live) are not part
+of it; they stay arguments of ``allocate``.
+
+The recipe fields (``estimator`` ... ``rho``) default to None: the ``preset``'s value
+(:mod:`senslora.core.presets`); :meth:`AllocationConfig.recipe` resolves them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import SensloraError
+from .presets import RECIPE_KEYS, check_recipe, resolve
+
+BUDGET_MODES = ("rank", "params")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class AllocationConfig:
+    """The recipe and budget of one allocation; every field is an :func:`allocate` keyword.
+
+    The recipe (``estimator`` ... ``rho``) starts from ``preset`` (:mod:`senslora.core.presets`:
+    ``robust``, the default, or ``paper``, the published method unchanged).
+
+    Attributes:
+        avg_rank: average rank; the budget is ``avg_rank * number of target matrices`` ranks
+            (``budget_mode="rank"``) or that many uniform-LoRA parameters (``"params"``).
+        preset: ``robust`` (default) or ``paper``.
+        estimator: ``activation`` (paper, forward only), ``fisher``, ``hutchinson`` (see estimators).
+        sink, token_trim: activation statistics: ``sink="drop"`` leaves out each sequence's first
+            real token (decoders' attention sink); ``token_trim`` drops that fraction of each
+            batch's highest-energy tokens per matrix input.
+        saliency: ``hessian`` (paper: h_ij) or ``obd`` (h_ij * w_ij^2, Optimal Brain Damage).
+        temperature, normalize: θ^temperature; ``normalize="role"`` divides θ by its role's mean.
+        rho: every rank <= floor(rho * avg_rank) (EVA's cap); 0 for none.
+        score: ``fused`` (paper) or a single metric ``global`` / ``local`` / ``topk`` / ``effective-rank``.
+        fusion: ``sigma-mu2`` (paper: beta, gamma = sigma / mu^2) or ``equal`` (0.5 / mu).
+        strategy: ``sra`` (proportional, eq. 15) or ``pra`` (``categories`` rank steps, section 4.4).
+        topk_fraction, alpha: k = fraction * N for Top-k; the Effective-Rank energy threshold.
+        r_min, r_max: per-matrix rank bounds; ``r_max=None`` means min(d_in, d_out). ``r_min=0``
+            lets a matrix drop out of ``target_modules``.
+        target_modules, layers: which matrices (see :func:`senslora.core.targets.find_targets`).
+        lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
+            per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
+        seed, num_probes: the ``hutchinson`` probes.
+    """
+
+    avg_rank: float = _f(
+        4, "average LoRA rank (paper: 4 for NLU, 8 for NLG); the budget is uniform LoRA of this rank"
+    )
+    preset: str | None = _f(
+        None,
+        "allocation recipe: robust (chosen on validation data; docs/METHOD-NOTES.md) or paper "
+        "(Sensitivity-LoRA as published); the flags below override it",
+    )
+    estimator: str | None = _f(None, "Hessian-diagonal estimator")
+    sink: str | None = _f(
+        None,
+        "activation: drop each sequence's first token (decoders' attention sink, massive "
+        "activations) or keep it",
+    )
+    token_trim: float | None = _f(
+        None, "activation: leave out this fraction of each batch's highest-energy tokens, in [0, 0.5)"
+    )
+    saliency: str | None = _f(None, "hessian: h_ij (paper); obd: h_ij * w_ij^2, Optimal Brain Damage")
+    score: str | None = _f(None, "allocation weight: the fused score (the paper's) or one metric")
+    fusion: str | None = _f(None, "metric weights: sigma/mu^2 (paper) or 0.5/mu")
+    strategy: str | None = _f(None, "SRA (proportional) or PRA (rank categories)")
+    categories: int = _f(3, "PRA: number of rank categories")
+    topk_fraction: float | None = _f(None, "Top-k: k = fraction x N")
+    alpha: float | None = _f(None, "Effective Rank energy threshold")
+    temperature: float | None = _f(
+        None, "allocate by theta^T, T in (0, 1]; 1 is the paper's proportional rule"
+    )
+    normalize: str | None = _f(
+        None,
+        "role: compare each matrix only with the same role in other layers (q with q, down with down)",
+    )
+    rho: float | None = _f(None, "cap every rank at rho x the average rank (EVA's rule), >= 1; 0: no cap")
+    r_min: int = _f(1, "smallest rank per matrix (0 drops matrices)")
+    r_max: int | None = _f(None, "largest rank per matrix (default min(d_in, d_out))")
+    budget_mode: str = _f("rank", "hold the rank sum or the parameter count fixed")
+    target_modules: str | Sequence[str] | None = _f(
+        None,
+        "regex selecting target modules by full name, or a list of module names or name suffixes "
+        "(default: all linears in blocks)",
+    )
+    layers: Sequence[int] | None = _f(None, "keep only the target matrices of these block indices")
+    lora_alpha: float | None = _f(None, "reference LoRA alpha of the uniform run (default 2 x avg rank)")
+    alpha_mode: str = _f("proportional", "how per-matrix alpha follows the rank")
+    seed: int = _f(0, "seed of the hutchinson probes")
+    num_probes: int = _f(1, "hutchinson: Rademacher probes per batch")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def recipe(self) -> dict[str, Any]:
+        """The full recipe: the preset's values under every recipe field that is not None."""
+        recipe = resolve(self.preset, **{k: getattr(self, k) for k in RECIPE_KEYS})
+        if recipe["estimator"] != "activation" and self.sink is None and self.token_trim is None:
+            # The preset's token statistics belong to the activation estimator; gradient estimators
+            # see every token through the task loss.
+            recipe.update(sink="keep", token_trim=0.0)
+        return recipe
+
+    def validate(self) -> None:
+        """One-line :class:`SensloraError` naming the first value that is not acceptable."""
+        from .peft_bridge import ALPHA_MODES
+
+        check_recipe(self.recipe())
+        if self.budget_mode not in BUDGET_MODES:
+            raise SensloraError(
+                f"unknown budget mode {self.budget_mode!r}; choose one of {', '.join(BUDGET_MODES)}"
+            )
+        if self.alpha_mode not in ALPHA_MODES:
+            raise SensloraError(
+                f"unknown alpha mode {self.alpha_mode!r}; choose one of {', '.join(ALPHA_MODES)}"
+            )
+        if self.r_min < 0:
+            raise SensloraError(f"--r-min must be >= 0, got {self.r_min}")
+        if self.categories < 1:
+            raise SensloraError(f"--categories must be >= 1, got {self.categories}")
+        if not math.isfinite(self.avg_rank) or self.avg_rank <= 0:
+            raise SensloraError(f"--avg-rank must be a positive number, got {self.avg_rank}")
+        if self.r_max is not None and self.r_max < max(self.r_min, 1):
+            raise SensloraError(f"--r-max {self.r_max} is below --r-min {self.r_min}; raise --r-max")
+        if self.avg_rank < self.r_min:
+            raise SensloraError(
+                f"--avg-rank {self.avg_rank} is below --r-min {self.r_min}; raise --avg-rank or lower --r-min"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
