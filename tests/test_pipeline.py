@@ -221,3 +221,14 @@ def test_config_and_a_conflicting_keyword_is_a_one_line_error():
         allocate(
             tiny_bert(), token_batches(), config=AllocationConfig(estimator="fisher"), estimator="activation"
         )
+
+
+def test_a_keyword_that_agrees_with_the_config_is_no_conflict_whatever_its_sequence_type():
+    from senslora.core.config import AllocationConfig
+    from senslora.core.pipeline import _config_from
+
+    config = AllocationConfig(avg_rank=3, target_modules=("query", "value"))
+    got = _config_from(config, {"avg_rank": 3, "target_modules": ["query", "value"]})
+    assert got == config and got is not config
+    with pytest.raises(SensloraError, match="target_modules"):
+        _config_from(config, {"target_modules": ["query"]})

@@ -254,6 +254,8 @@ _CONFIG_FIELDS = tuple(f.name for f in fields(AllocationConfig))
 def _same(a, b) -> bool:
     if a is b:
         return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))  # ["q"] is ("q",)
     try:
         return bool(a == b)
     except (TypeError, ValueError):  # e.g. arrays
