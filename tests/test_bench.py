@@ -69,6 +69,9 @@ experiments:
         ("experiments: [: :", "not valid YAML"),
         ("experiments: [{name: a, baseline: {m: x}, also_against: {m: y}}]", "list of settings"),
         ("experiments: [{name: a, also_against: [{m: y}]}]", "needs a `baseline:`"),
+        ("experiments: [{name: a, reuse_from: [b]}, {name: b}]", "experiments before it"),
+        ("experiments: [{name: a, reuse_from: a}]", "experiments before it"),
+        ("experiments: [{name: a}, {name: b, kind: allocation-probe, reuse_from: [a]}]", "train experiments only"),
     ],
 )
 def test_bad_configs_are_user_errors(tmp_path, text, message):
@@ -352,3 +355,40 @@ def test_cost_lines_give_every_method_against_lora_per_batch_size_and_senslora_a
     assert "| senslora | 1.15 | 1.15 | 1.00 | 1.00 |" in text
     assert "| full | 3.00 | 3.00 | 2.00 | 2.00 |" in text
     assert "| main: t, senslora robust | 2 | 0.25 | 0.25 |" in text
+
+
+def test_reuse_from_copies_a_run_with_the_identical_config_and_trains_the_rest(tmp_path, monkeypatch):
+    import senslora.bench.harness as harness
+    from senslora.training.config import TrainConfig
+
+    params = {"model": "minilm", "task": "movie-polarity", "method": "eva", "epochs": 1, "seed": 0}
+    out = tmp_path / "out"
+    pilot = _train_result("eva", 0, acc=0.7, val=0.6)
+    pilot["config"] = TrainConfig(**params, lr=0.001).to_dict()
+    _fake_run(out, "pilot", "lr=0.001", {"lr": 0.001}, pilot)
+    (out / "runs" / "pilot" / "lr=0.001" / "adapter.bin").write_text("weights")
+    config = write(
+        tmp_path / "b.yaml",
+        f"""
+experiments:
+  - name: pilot
+    grid: {{lr: [0.001]}}
+    params: {json.dumps(params)}
+  - name: main
+    grid: {{lr: [0.001, 0.002]}}
+    params: {json.dumps(params)}
+    reuse_from: [pilot]
+""",
+    )
+    trained = []
+    monkeypatch.setattr(harness, "_run_worker", lambda spec, timeout: trained.append(json.loads(spec)) or "not run")
+    counts = run_benchmark(config, out)
+    assert counts == {"ok": 0, "failed": 1, "skipped": 1, "reused": 1}
+    assert [s["params"]["lr"] for s in trained] == [0.002]  # only the run with another config trains
+    copy = out / "runs" / "main" / "lr=0.001"
+    assert json.loads((copy / "result.json").read_text())["metrics"] == {"accuracy": 0.7}
+    assert (copy / "adapter.bin").read_text() == "weights"
+    assert json.loads((copy / "bench.json").read_text())["reused_from"] == "pilot/lr=0.001"
+    assert not list((out / "runs" / "main").glob("*reuse-tmp*"))
+    assert "1 of them are copies" in build_report(out).read_text()
+    assert run_benchmark(config, out, only="^main/lr=0.001")["skipped"] == 1  # a copy is a finished run

@@ -13,6 +13,8 @@ Config format (see ``benchmarks/*.yaml``)::
         per_method: {full: {lr: "best-of:lr-full"}}          # overrides for one method's runs
         baseline: {method: lora}                  # report: paired differences against this row
         also_against: [{method: eva}]             # report: further paired comparisons
+        reuse_from: [pilot]                       # copy a finished run of these experiments whose
+                                                  # resolved TrainConfig is identical, not rerun it
 
 ``train`` runs are :func:`senslora.training.train.train` with :class:`~senslora.training.train.TrainConfig` fields
 (keys ``options.NAME`` go into ``TrainConfig.options``); ``allocation-probe`` runs are
@@ -27,6 +29,11 @@ and every run's TrainConfig (or probe keywords) built and validated as its worke
 
 A value ``"best-of:EXPERIMENT"`` is replaced, just before the run starts, by the value of that
 parameter that maximised the validation metric in EXPERIMENT (e.g. a learning-rate sweep).
+
+``reuse_from`` lists earlier experiments of the same config. A ``train`` run whose resolved
+:class:`~senslora.training.config.TrainConfig` (after ``best-of``) equals that of an ok run of one
+of them is not trained again: training is deterministic given its config, so the finished run's
+folder is copied and its ``bench.json`` records ``reused_from``. The report counts such runs.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from ..data.guard import writing
 
 KINDS = ("train", "allocation-probe")
 CONFIG_KEYS = ("defaults", "experiments")
-EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against")
+EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against", "reuse_from")
 RESULT_NAME = "result.json"
 
 
@@ -64,6 +71,7 @@ class Run:
     grid_values: dict[str, Any]
     baseline: dict[str, Any] = field(default_factory=dict)
     also_against: list[dict[str, Any]] = field(default_factory=list)
+    reuse_from: list[str] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
@@ -127,6 +135,13 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise SensloraError(f"experiment {exp['name']!r}: `also_against:` needs a `baseline:` too")
         if exp["name"] in names:
             raise SensloraError(f"experiment name {exp['name']!r} appears twice in {p}")
+        reuse = exp.get("reuse_from") or []
+        if not isinstance(reuse, list) or not all(isinstance(v, str) and v in names for v in reuse):
+            raise SensloraError(
+                f"experiment {exp['name']!r}: `reuse_from:` must list names of experiments before it in {p}"
+            )
+        if reuse and exp.get("kind", "train") != "train":
+            raise SensloraError(f"experiment {exp['name']!r}: `reuse_from:` applies to train experiments only")
         names.add(exp["name"])
         if exp.get("kind", "train") not in KINDS:
             raise SensloraError(
@@ -224,7 +239,15 @@ def expand(cfg: dict[str, Any]) -> list[Run]:
             # they do not enter the run id, which names only the grid point.
             params.update((exp.get("per_method") or {}).get(params.get("method"), {}))
             runs.append(
-                Run(exp["name"], kind, params, values, exp.get("baseline") or {}, exp.get("also_against") or [])
+                Run(
+                    exp["name"],
+                    kind,
+                    params,
+                    values,
+                    exp.get("baseline") or {},
+                    exp.get("also_against") or [],
+                    exp.get("reuse_from") or [],
+                )
             )
     return runs
 
@@ -354,7 +377,7 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "reused": 0}
     for i, run in enumerate(runs, 1):
         folder = run.folder(out)
         label = f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}"
@@ -372,7 +395,11 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
                 _write_json(folder / "bench.json", meta)
             continue
         if dry_run:
-            print(f"{label}: would run")
+            try:
+                source = reusable_run(run, resolve_params(run.params, out), out) if run.reuse_from else None
+            except SensloraError:  # a sweep it depends on has not finished: it cannot be matched yet
+                source = None
+            print(f"{label}: would reuse {source.parent.name}/{source.name}" if source else f"{label}: would run")
             continue
         print(f"{label} ...", flush=True)
         start = time.perf_counter()
@@ -383,6 +410,12 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
         except SensloraError as exc:
             counts["failed"] += 1
             print(f"{label}: FAILED: {exc}", flush=True)
+            continue
+        source = reusable_run(run, params, out)
+        if source is not None:
+            _copy_run(source, folder, {**meta, "reused_from": f"{source.parent.name}/{source.name}"})
+            counts["reused"] += 1
+            print(f"{label}: reused {source.parent.name}/{source.name} (identical config)", flush=True)
             continue
         spec = json.dumps({"kind": run.kind, "params": params, "folder": str(folder)})
         error = _run_worker(spec, timeout)
@@ -444,6 +477,34 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
         best = max(scores, key=lambda v: (sum(scores[v]) / len(scores[v]), v))
         resolved[key] = json.loads(best)
     return resolved
+
+
+def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
+    """The folder of an ok run in ``run.reuse_from`` whose resolved TrainConfig equals this run's
+    (``params`` already resolved), or None. The first match in sorted folder order wins."""
+    if run.kind != "train" or not run.reuse_from:
+        return None
+    wanted = train_config(params).to_dict()
+    for experiment in run.reuse_from:
+        for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
+            try:
+                result = json.loads(result_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if result.get("status") == "ok" and result.get("config") == wanted:
+                return result_path.parent
+    return None
+
+
+def _copy_run(source: Path, folder: Path, meta: dict[str, Any]) -> None:
+    """Copy a finished run folder (without its checkpoints) to ``folder``, atomically."""
+    tmp = folder.with_name(folder.name + ".reuse-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoint*", "*.tmp"))
+    _write_json(tmp / "bench.json", meta)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
 
 
 def _run_worker(spec: str, timeout: float | None) -> str | None:
