@@ -331,6 +331,17 @@ def test_headline_pairs_every_method_with_lora_and_eva_and_names_wins_and_losses
     assert "stale" not in new and new.endswith("<!-- /senslora report -->\nend\n") and "+0.055 [" in new
 
 
+def test_headline_leaves_out_an_experiment_marked_headline_false(tmp_path):
+    _headline_runs(tmp_path)
+    assert "### `main`: every method against lora, eva" in build_report(tmp_path).read_text()
+    write(tmp_path / "benchmark.yaml", "experiments: [{name: main, headline: false}]")
+    text = build_report(tmp_path).read_text()
+    assert "## Headline" not in text and "### `main`: every method against" not in text
+    assert "## Experiment `main` (training)" in text and "| task=t1, variant={'method': 'senslora'} | 4 |" in text
+    with pytest.raises(SensloraError, match="true or false"):
+        load_config(write(tmp_path / "b.yaml", "experiments: [{name: a, headline: maybe}]"))
+
+
 def test_report_refuses_a_readme_without_markers_before_writing(tmp_path):
     _headline_runs(tmp_path)
     readme = tmp_path / "README.md"
@@ -355,6 +366,15 @@ def test_cost_lines_give_every_method_against_lora_per_batch_size_and_senslora_a
     assert "| senslora | 1.15 | 1.15 | 1.00 | 1.00 |" in text
     assert "| full | 3.00 | 3.00 | 2.00 | 2.00 |" in text
     assert "| main: t, senslora robust | 2 | 0.25 | 0.25 |" in text
+    # an EVA run copied from another experiment (`reuse_from`) was timed elsewhere: not paired
+    for method in ("senslora", "eva"):
+        r = {**_train_result(method, 2, 0.7, 0.7), "task": "t", "config": {"calib_samples": 64}}
+        r["allocation_time_s"] = 2.0 if method == "senslora" else None
+        r["method_record"] = {"recipe": "robust"} if method == "senslora" else {"eva_seconds": 1.0}
+        _fake_run(tmp_path, "main", f"{method}-2", {"seed": 2, "method": method}, r)
+    bench = tmp_path / "runs" / "main" / "eva-2" / "bench.json"
+    bench.write_text(json.dumps({**json.loads(bench.read_text()), "reused_from": "pilot/eva-2"}))
+    assert "| main: t, senslora robust | 2 | 0.25 | 0.25 |" in build_report(tmp_path).read_text()
 
 
 def test_reuse_from_copies_a_run_with_the_identical_config_and_trains_the_rest(tmp_path, monkeypatch):

@@ -43,7 +43,9 @@ def cost_lines(by_exp: dict[str, list[dict]]) -> list[str]:
         lines += [f"### Training cost against uniform LoRA (`{name}`)", "", *_table(header, rows), ""]
     rows = []
     for name, members in by_exp.items():
-        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
+        # A copied run (`reuse_from`) was timed in another invocation: it is not paired.
+        ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"
+              and not r["_meta"].get("reused_from")]
         eva = {
             (str(r.get("task")), r["seed"]): r for r in ok if (r.get("method_record") or {}).get("eva_seconds")
         }
@@ -68,7 +70,8 @@ def cost_lines(by_exp: dict[str, list[dict]]) -> list[str]:
             *_table(["setting", "pairs", "senslora / EVA (median)", "per calibration example (median)"], rows),
             "",
             "Both are timed inside the benchmark's training runs, at the same seed and task; EVA repeats "
-            "its SVD passes until the ranks converge.",
+            "its SVD passes until the ranks converge. A run copied from another experiment (`reuse_from`) "
+            "is not paired: it was timed in another invocation.",
             "",
         ]
     return lines

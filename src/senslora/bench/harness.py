@@ -15,6 +15,7 @@ Config format (see ``benchmarks/*.yaml``)::
         also_against: [{method: eva}]             # report: further paired comparisons
         reuse_from: [pilot]                       # copy a finished run of these experiments whose
                                                   # resolved TrainConfig is identical, not rerun it
+        headline: true                            # report: false leaves it out of the headline
 
 ``train`` runs are :func:`senslora.training.train.train` with :class:`~senslora.training.train.TrainConfig` fields
 (keys ``options.NAME`` go into ``TrainConfig.options``); ``allocation-probe`` runs are
@@ -57,7 +58,7 @@ from ..data.guard import writing
 
 KINDS = ("train", "allocation-probe")
 CONFIG_KEYS = ("defaults", "experiments")
-EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against", "reuse_from")
+EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against", "reuse_from", "headline")
 RESULT_NAME = "result.json"
 
 
@@ -135,6 +136,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise SensloraError(f"experiment {exp['name']!r}: `also_against:` needs a `baseline:` too")
         if exp["name"] in names:
             raise SensloraError(f"experiment name {exp['name']!r} appears twice in {p}")
+        if not isinstance(exp.get("headline", True), bool):
+            raise SensloraError(f"experiment {exp['name']!r}: `headline:` must be true or false")
         reuse = exp.get("reuse_from") or []
         if not isinstance(reuse, list) or not all(isinstance(v, str) and v in names for v in reuse):
             raise SensloraError(

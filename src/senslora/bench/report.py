@@ -408,11 +408,24 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
         atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command)))
     if readme is not None:
         n_ok = sum(r["status"] == "ok" for r in runs)
-        head = headline_section(_by_experiment(runs))
+        head = headline_section(_headline_experiments(out, _by_experiment(runs)))
         note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
                 f"{len(runs)} result files; details in [{out}/RESULTS.md]({out}/RESULTS.md).")
         write_readme_block(readme, out, [note, "", *head[2:]])
     return path
+
+
+def _headline_experiments(out: Path, by_exp: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The experiments the headline shows: all but those that ``out/benchmark.yaml`` (the config of
+    the last ``senslora bench`` into ``out``) marks ``headline: false``, e.g. a run kept as the record
+    of a superseded choice. Their tables stay in the per-experiment sections."""
+    config = out / "benchmark.yaml"
+    if not config.is_file():
+        return by_exp
+    from .harness import load_config
+
+    hidden = {e["name"] for e in load_config(config)["experiments"] if e.get("headline", True) is False}
+    return {name: members for name, members in by_exp.items() if name not in hidden}
 
 
 def _by_experiment(runs: list[dict]) -> dict[str, list[dict]]:
@@ -452,7 +465,7 @@ def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None)
     ]
     lines += targets_section(runs)
     by_exp = _by_experiment(runs)
-    lines += headline_section(by_exp)
+    lines += headline_section(_headline_experiments(out, by_exp))
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]
         lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)
