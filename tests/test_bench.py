@@ -250,7 +250,7 @@ def test_quick_benchmark_every_method_produces_a_finite_metric(tmp_path):
         values = list(r["metrics"].values()) if "metrics" in r else [r["ratio_to_forward"]]
         assert values and all(math.isfinite(v) for v in values), r
     again = run_benchmark(REPO / "benchmarks" / "quick.yaml", out)
-    assert again == {"ok": 0, "failed": 0, "skipped": len(results)}
+    assert again == {"ok": 0, "failed": 0, "skipped": len(results), "reused": 0}
     assert "## Targets" in build_report(out).read_text()
 
 
