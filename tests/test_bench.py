@@ -337,6 +337,12 @@ def test_headline_leaves_out_an_experiment_marked_headline_false(tmp_path):
     write(tmp_path / "benchmark.yaml", "experiments: [{name: main, headline: false}]")
     text = build_report(tmp_path).read_text()
     assert "## Headline" not in text and "### `main`: every method against" not in text
+    for method, extra in {"senslora": {"allocation_time_s": 1.0, "method_record": {"recipe": "robust"}},
+                          "eva": {"method_record": {"eva_seconds": 4.0}}}.items():
+        path = tmp_path / "runs" / "main" / f"t1-{method}-0" / "result.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+    text = build_report(tmp_path).read_text()  # a hidden experiment's costs still count
+    assert "### `main`: every method against" not in text and "| main: t1, senslora robust | 1 | 0.25 |" in text
     assert "## Experiment `main` (training)" in text and "| task=t1, variant={'method': 'senslora'} | 4 |" in text
     with pytest.raises(SensloraError, match="true or false"):
         load_config(write(tmp_path / "b.yaml", "experiments: [{name: a, headline: maybe}]"))

@@ -281,15 +281,16 @@ def _diff_cell(d: list[float]) -> str:
     return f"{m:+.{k}f}{interval} {sum(x > 0 for x in d)}/{len(d)} {_verdict(lo, hi)}".rstrip()
 
 
-def headline_section(by_exp: dict[str, list[dict]]) -> list[str]:
-    """One table per experiment that declares `also_against`: per setting and task, the mean of
+def headline_section(by_exp: dict[str, list[dict]], hidden: frozenset[str] = frozenset()) -> list[str]:
+    """One table per experiment that declares `also_against` (except those in ``hidden``, whose
+    quality tables stay in their own sections; their costs still count): per setting and task, the mean of
     the primary metric (and, for generation, the mean of BLEU-4, ROUGE-1 and ROUGE-L) and the
     paired difference against the baseline and each further comparison, with its 95% interval,
     wins over seeds, and "win" / "loss" where the interval excludes zero ("tie" otherwise)."""
     lines: list[str] = []
     for name, members in by_exp.items():
         ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
-        if not ok or not ok[0]["_meta"].get("also_against"):
+        if name in hidden or not ok or not ok[0]["_meta"].get("also_against"):
             continue
         against = [ok[0]["_meta"]["baseline"], *ok[0]["_meta"]["also_against"]]
         tasks = list(dict.fromkeys(str(r["task"]) for r in ok))
@@ -408,24 +409,22 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
         atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command)))
     if readme is not None:
         n_ok = sum(r["status"] == "ok" for r in runs)
-        head = headline_section(_headline_experiments(out, _by_experiment(runs)))
+        head = headline_section(_by_experiment(runs), hidden=_hidden_from_headline(out))
         note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
                 f"{len(runs)} result files; details in [{out}/RESULTS.md]({out}/RESULTS.md).")
         write_readme_block(readme, out, [note, "", *head[2:]])
     return path
 
 
-def _headline_experiments(out: Path, by_exp: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """The experiments the headline shows: all but those that ``out/benchmark.yaml`` (the config of
-    the last ``senslora bench`` into ``out``) marks ``headline: false``, e.g. a run kept as the record
-    of a superseded choice. Their tables stay in the per-experiment sections."""
+def _hidden_from_headline(out: Path) -> frozenset[str]:
+    """Experiments that ``out/benchmark.yaml`` (the config of the last ``senslora bench`` into
+    ``out``) marks ``headline: false``, e.g. a run kept as the record of a superseded choice."""
     config = out / "benchmark.yaml"
     if not config.is_file():
-        return by_exp
+        return frozenset()
     from .harness import load_config
 
-    hidden = {e["name"] for e in load_config(config)["experiments"] if e.get("headline", True) is False}
-    return {name: members for name, members in by_exp.items() if name not in hidden}
+    return frozenset(e["name"] for e in load_config(config)["experiments"] if e.get("headline", True) is False)
 
 
 def _by_experiment(runs: list[dict]) -> dict[str, list[dict]]:
@@ -465,7 +464,7 @@ def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None)
     ]
     lines += targets_section(runs)
     by_exp = _by_experiment(runs)
-    lines += headline_section(_headline_experiments(out, by_exp))
+    lines += headline_section(by_exp, hidden=_hidden_from_headline(out))
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]
         lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)
