@@ -145,6 +145,8 @@ def test_activation_never_materialises_dense_diagonals(monkeypatch):
         ({"alpha_mode": "nope"}, "unknown alpha mode 'nope'"),
         ({"r_min": -1}, "--r-min must be >= 0, got -1"),
         ({"categories": 0}, "--categories must be >= 1, got 0"),
+        ({"num_probes": 0}, "--num-probes must be an integer >= 1, got 0"),
+        ({"num_probes": 1.5}, "--num-probes must be an integer >= 1, got 1.5"),
         ({"avg_rank": float("nan")}, "--avg-rank must be a positive number, got nan"),
         ({"r_max": 0}, "--r-max 0 is below --r-min 1"),
         ({"avg_rank": 2, "r_min": 3}, "--avg-rank 2 is below --r-min 3"),

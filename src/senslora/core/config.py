@@ -133,6 +133,8 @@ class AllocationConfig:
             raise SensloraError(f"--r-min must be >= 0, got {self.r_min}")
         if self.categories < 1:
             raise SensloraError(f"--categories must be >= 1, got {self.categories}")
+        if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) or self.num_probes < 1:
+            raise SensloraError(f"--num-probes must be an integer >= 1, got {self.num_probes!r}")
         if not math.isfinite(self.avg_rank) or self.avg_rank <= 0:
             raise SensloraError(f"--avg-rank must be a positive number, got {self.avg_rank}")
         if self.r_max is not None and self.r_max < max(self.r_min, 1):
