@@ -331,6 +331,16 @@ def test_headline_pairs_every_method_with_lora_and_eva_and_names_wins_and_losses
     assert "stale" not in new and new.endswith("<!-- /senslora report -->\nend\n") and "+0.055 [" in new
 
 
+def test_headline_names_the_runs_that_ended_with_a_warning(tmp_path):
+    _headline_runs(tmp_path)
+    assert "ended with a warning" not in build_report(tmp_path).read_text()
+    for seed in (3, 1):
+        path = tmp_path / "runs" / "main" / f"t2-lora-{seed}" / "result.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "warnings": ["predicts class 1 for all"]}))
+    text = build_report(tmp_path).read_text()
+    assert "Runs that ended with a warning (most often: the classifier predicts one class): lora on t2: seed 1, 3." in text
+
+
 def test_headline_leaves_out_an_experiment_marked_headline_false(tmp_path):
     _headline_runs(tmp_path)
     assert "### `main`: every method against lora, eva" in build_report(tmp_path).read_text()

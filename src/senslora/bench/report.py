@@ -333,11 +333,26 @@ def headline_section(by_exp: dict[str, list[dict]], hidden: frozenset[str] = fro
             "Cells: mean ± sd over seeds (seeds); differences are paired by seed: mean [95% t-interval] "
             "wins/pairs, **win** or **loss** where the interval excludes zero, tie otherwise.",
             "",
+            *_warned_runs(ok),
         ]
     cost = cost_lines(by_exp)
     if not lines and not cost:
         return []
     return ["## Headline", "", *lines, *cost]
+
+
+def _warned_runs(ok: list[dict]) -> list[str]:
+    """One line naming the runs that ended with a training warning (e.g. a classifier that predicts
+    a single class), per setting and task, so that a cell's spread can be traced to them."""
+    warned: dict[str, list[str]] = defaultdict(list)
+    for r in ok:
+        if r.get("warnings"):
+            key = _setting_name({k: json.loads(v) for k, v in _row_key(r, ("seed", "task"))})
+            warned[f"{key} on {r['task']}"].append(str(r["seed"]))
+    if not warned:
+        return []
+    cells = "; ".join(f"{k}: seed {', '.join(sorted(v, key=int))}" for k, v in sorted(warned.items()))
+    return [f"Runs that ended with a warning (most often: the classifier predicts one class): {cells}.", ""]
 
 
 def _readme_block(readme: Path, out: Path) -> tuple[str, int, int, str]:
