@@ -11,6 +11,7 @@ from senslora.bench.harness import expand, load_config, resolve_params, run_benc
 from senslora.bench.report import (
     build_report,
     detectable_effect,
+    load_runs,
     paired_interval,
     rank_agreement,
     seeds_for_half_width,
@@ -250,7 +251,7 @@ def test_quick_benchmark_every_method_produces_a_finite_metric(tmp_path):
         values = list(r["metrics"].values()) if "metrics" in r else [r["ratio_to_forward"]]
         assert values and all(math.isfinite(v) for v in values), r
     again = run_benchmark(REPO / "benchmarks" / "quick.yaml", out)
-    assert again == {"ok": 0, "failed": 0, "skipped": len(results), "reused": 0}
+    assert again == {"ok": 0, "failed": 0, "skipped": len(results), "reused": 0, "stale": 0}
     assert "## Targets" in build_report(out).read_text()
 
 
@@ -419,7 +420,7 @@ experiments:
     trained = []
     monkeypatch.setattr(harness, "_run_worker", lambda spec, timeout: trained.append(json.loads(spec)) or "not run")
     counts = run_benchmark(config, out)
-    assert counts == {"ok": 0, "failed": 1, "skipped": 1, "reused": 1}
+    assert counts == {"ok": 0, "failed": 1, "skipped": 1, "reused": 1, "stale": 0}
     assert [s["params"]["lr"] for s in trained] == [0.002]  # only the run with another config trains
     copy = out / "runs" / "main" / "lr=0.001"
     assert json.loads((copy / "result.json").read_text())["metrics"] == {"accuracy": 0.7}
@@ -428,3 +429,43 @@ experiments:
     assert not list((out / "runs" / "main").glob("*reuse-tmp*"))
     assert "1 of them are copies" in build_report(out).read_text()
     assert run_benchmark(config, out, only="^main/lr=0.001")["skipped"] == 1  # a copy is a finished run
+
+
+def test_a_finished_run_whose_config_changed_is_kept_aside_and_run_again(tmp_path, monkeypatch):
+    import senslora.bench.harness as harness
+    from senslora.training.config import TrainConfig
+
+    params = {"model": "minilm", "task": "movie-polarity", "method": "lora", "epochs": 1}
+    out = tmp_path / "out"
+    for lr, val in ((0.001, 0.6), (0.002, 0.7)):  # the sweep now picks 0.002
+        sweep = _train_result("lora", 0, acc=0.5, val=val)
+        sweep["config"] = TrainConfig(**params, lr=lr).to_dict()
+        _fake_run(out, "sweep", f"lr={lr}", {"lr": lr}, sweep)
+    old = TrainConfig(**params, lr=0.001).to_dict()
+    old.pop("warmup_ratio")  # a field added after this run was recorded does not make it stale
+    for seed, lr in ((0, 0.001), (1, 0.002)):
+        done = _train_result("lora", seed, acc=0.7, val=0.6)
+        done["config"] = {**old, "lr": lr, "seed": seed}
+        _fake_run(out, "main", f"seed={seed}", {"seed": seed}, done)
+    config = write(
+        tmp_path / "b.yaml",
+        f"""
+experiments:
+  - name: sweep
+    grid: {{lr: [0.001, 0.002]}}
+    params: {json.dumps(params)}
+  - name: main
+    grid: {{seed: [0, 1]}}
+    params: {{<<: {json.dumps(params)}, lr: "best-of:sweep"}}
+""",
+    )
+    assert run_benchmark(config, out, dry_run=True)["stale"] == 1
+    assert (out / "runs" / "main" / "seed=0" / "result.json").is_file()  # a dry run moves nothing
+    trained = []
+    monkeypatch.setattr(harness, "_run_worker", lambda spec, timeout: trained.append(json.loads(spec)) or "not run")
+    counts = run_benchmark(config, out)
+    assert counts["stale"] == 1 and counts["skipped"] == 3 and counts["failed"] == 1
+    assert [(t["params"]["seed"], t["params"]["lr"]) for t in trained] == [(0, 0.002)]
+    kept = out / "runs" / "main" / ".stale" / "seed=0" / "result.json"
+    assert json.loads(kept.read_text())["config"]["lr"] == 0.001
+    assert not any(".stale" in str(r["_dir"]) for r in load_runs(out))

@@ -35,6 +35,11 @@ parameter that maximised the validation metric in EXPERIMENT (e.g. a learning-ra
 :class:`~senslora.training.config.TrainConfig` (after ``best-of``) equals that of an ok run of one
 of them is not trained again: training is deterministic given its config, so the finished run's
 folder is copied and its ``bench.json`` records ``reused_from``. The report counts such runs.
+
+A finished ``train`` run whose recorded TrainConfig differs from the one it would get now (the
+config file changed, or a ``best-of`` sweep now picks another value) is not skipped: it is moved
+to ``runs/<experiment>/.stale/`` (out of the report's reach) and run again, so that one table
+never mixes two settings.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ KINDS = ("train", "allocation-probe")
 CONFIG_KEYS = ("defaults", "experiments")
 EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against", "reuse_from", "headline")
 RESULT_NAME = "result.json"
+STALE = ".stale"  # runs/<experiment>/.stale/<run id>: finished runs whose config has changed since
 
 
 @dataclass
@@ -380,7 +386,7 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    counts = {"ok": 0, "failed": 0, "skipped": 0, "reused": 0}
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "reused": 0, "stale": 0}
     for i, run in enumerate(runs, 1):
         folder = run.folder(out)
         label = f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}"
@@ -393,10 +399,24 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             "also_against": run.also_against,
         }
         if status(folder) == "ok":
-            counts["skipped"] += 1
-            if not (folder / "bench.json").is_file():  # killed between the run's end and bench.json
-                _write_json(folder / "bench.json", meta)
-            continue
+            changed = _config_change(run, folder, out)
+            if not changed:
+                counts["skipped"] += 1
+                if not (folder / "bench.json").is_file():  # killed between the run's end and bench.json
+                    _write_json(folder / "bench.json", meta)
+                continue
+            # The config changed after this run finished (e.g. the sweep it takes best-of from now
+            # picks another value): skipping it would mix two settings in one table. It is kept
+            # aside, out of the report's reach, and run again.
+            stale = folder.parent / STALE / folder.name
+            counts["stale"] += 1
+            if dry_run:
+                print(f"{label}: finished with {changed}; would move it to {stale.relative_to(out)} and run again")
+                continue
+            print(f"{label}: finished with {changed}; moved to {stale.relative_to(out)}, running again", flush=True)
+            shutil.rmtree(stale, ignore_errors=True)
+            stale.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(stale)
         if dry_run:
             try:
                 source = reusable_run(run, resolve_params(run.params, out), out) if run.reuse_from else None
@@ -482,12 +502,35 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
     return resolved
 
 
+def _config_change(run: Run, folder: Path, out: Path) -> str | None:
+    """For a finished ``train`` run: which fields of its recorded TrainConfig differ from the
+    config it would get now (``best-of`` resolved), as ``"lr 0.004 (now 0.002)"``; None when equal,
+    or when that cannot be told yet (a sweep it depends on has not finished). Only fields recorded
+    then are compared: a field added to TrainConfig later does not make old runs stale."""
+    if run.kind != "train":
+        return None
+    try:
+        now = _config_record(params=resolve_params(run.params, out))
+        before = json.loads((folder / RESULT_NAME).read_text()).get("config")
+    except (SensloraError, OSError, ValueError):
+        return None
+    if not isinstance(before, dict):
+        return None
+    keys = sorted(k for k in set(now) & set(before) if now[k] != before[k])
+    return ", ".join(f"{k} {before[k]!r} (now {now[k]!r})" for k in keys) or None
+
+
+def _config_record(params: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig of resolved ``params`` as a run records it in result.json (JSON types)."""
+    return json.loads(json.dumps(train_config(params).to_dict(), default=str))
+
+
 def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
     """The folder of an ok run in ``run.reuse_from`` whose resolved TrainConfig equals this run's
     (``params`` already resolved), or None. The first match in sorted folder order wins."""
     if run.kind != "train" or not run.reuse_from:
         return None
-    wanted = train_config(params).to_dict()
+    wanted = _config_record(params)
     for experiment in run.reuse_from:
         for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
             try:

@@ -320,9 +320,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.report import build_report
 
     counts = run_benchmark(args.config, args.out, only=args.only, timeout=args.timeout, dry_run=args.dry_run)
-    reused = counts.get("reused", 0)
-    reused_text = f", {reused} reused" if reused else ""
-    print(f"{counts['ok']} ok{reused_text}, {counts['failed']} failed, {counts['skipped']} already done")
+    extra = "".join(f", {counts[k]} {k}" for k in ("reused", "stale") if counts.get(k))
+    print(f"{counts['ok']} ok{extra}, {counts['failed']} failed, {counts['skipped']} already done")
     if args.report and not args.dry_run:
         print(f"wrote {build_report(args.out, command=f'senslora bench {args.config} --out {args.out}')}")
     return 1 if counts["failed"] else 0
