@@ -469,3 +469,20 @@ experiments:
     kept = out / "runs" / "main" / ".stale" / "seed=0" / "result.json"
     assert json.loads(kept.read_text())["config"]["lr"] == 0.001
     assert not any(".stale" in str(r["_dir"]) for r in load_runs(out))
+
+
+def test_a_method_s_implied_options_do_not_make_its_finished_runs_stale(tmp_path):
+    """cka records ``layer_select: cka`` in its config although no parameter sets it."""
+    from senslora.bench.harness import Run, _config_change
+    from senslora.training.config import TrainConfig
+    from senslora.training.train import recorded_config
+
+    params = {"model": "minilm", "task": "movie-polarity", "method": "cka", "lr": 0.002}
+    done = _train_result("cka", 0, acc=0.7, val=0.6)
+    done["config"] = recorded_config(TrainConfig(**params)).to_dict()
+    assert done["config"]["options"] == {"layer_select": "cka"}
+    _fake_run(tmp_path, "main", "m", {}, done)
+    run = Run("main", "train", params, {})
+    assert _config_change(run, tmp_path / "runs" / "main" / "m", tmp_path) is None
+    run.params = {**params, "lr": 0.004}
+    assert _config_change(run, tmp_path / "runs" / "main" / "m", tmp_path) == "lr 0.002 (now 0.004)"

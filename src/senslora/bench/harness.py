@@ -521,8 +521,11 @@ def _config_change(run: Run, folder: Path, out: Path) -> str | None:
 
 
 def _config_record(params: dict[str, Any]) -> dict[str, Any]:
-    """The TrainConfig of resolved ``params`` as a run records it in result.json (JSON types)."""
-    return json.loads(json.dumps(train_config(params).to_dict(), default=str))
+    """The TrainConfig of resolved ``params`` as a run records it in result.json (JSON types, the
+    method's implied options added)."""
+    from ..training.train import recorded_config
+
+    return json.loads(json.dumps(recorded_config(train_config(params)).to_dict(), default=str))
 
 
 def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:

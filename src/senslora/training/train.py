@@ -88,6 +88,13 @@ __all__ = [
 ]
 
 
+
+def recorded_config(config: TrainConfig, method: Method | None = None) -> TrainConfig:
+    """The config a run trains with and records in result.json: ``config`` plus the options its
+    method implies (``cka`` implies ``layer_select: cka``). The benchmark compares configs with it."""
+    method = method or get_method(config.method)
+    return replace(config, options={**config.options, **method.implied_options})
+
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -117,7 +124,7 @@ def train(
     wall_start = time.perf_counter()
     config.validate()
     method = get_method(config.method)
-    config = replace(config, options={**config.options, **method.implied_options})
+    config = recorded_config(config, method)
     out = Path(out_dir)
     dist = current()
     with writing(out, [model_input(config.model), task_input(config.task)], lock=dist.is_main):
