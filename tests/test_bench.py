@@ -486,3 +486,21 @@ def test_a_method_s_implied_options_do_not_make_its_finished_runs_stale(tmp_path
     assert _config_change(run, tmp_path / "runs" / "main" / "m", tmp_path) is None
     run.params = {**params, "lr": 0.004}
     assert _config_change(run, tmp_path / "runs" / "main" / "m", tmp_path) == "lr 0.002 (now 0.004)"
+
+
+def test_an_unfinished_run_of_another_config_is_started_over_not_resumed(tmp_path, monkeypatch):
+    import senslora.training.train as training
+    from senslora.bench.harness import run_one
+    from senslora.training.config import TrainConfig
+    from senslora.training.train import recorded_config
+
+    params = {"model": "minilm", "task": "movie-polarity", "method": "cka", "lr": 0.002}
+    calls = []
+    monkeypatch.setattr(training, "train", lambda config, folder, resume, progress: calls.append(
+        (config.lr, resume, folder.exists() and sorted(p.name for p in folder.iterdir()))))
+    for lr, kept in ((0.002, ["checkpoints", "config.json"]), (0.001, False)):
+        folder = tmp_path / f"run-{lr}"
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(recorded_config(TrainConfig(**{**params, "lr": lr})).to_dict()))
+        run_one("train", params, folder)
+        assert calls[-1] == (0.002, bool(kept), kept)  # same config: resumed; another lr: started over

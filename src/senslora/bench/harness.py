@@ -319,9 +319,15 @@ def run_one(kind: str, params: dict[str, Any], folder: Path) -> None:
         from ..training.train import train
 
         config = train_config(params)
+        from ..training.run import resume_differences
+        from ..training.train import recorded_config
+
         # A run interrupted mid-training left checkpoints: continue from them; a folder killed
-        # before its config.json was written holds nothing to continue.
-        if folder.exists() and not (folder / "config.json").is_file():
+        # before its config.json was written holds nothing to continue, and one interrupted under
+        # another config (a sweep it takes best-of from has changed since) cannot be continued.
+        if folder.exists() and (
+            not (folder / "config.json").is_file() or resume_differences(folder, recorded_config(config))
+        ):
             shutil.rmtree(folder)
         train(config, folder, resume=folder.exists(), progress=False)
     else:

@@ -62,6 +62,17 @@ def check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: bo
         raise SensloraError(
             f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start over"
         )
+    differ = resume_differences(out, config)
+    if differ:
+        raise SensloraError(
+            f"--resume needs the settings of the interrupted run ({out / CONFIG_NAME}); "
+            f"these differ: {', '.join(differ)}"
+        )
+
+
+def resume_differences(out: Path, config: TrainConfig) -> list[str]:
+    """The config fields (other than RESUME_FREE_FIELDS) in which the unfinished run in ``out``
+    differs from ``config``; fields added since the run started take their defaults."""
     saved_path = out / CONFIG_NAME
     try:
         saved = json.loads(saved_path.read_text())
@@ -69,16 +80,11 @@ def check_out_dir(out: Path, config: TrainConfig, *, resume: bool, overwrite: bo
         raise SensloraError(
             f"{out} is not a senslora run folder (no readable {CONFIG_NAME}); choose another --out"
         ) from None
-    # Fields added since the run started take their defaults.
     saved = TrainConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else {}
     current = config.to_dict()
-    differ = sorted(
+    return sorted(
         k for k in set(saved) | set(current) if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k)
     )
-    if differ:
-        raise SensloraError(
-            f"--resume needs the settings of the interrupted run ({saved_path}); these differ: {', '.join(differ)}"
-        )
 
 
 @contextlib.contextmanager
