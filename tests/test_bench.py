@@ -504,3 +504,23 @@ def test_an_unfinished_run_of_another_config_is_started_over_not_resumed(tmp_pat
         (folder / "config.json").write_text(json.dumps(recorded_config(TrainConfig(**{**params, "lr": lr})).to_dict()))
         run_one("train", params, folder)
         assert calls[-1] == (0.002, bool(kept), kept)  # same config: resumed; another lr: started over
+
+
+def test_changed_runs_are_set_aside_before_any_run_starts(tmp_path, monkeypatch):
+    import senslora.bench.harness as harness
+    from senslora.training.config import TrainConfig
+
+    params = {"model": "minilm", "task": "movie-polarity", "method": "lora", "epochs": 1}
+    out = tmp_path / "out"
+    done = _train_result("lora", 1, acc=0.7, val=0.6)
+    done["config"] = TrainConfig(**params, lr=0.001, seed=1).to_dict()
+    _fake_run(out, "main", "seed=1", {"seed": 1}, done)  # finished at lr 0.001; the config now says 0.002
+    config = write(
+        tmp_path / "b.yaml",
+        f"experiments: [{{name: main, grid: {{seed: [0, 1]}}, params: {{<<: {json.dumps(params)}, lr: 0.002}}}}]",
+    )
+    seen = []
+    monkeypatch.setattr(harness, "_run_worker", lambda spec, timeout: seen.append(
+        (json.loads(spec)["params"]["seed"], (out / "runs" / "main" / "seed=1").exists())) or "not run")
+    assert run_benchmark(config, out)["stale"] == 1
+    assert seen == [(0, False), (1, False)]  # seed 1 was set aside before seed 0 started

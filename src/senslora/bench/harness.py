@@ -393,6 +393,17 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             shutil.rmtree(out, ignore_errors=True)
         raise
     counts = {"ok": 0, "failed": 0, "skipped": 0, "reused": 0, "stale": 0}
+    # First set aside every finished run whose config has changed since (that can be told now), so
+    # that the folder never holds runs of two settings side by side while the others run.
+    stale: dict[Path, str] = {}
+    for i, run in enumerate(runs, 1):
+        folder = run.folder(out)
+        if status(folder) == "ok" and (changed := _config_change(run, folder, out)):
+            stale[folder] = changed
+            if not dry_run:
+                _set_aside_if_changed(run, folder, out, f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}", counts)
+    if dry_run:
+        counts["stale"] = len(stale)
     for i, run in enumerate(runs, 1):
         folder = run.folder(out)
         label = f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}"
@@ -404,25 +415,17 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             "baseline": run.baseline,
             "also_against": run.also_against,
         }
-        if status(folder) == "ok":
-            changed = _config_change(run, folder, out)
-            if not changed:
-                counts["skipped"] += 1
-                if not (folder / "bench.json").is_file():  # killed between the run's end and bench.json
-                    _write_json(folder / "bench.json", meta)
-                continue
-            # The config changed after this run finished (e.g. the sweep it takes best-of from now
-            # picks another value): skipping it would mix two settings in one table. It is kept
-            # aside, out of the report's reach, and run again.
-            stale = folder.parent / STALE / folder.name
-            counts["stale"] += 1
+        if folder in stale:
             if dry_run:
-                print(f"{label}: finished with {changed}; would move it to {stale.relative_to(out)} and run again")
+                print(f"{label}: finished with {stale[folder]}; would be set aside and run again")
                 continue
-            print(f"{label}: finished with {changed}; moved to {stale.relative_to(out)}, running again", flush=True)
-            shutil.rmtree(stale, ignore_errors=True)
-            stale.parent.mkdir(parents=True, exist_ok=True)
-            folder.rename(stale)
+        elif status(folder) == "ok" and _set_aside_if_changed(run, folder, out, label, counts):
+            pass  # its sweep finished during this invocation: set aside now, run again below
+        elif status(folder) == "ok":
+            counts["skipped"] += 1
+            if not (folder / "bench.json").is_file():  # killed between the run's end and bench.json
+                _write_json(folder / "bench.json", meta)
+            continue
         if dry_run:
             try:
                 source = reusable_run(run, resolve_params(run.params, out), out) if run.reuse_from else None
@@ -506,6 +509,22 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
         best = max(scores, key=lambda v: (sum(scores[v]) / len(scores[v]), v))
         resolved[key] = json.loads(best)
     return resolved
+
+
+def _set_aside_if_changed(run: Run, folder: Path, out: Path, label: str, counts: dict[str, int]) -> bool:
+    """Move a finished run whose config changed since (e.g. the sweep it takes best-of from now picks
+    another value) to ``runs/<experiment>/.stale/``, out of the report's reach, so that it is run
+    again; skipping it would mix two settings in one table. True when it was moved."""
+    changed = _config_change(run, folder, out)
+    if not changed:
+        return False
+    stale = folder.parent / STALE / folder.name
+    print(f"{label}: finished with {changed}; moved to {stale.relative_to(out)}, to run again", flush=True)
+    shutil.rmtree(stale, ignore_errors=True)
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(stale)
+    counts["stale"] += 1
+    return True
 
 
 def _config_change(run: Run, folder: Path, out: Path) -> str | None:
