@@ -483,7 +483,7 @@ def test_a_method_s_implied_options_do_not_make_its_finished_runs_stale(tmp_path
     assert done["config"]["options"] == {"layer_select": "cka"}
     _fake_run(tmp_path, "main", "m", {}, done)
     run = Run("main", "train", params, {})
-    assert _config_change(run, tmp_path / "runs" / "main" / "m", tmp_path) is None
+    assert _config_change(run, tmp_path / "runs" / "main" / "m", tmp_path) == ""  # no field differs
     run.params = {**params, "lr": 0.004}
     assert _config_change(run, tmp_path / "runs" / "main" / "m", tmp_path) == "lr 0.002 (now 0.004)"
 

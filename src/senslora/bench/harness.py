@@ -316,12 +316,10 @@ def _die_with_parent():
 def run_one(kind: str, params: dict[str, Any], folder: Path) -> None:
     """Execute one run in this process (the worker side of :func:`run_benchmark`)."""
     if kind == "train":
-        from ..training.train import train
+        from ..training.run import resume_differences
+        from ..training.train import recorded_config, train
 
         config = train_config(params)
-        from ..training.run import resume_differences
-        from ..training.train import recorded_config
-
         # A run interrupted mid-training left checkpoints: continue from them; a folder killed
         # before its config.json was written holds nothing to continue, and one interrupted under
         # another config (a sweep it takes best-of from has changed since) cannot be continued.
@@ -393,17 +391,16 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             shutil.rmtree(out, ignore_errors=True)
         raise
     counts = {"ok": 0, "failed": 0, "skipped": 0, "reused": 0, "stale": 0}
-    # First set aside every finished run whose config has changed since (that can be told now), so
-    # that the folder never holds runs of two settings side by side while the others run.
-    stale: dict[Path, str] = {}
+    # First set aside every finished run whose config has changed since, so that the folder never
+    # holds runs of two settings side by side while the others run. A run whose best-of sweep has
+    # not finished yet cannot be told now (None): it is checked again when its turn comes.
+    checked: dict[Path, str] = {}
     for i, run in enumerate(runs, 1):
         folder = run.folder(out)
-        if status(folder) == "ok" and (changed := _config_change(run, folder, out)):
-            stale[folder] = changed
-            if not dry_run:
-                _set_aside_if_changed(run, folder, out, f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}", counts)
-    if dry_run:
-        counts["stale"] = len(stale)
+        if status(folder) == "ok" and (change := _config_change(run, folder, out)) is not None:
+            checked[folder] = change
+            if change:
+                _set_aside(folder, out, f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}", change, counts, dry_run)
     for i, run in enumerate(runs, 1):
         folder = run.folder(out)
         label = f"[{i}/{len(runs)}] {run.experiment}/{run.run_id}"
@@ -415,13 +412,10 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             "baseline": run.baseline,
             "also_against": run.also_against,
         }
-        if folder in stale:
-            if dry_run:
-                print(f"{label}: finished with {stale[folder]}; would be set aside and run again")
-                continue
-        elif status(folder) == "ok" and _set_aside_if_changed(run, folder, out, label, counts):
-            pass  # its sweep finished during this invocation: set aside now, run again below
-        elif status(folder) == "ok":
+        if status(folder) == "ok" and folder not in checked:  # its sweep finished during this invocation
+            if change := _config_change(run, folder, out):
+                _set_aside(folder, out, label, change, counts, dry_run)
+        if status(folder) == "ok" and not (dry_run and checked.get(folder)):
             counts["skipped"] += 1
             if not (folder / "bench.json").is_file():  # killed between the run's end and bench.json
                 _write_json(folder / "bench.json", meta)
@@ -511,27 +505,27 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
     return resolved
 
 
-def _set_aside_if_changed(run: Run, folder: Path, out: Path, label: str, counts: dict[str, int]) -> bool:
-    """Move a finished run whose config changed since (e.g. the sweep it takes best-of from now picks
-    another value) to ``runs/<experiment>/.stale/``, out of the report's reach, so that it is run
-    again; skipping it would mix two settings in one table. True when it was moved."""
-    changed = _config_change(run, folder, out)
-    if not changed:
-        return False
+def _set_aside(folder: Path, out: Path, label: str, change: str, counts: dict[str, int], dry_run: bool) -> None:
+    """Move a finished run whose config changed since (``change``, e.g. the sweep it takes best-of
+    from now picks another value) to ``runs/<experiment>/.stale/``, out of the report's reach, so
+    that it is run again; skipping it would mix two settings in one table."""
     stale = folder.parent / STALE / folder.name
-    print(f"{label}: finished with {changed}; moved to {stale.relative_to(out)}, to run again", flush=True)
+    counts["stale"] += 1
+    if dry_run:
+        print(f"{label}: finished with {change}; would move it to {stale.relative_to(out)} and run again")
+        return
+    print(f"{label}: finished with {change}; moved to {stale.relative_to(out)}, to run again", flush=True)
     shutil.rmtree(stale, ignore_errors=True)
     stale.parent.mkdir(parents=True, exist_ok=True)
     folder.rename(stale)
-    counts["stale"] += 1
-    return True
 
 
 def _config_change(run: Run, folder: Path, out: Path) -> str | None:
     """For a finished ``train`` run: which fields of its recorded TrainConfig differ from the
-    config it would get now (``best-of`` resolved), as ``"lr 0.004 (now 0.002)"``; None when equal,
-    or when that cannot be told yet (a sweep it depends on has not finished). Only fields recorded
-    then are compared: a field added to TrainConfig later does not make old runs stale."""
+    config it would get now (``best-of`` resolved), as ``"lr 0.004 (now 0.002)"``; ``""`` when equal;
+    None when that cannot be told (not a train run, no readable config, or a sweep it depends on has
+    not finished). Only fields recorded then are compared: a field added to TrainConfig later does
+    not make old runs stale."""
     if run.kind != "train":
         return None
     try:
@@ -542,7 +536,7 @@ def _config_change(run: Run, folder: Path, out: Path) -> str | None:
     if not isinstance(before, dict):
         return None
     keys = sorted(k for k in set(now) & set(before) if now[k] != before[k])
-    return ", ".join(f"{k} {before[k]!r} (now {now[k]!r})" for k in keys) or None
+    return ", ".join(f"{k} {before[k]!r} (now {now[k]!r})" for k in keys)
 
 
 def _config_record(params: dict[str, Any]) -> dict[str, Any]:
@@ -572,9 +566,11 @@ def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
 
 def _copy_run(source: Path, folder: Path, meta: dict[str, Any]) -> None:
     """Copy a finished run folder (without its checkpoints) to ``folder``, atomically."""
+    from ..training.checkpoint import CHECKPOINTS_DIR
+
     tmp = folder.with_name(folder.name + ".reuse-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoint*", "*.tmp"))
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(CHECKPOINTS_DIR))
     _write_json(tmp / "bench.json", meta)
     if folder.exists():
         shutil.rmtree(folder)

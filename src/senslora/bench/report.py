@@ -416,15 +416,16 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
     if readme is not None:
         _readme_block(Path(readme), out)  # refuse before writing anything
     runs = load_runs(out)
+    hidden = _hidden_from_headline(out)
     if not runs:
         raise SensloraError(f"{out}/runs holds no result.json; run `senslora bench CONFIG --out {out}` first")
     path = out / "RESULTS.md"
     # All or nothing: a failed write leaves the previous RESULTS.md and plots/ untouched.
     with atomic_dir(out / "plots") as plots:
-        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command)))
+        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command, hidden)))
     if readme is not None:
         n_ok = sum(r["status"] == "ok" for r in runs)
-        head = headline_section(_by_experiment(runs), hidden=_hidden_from_headline(out))
+        head = headline_section(_by_experiment(runs), hidden=hidden)
         note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
                 f"{len(runs)} result files; details in [{out}/RESULTS.md]({out}/RESULTS.md).")
         write_readme_block(readme, out, [note, "", *head[2:]])
@@ -461,7 +462,9 @@ def _projection(by_exp: dict[str, list[dict]]) -> list[str]:
     return []
 
 
-def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None) -> list[str]:
+def _report_lines(
+    out: Path, runs: list[dict], plots: Path, command: str | None, hidden: frozenset[str]
+) -> list[str]:
     n_ok = sum(r["status"] == "ok" for r in runs)
     n_reused = sum(bool(r["_meta"].get("reused_from")) for r in runs)
     reused = (
@@ -479,7 +482,7 @@ def _report_lines(out: Path, runs: list[dict], plots: Path, command: str | None)
     ]
     lines += targets_section(runs)
     by_exp = _by_experiment(runs)
-    lines += headline_section(by_exp, hidden=_hidden_from_headline(out))
+    lines += headline_section(by_exp, hidden=hidden)
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]
         lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)

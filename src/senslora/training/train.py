@@ -88,12 +88,12 @@ __all__ = [
 ]
 
 
-
 def recorded_config(config: TrainConfig, method: Method | None = None) -> TrainConfig:
     """The config a run trains with and records in result.json: ``config`` plus the options its
     method implies (``cka`` implies ``layer_select: cka``). The benchmark compares configs with it."""
     method = method or get_method(config.method)
     return replace(config, options={**config.options, **method.implied_options})
+
 
 def train(
     config: TrainConfig,
