@@ -332,6 +332,29 @@ def test_headline_pairs_every_method_with_lora_and_eva_and_names_wins_and_losses
     assert "stale" not in new and new.endswith("<!-- /senslora report -->\nend\n") and "+0.055 [" in new
 
 
+def test_headline_is_one_table_over_experiments_and_says_where_senslora_wins_ties_and_loses(tmp_path):
+    _headline_runs(tmp_path)
+    chat = tmp_path / "runs" / "chat"
+    for seed in range(3):  # a second headline experiment on another task: its columns join the table
+        for method, acc in {"lora": 0.50, "senslora": 0.50 + 0.01 * (seed - 1), "eva": 0.40 + 0.01 * seed}.items():
+            grid = {"seed": seed, "variant": {"method": method}}
+            (chat / f"{method}-{seed}").mkdir(parents=True)
+            result = {**_train_result(method, seed, acc, acc), "task": "t3"}
+            (chat / f"{method}-{seed}" / "result.json").write_text(json.dumps({"status": "ok", **result}))
+            meta = {"experiment": "chat", "kind": "train", "grid": grid, "params": grid,
+                    "baseline": {"variant": {"method": "lora"}}, "also_against": [{"variant": {"method": "eva"}}]}
+            (chat / f"{method}-{seed}" / "bench.json").write_text(json.dumps(meta))
+    head = build_report(tmp_path).read_text().split("## Headline", 1)[1].split("\n## ", 1)[0]
+    assert head.count("| setting |") == 1 and "### Every method against lora, eva (`chat`, `main`)" in head
+    header = next(line for line in head.splitlines() if line.startswith("| setting |"))
+    assert [h.strip() for h in header.strip("|").split("|")][1::3] == ["t3 accuracy", "t1 accuracy", "t2 accuracy"]
+    rows = [line for line in head.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert [r.split("|")[1].strip() for r in rows] == ["lora", "eva", "senslora"]
+    assert "- **senslora** against lora (primary metric): wins on t1; ties on t3; loses on t2." in head
+    assert "- **senslora** against eva (primary metric): wins on t3; ties on t1" in head
+    assert "**lora** against" not in head and "**eva** against" not in head
+
+
 def test_headline_names_the_runs_that_ended_with_a_warning(tmp_path):
     _headline_runs(tmp_path)
     assert "ended with a warning" not in build_report(tmp_path).read_text()
@@ -344,16 +367,16 @@ def test_headline_names_the_runs_that_ended_with_a_warning(tmp_path):
 
 def test_headline_leaves_out_an_experiment_marked_headline_false(tmp_path):
     _headline_runs(tmp_path)
-    assert "### `main`: every method against lora, eva" in build_report(tmp_path).read_text()
+    assert "### Every method against lora, eva (`main`)" in build_report(tmp_path).read_text()
     write(tmp_path / "benchmark.yaml", "experiments: [{name: main, headline: false}]")
     text = build_report(tmp_path).read_text()
-    assert "## Headline" not in text and "### `main`: every method against" not in text
+    assert "## Headline" not in text and "### Every method against" not in text
     for method, extra in {"senslora": {"allocation_time_s": 1.0, "method_record": {"recipe": "robust"}},
                           "eva": {"method_record": {"eva_seconds": 4.0}}}.items():
         path = tmp_path / "runs" / "main" / f"t1-{method}-0" / "result.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
     text = build_report(tmp_path).read_text()  # a hidden experiment's costs still count
-    assert "### `main`: every method against" not in text and "| main: t1, senslora robust | 1 | 0.25 |" in text
+    assert "### Every method against" not in text and "| main: t1, senslora robust | 1 | 0.25 |" in text
     assert "## Experiment `main` (training)" in text and "| task=t1, variant={'method': 'senslora'} | 4 |" in text
     with pytest.raises(SensloraError, match="true or false"):
         load_config(write(tmp_path / "b.yaml", "experiments: [{name: a, headline: maybe}]"))

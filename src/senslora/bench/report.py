@@ -281,64 +281,110 @@ def _diff_cell(d: list[float]) -> str:
     return f"{m:+.{k}f}{interval} {sum(x > 0 for x in d)}/{len(d)} {_verdict(lo, hi)}".rstrip()
 
 
-def headline_section(by_exp: dict[str, list[dict]], hidden: frozenset[str] = frozenset()) -> list[str]:
-    """One table per experiment that declares `also_against` (except those in ``hidden``, whose
-    quality tables stay in their own sections; their costs still count): per setting and task, the mean of
-    the primary metric (and, for generation, the mean of BLEU-4, ROUGE-1 and ROUGE-L) and the
-    paired difference against the baseline and each further comparison, with its 95% interval,
-    wins over seeds, and "win" / "loss" where the interval excludes zero ("tie" otherwise)."""
-    lines: list[str] = []
+def _headline_experiments(by_exp: dict[str, list[dict]], hidden: frozenset[str]) -> list[tuple[str, list[dict], list[dict]]]:
+    """(name, ok training runs, [baseline, *also_against]) of every experiment in the headline."""
+    out = []
     for name, members in by_exp.items():
         ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
-        if name in hidden or not ok or not ok[0]["_meta"].get("also_against"):
-            continue
-        against = [ok[0]["_meta"]["baseline"], *ok[0]["_meta"]["also_against"]]
-        tasks = list(dict.fromkeys(str(r["task"]) for r in ok))
-        columns = []  # (task, metric)
-        for task in tasks:
-            primary = next(r["primary_metric"] for r in ok if str(r["task"]) == task)
-            columns.append((task, primary))
-            if any(GENERATION_MEAN in r["metrics"] for r in ok if str(r["task"]) == task):
-                columns.append((task, GENERATION_MEAN))
-        settings = list(dict.fromkeys(_row_key(r, ("seed", "task")) for r in ok))
-        rank = {k: next((i for i, a in enumerate(against) if all(_matches(r, a) for r in ok
-                         if _row_key(r, ("seed", "task")) == k)), len(against)) for k in settings}
-        settings.sort(key=lambda k: rank[k])  # the baseline and the comparisons first, then file order
-        header = ["setting"]
-        for task, metric in columns:
-            header += [f"{task} {metric}"] + [f"vs {_setting_name(a)}" for a in against]
-        rows = []
-        for key in settings:
-            row = [_setting_name({k: json.loads(v) for k, v in key})]
-            for task, metric in columns:
-                in_task = [r for r in ok if str(r["task"]) == task]
-                mine = [r["metrics"][metric] for r in in_task if _row_key(r, ("seed", "task")) == key
-                        and isinstance(r["metrics"].get(metric), (int, float))]
-                if mine:
-                    mu, sd = mean_std(mine)
-                    row.append(f"{mu:.{_digits(mu)}f} ± {sd:.{_digits(mu)}f} ({len(mine)})")
-                else:
-                    row.append("–")
-                full_key = next((_row_key(r) for r in in_task if _row_key(r, ("seed", "task")) == key), None)
-                for a in against:
-                    d = paired_diffs(in_task, a, metric).get(full_key, []) if full_key else []
-                    row.append("baseline" if full_key and all(_matches(r, a) for r in in_task
-                               if _row_key(r) == full_key) else _diff_cell(d))
-            rows.append(row)
-        lines += [
-            f"### `{name}`: every method against {', '.join(_setting_name(a) for a in against)}",
-            "",
-            *_table(header, rows),
-            "",
-            "Cells: mean ± sd over seeds (seeds); differences are paired by seed: mean [95% t-interval] "
-            "wins/pairs, **win** or **loss** where the interval excludes zero, tie otherwise.",
-            "",
-            *_warned_runs(ok),
-        ]
+        if name not in hidden and ok and ok[0]["_meta"].get("also_against"):
+            out.append((name, ok, [ok[0]["_meta"]["baseline"], *ok[0]["_meta"]["also_against"]]))
+    return out
+
+
+def _setting_of(key: tuple) -> dict:
+    return {k: json.loads(v) for k, v in key}
+
+
+def _method_of(setting: dict) -> str | None:
+    inner = setting.get("variant") if isinstance(setting.get("variant"), dict) else setting
+    return inner.get("method")
+
+
+def headline_section(by_exp: dict[str, list[dict]], hidden: frozenset[str] = frozenset()) -> list[str]:
+    """One table, setting x task, over every experiment that declares `also_against` (except those
+    in ``hidden``, whose quality tables stay in their own sections; their costs still count): per
+    task the mean of the primary metric (and, for generation, the mean of BLEU-4, ROUGE-1 and
+    ROUGE-L) and the paired difference against the experiment's baseline and each further
+    comparison, with its 95% interval, wins over seeds, and "win" / "loss" where the interval
+    excludes zero ("tie" otherwise); then one sentence per senslora setting and comparison saying
+    on which tasks it wins, ties and loses; then the cost tables."""
+    exps = _headline_experiments(by_exp, hidden)
     cost = cost_lines(by_exp)
-    if not lines and not cost:
-        return []
-    return ["## Headline", "", *lines, *cost]
+    if not exps:
+        return ["## Headline", "", *cost] if cost else []
+    columns = []  # (experiment, its runs on the task, its comparisons, task, metric, is primary)
+    for name, ok, against in exps:
+        for task in dict.fromkeys(str(r["task"]) for r in ok):
+            in_task = [r for r in ok if str(r["task"]) == task]
+            columns.append((name, in_task, against, task, in_task[0]["primary_metric"], True))
+            if any(GENERATION_MEAN in r["metrics"] for r in in_task):
+                columns.append((name, in_task, against, task, GENERATION_MEAN, False))
+    repeated = {t for t in (c[3] for c in columns if c[5]) if sum(c[3] == t and c[5] for c in columns) > 1}
+    comparisons = list({json.dumps(a, sort_keys=True): a for _, _, against in exps for a in against}.values())
+    settings = list(dict.fromkeys(_row_key(r, ("seed", "task")) for _, ok, _ in exps for r in ok))
+
+    def rank(key: tuple) -> int:  # the baseline and the comparisons first, then file order
+        runs = [r for _, ok, _ in exps for r in ok if _row_key(r, ("seed", "task")) == key]
+        return next((i for i, a in enumerate(comparisons) if all(_matches(r, a) for r in runs)), len(comparisons))
+
+    settings.sort(key=rank)
+    header = ["setting"]
+    for name, _, against, task, metric, _ in columns:
+        header += [f"{task} {metric}" + (f" (`{name}`)" if task in repeated else "")]
+        header += [f"vs {_setting_name(a)}" for a in against]
+    rows: list[list[str]] = []
+    verdicts: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # [setting][comparison][verdict]
+    for key in settings:
+        row = [_setting_name(_setting_of(key))]
+        for _, in_task, against, task, metric, primary in columns:
+            mine = [r["metrics"][metric] for r in in_task if _row_key(r, ("seed", "task")) == key
+                    and isinstance(r["metrics"].get(metric), (int, float))]
+            if mine:
+                mu, sd = mean_std(mine)
+                row.append(f"{mu:.{_digits(mu)}f} ± {sd:.{_digits(mu)}f} ({len(mine)})")
+            else:
+                row.append("–")
+            full_key = next((_row_key(r) for r in in_task if _row_key(r, ("seed", "task")) == key), None)
+            for a in against:
+                if full_key and all(_matches(r, a) for r in in_task if _row_key(r) == full_key):
+                    row.append("baseline")
+                    continue
+                d = paired_diffs(in_task, a, metric).get(full_key, []) if full_key else []
+                row.append(_diff_cell(d))
+                lo, hi = paired_interval(d)[1:] if len(d) > 1 else (math.nan, math.nan)
+                if primary and _verdict(lo, hi):
+                    verdicts[key][_setting_name(a)][_verdict(lo, hi).strip("*")].append(task)
+        rows.append(row)
+    names = ", ".join(_setting_name(a) for a in comparisons)
+    return [
+        "## Headline",
+        "",
+        f"### Every method against {names} ({', '.join(f'`{name}`' for name, _, _ in exps)})",
+        "",
+        *_table(header, rows),
+        "",
+        "Cells: mean ± sd over seeds (seeds); differences are paired by seed: mean [95% t-interval] "
+        "wins/pairs, **win** or **loss** where the interval excludes zero, tie otherwise.",
+        "",
+        *_verdict_lines(settings, verdicts),
+        *_warned_runs([r for _, ok, _ in exps for r in ok]),
+        *cost,
+    ]
+
+
+def _verdict_lines(settings: list[tuple], verdicts: dict) -> list[str]:
+    """Per senslora setting and comparison: the tasks (primary metric, 2+ pairs) it wins, ties and
+    loses on, read off the table's intervals."""
+    lines = []
+    for key in settings:
+        if _method_of(_setting_of(key)) != "senslora":
+            continue
+        for against, by_verdict in verdicts.get(key, {}).items():
+            parts = [f"{word} on {', '.join(by_verdict[v])}" for v, word in
+                     (("win", "wins"), ("tie", "ties"), ("loss", "loses")) if by_verdict.get(v)]
+            lines.append(f"- **{_setting_name(_setting_of(key))}** against {against} (primary metric): "
+                         + "; ".join(parts) + ".")
+    return [*lines, ""] if lines else []
 
 
 def _warned_runs(ok: list[dict]) -> list[str]:
@@ -347,7 +393,7 @@ def _warned_runs(ok: list[dict]) -> list[str]:
     warned: dict[str, list[str]] = defaultdict(list)
     for r in ok:
         if r.get("warnings"):
-            key = _setting_name({k: json.loads(v) for k, v in _row_key(r, ("seed", "task"))})
+            key = _setting_name(_setting_of(_row_key(r, ("seed", "task"))))
             warned[f"{key} on {r['task']}"].append(str(r["seed"]))
     if not warned:
         return []
