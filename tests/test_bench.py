@@ -362,7 +362,7 @@ def test_headline_names_the_runs_that_ended_with_a_warning(tmp_path):
         path = tmp_path / "runs" / "main" / f"t2-lora-{seed}" / "result.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "warnings": ["predicts class 1 for all"]}))
     text = build_report(tmp_path).read_text()
-    assert "Runs that ended with a warning (most often: the classifier predicts one class): lora on t2: seed 1, 3." in text
+    assert "Runs that ended with a warning (a classifier that predicts one class, or a regressor no better than the mean label): lora on t2: seed 1, 3." in text
 
 
 def test_headline_leaves_out_an_experiment_marked_headline_false(tmp_path):

@@ -253,7 +253,7 @@ def test_cli_train_and_evaluate(assets, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
 
 
-def test_single_class_predictions_warn_on_the_summary_line_and_in_result_json(assets, tmp_path, capsys, monkeypatch):
+def test_collapsed_predictions_warn_on_the_summary_line_and_in_result_json(assets, tmp_path, capsys, monkeypatch):
     from senslora.training import evaluation
 
     real = evaluation._predict_and_loss
@@ -269,10 +269,16 @@ def test_single_class_predictions_warn_on_the_summary_line_and_in_result_json(as
     summary = capsys.readouterr().out.splitlines()[0]
     assert "test accuracy=" in summary and "WARNING: the trained classifier predicts class 1 for all 6 test" in summary
     assert json.loads((out / "result.json").read_text())["warnings"] == [
-        evaluation.single_class_warning("classification", [1] * 6, "test")
+        evaluation.collapse_warning("classification", [1] * 6, [0, 1, 0, 1, 0, 1], "test")
     ]
-    assert evaluation.single_class_warning("classification", [0, 1, 1], "test") is None
-    assert evaluation.single_class_warning("regression", [0.5] * 3, "test") is None
+    assert evaluation.collapse_warning("classification", [0, 1, 1], [0, 1, 1], "test") is None
+    # a regressor that predicts (about) the mean label has collapsed; one that tracks the labels has not
+    flat = evaluation.collapse_warning("regression", [2.5, 2.5, 2.6, 2.4], [1.0, 2.0, 3.0, 4.0], "test")
+    assert flat is not None and flat.startswith("the trained regressor is no better than predicting the mean")
+    assert "R² " in flat and "4 test examples" in flat
+    assert evaluation.collapse_warning("regression", [5.0] * 4, [1.0, 2.0, 3.0, 4.0], "test") is not None
+    assert evaluation.collapse_warning("regression", [1.2, 2.1, 2.8, 3.9], [1.0, 2.0, 3.0, 4.0], "test") is None
+    assert evaluation.collapse_warning("generation", ["a"] * 3, ["a", "b", "c"], "test") is None
 
 
 def test_generation_task_with_an_encoder_is_refused_on_the_real_model(tmp_path):

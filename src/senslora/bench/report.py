@@ -388,8 +388,8 @@ def _verdict_lines(settings: list[tuple], verdicts: dict) -> list[str]:
 
 
 def _warned_runs(ok: list[dict]) -> list[str]:
-    """One line naming the runs that ended with a training warning (e.g. a classifier that predicts
-    a single class), per setting and task, so that a cell's spread can be traced to them."""
+    """One line naming the runs that ended with a training warning (a collapsed model: see
+    ``training.evaluation.collapse_warning``), per setting and task, so that a cell's spread can be traced to them."""
     warned: dict[str, list[str]] = defaultdict(list)
     for r in ok:
         if r.get("warnings"):
@@ -398,7 +398,7 @@ def _warned_runs(ok: list[dict]) -> list[str]:
     if not warned:
         return []
     cells = "; ".join(f"{k}: seed {', '.join(sorted(v, key=int))}" for k, v in sorted(warned.items()))
-    return [f"Runs that ended with a warning (most often: the classifier predicts one class): {cells}.", ""]
+    return [f"Runs that ended with a warning (a classifier that predicts one class, or a regressor no better than the mean label): {cells}.", ""]
 
 
 def _readme_block(readme: Path, out: Path) -> tuple[str, int, int, str]:

@@ -228,13 +228,33 @@ def evaluate_model(
     return metrics
 
 
-def single_class_warning(problem: str, predictions: Sequence[Any], split: str) -> str | None:
-    """A warning when a classifier predicted one class for every example of ``split`` (a collapsed
-    model: its accuracy is that class's share), else None."""
-    classes = {int(p) for p in predictions} if problem == "classification" else set()
-    if len(classes) != 1:
-        return None
-    return (
-        f"the trained classifier predicts class {classes.pop()} for all {len(predictions)} {split} examples "
-        "(it learned nothing beyond the majority class); try another --lr (README: learning rates)"
-    )
+# A regressor whose R² is at most this learned (almost) nothing beyond the mean label: collapsed
+# runs in results/v2 `main` had Pearson 0.03-0.18 and a test MSE equal to the labels' variance.
+COLLAPSED_R2 = 0.01
+
+
+def collapse_warning(
+    problem: str, predictions: Sequence[Any], references: Sequence[Any], split: str
+) -> str | None:
+    """A warning when the trained model collapsed, else None: a classifier that predicted one class
+    for every example of ``split`` (its accuracy is that class's share), or a regressor whose
+    squared error is no better than predicting the mean label (R² <= ``COLLAPSED_R2``, scikit-learn's
+    ``r2_score``). Generation is never flagged."""
+    if problem == "classification":
+        classes = {int(p) for p in predictions}
+        if len(classes) != 1:
+            return None
+        return (
+            f"the trained classifier predicts class {classes.pop()} for all {len(predictions)} {split} examples "
+            "(it learned nothing beyond the majority class); try another --lr (README: learning rates)"
+        )
+    if problem == "regression" and len(predictions) > 1 and len(set(references)) > 1:
+        from sklearn.metrics import r2_score
+
+        r2 = float(r2_score([float(r) for r in references], [float(p) for p in predictions]))
+        if r2 <= COLLAPSED_R2:
+            return (
+                f"the trained regressor is no better than predicting the mean label on the {len(predictions)} "
+                f"{split} examples (R² {r2:.3f}); try another --lr (README: learning rates)"
+            )
+    return None

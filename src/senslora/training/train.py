@@ -201,14 +201,15 @@ def _run(
         trained = loop.unwrapped
         start = time.perf_counter()
         final = task.test if config.eval_split == "test" else task.validation
-        from .evaluation import single_class_warning
+        from .evaluation import collapse_warning
 
         predicted: list = []
         metrics = _evaluate(
             trained, tokenizer, final, task, config, method, device, progress, predictions_out=predicted
         )
         test_time = time.perf_counter() - start
-        run_warnings = [w for w in [single_class_warning(task.problem, predicted, config.eval_split)] if w]
+        references = [ex.label for ex in final] if task.problem != "generation" else []
+        run_warnings = [w for w in [collapse_warning(task.problem, predicted, references, config.eval_split)] if w]
         with atomic_dir(out / ADAPTER_DIR) as tmp:
             method.save(trained, tmp)
         times = state.step_times
