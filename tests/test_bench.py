@@ -406,6 +406,9 @@ def test_cost_lines_give_every_method_against_lora_per_batch_size_and_senslora_a
     assert "| senslora | 1.15 | 1.15 | 1.00 | 1.00 |" in text
     assert "| full | 3.00 | 3.00 | 2.00 | 2.00 |" in text
     assert "| main: t, senslora robust | 2 | 0.25 | 0.25 |" in text
+    # Figure 4's analogue: step time and peak memory against the batch size, per method
+    assert "![latency-cost](plots/latency-cost.png)" in text and (tmp_path / "plots" / "latency-cost.png").stat().st_size
+    assert "-cost.png" not in text.split("## Experiment `main`", 1)[1]  # no batch-size grid: no cost plot
     # an EVA run copied from another experiment (`reuse_from`) was timed elsewhere: not paired
     for method in ("senslora", "eva"):
         r = {**_train_result(method, 2, 0.7, 0.7), "task": "t", "config": {"calib_samples": 64}}

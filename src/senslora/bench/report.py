@@ -115,6 +115,8 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
             plots,
         )
         lines += [f"![{plot_name}](plots/{plot_name}.png)", ""]
+    if {"method", "batch_size"} <= set(ok[0]["_meta"]["grid"]) and _cost_plot(name, ok, plots):
+        lines += [f"![{name}-cost](plots/{name}-cost.png)", ""]
     return lines
 
 
@@ -449,6 +451,37 @@ def _bar_plot(name: str, groups: dict[tuple, list[dict]], primary: str, plots: P
     fig.tight_layout()
     fig.savefig(plots / f"{name}.png", dpi=100)
     plt.close(fig)
+
+
+def _cost_plot(name: str, ok: list[dict], plots: Path) -> bool:
+    """Figure 4's analogue: per method, the median training-step time and the peak memory against
+    the batch size (means over seeds). False when no run recorded either."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    what = (("step_time_median_s", "median step time (s)"), ("peak_memory_mb", "peak memory (MB)"))
+    by_method: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        by_method[str(r["_meta"]["grid"]["method"])][int(r["_meta"]["grid"]["batch_size"])].append(r)
+    if not any(r.get(key) for r in ok for key, _ in what):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, label) in zip(axes, what, strict=True):
+        for method, by_size in by_method.items():
+            sizes = sorted(b for b, rs in by_size.items() if any(r.get(key) for r in rs))
+            ys = [statistics.fmean(r[key] for r in by_size[b] if r.get(key)) for b in sizes]
+            ax.plot(sizes, ys, marker="o", label=method, linewidth=2.5 if method == "lora" else 1.2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{name}: training cost per method (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(plots / f"{name}-cost.png", dpi=100)
+    plt.close(fig)
+    return True
 
 
 def build_report(out: str | Path, *, command: str | None = None, readme: str | Path | None = None) -> Path:
