@@ -40,7 +40,20 @@ def cost_lines(by_exp: dict[str, list[dict]]) -> list[str]:
             rows.append(row)
         header = ["method"] + [f"step time / lora, batch {b}" for b in sizes]
         header += [f"peak memory / lora, batch {b}" for b in sizes]
-        lines += [f"### Training cost against uniform LoRA (`{name}`)", "", *_table(header, rows), ""]
+        steps = ", ".join(f"{min(r['steps'] for r in vals[('lora', b)] if r.get('steps'))} steps at batch {b}"
+                          for b in sizes if any(r.get("steps") for r in vals.get(("lora", b), [])))
+        measures = sorted({str(r["peak_memory_measure"]) for r in ok if r.get("peak_memory_measure")})
+        lines += [
+            f"### Training cost against uniform LoRA (`{name}`)",
+            "",
+            *_table(header, rows),
+            "",
+            "Ratios of means over seeds; each run's step time is the median over its training steps"
+            + (f" (LoRA's runs took {steps})" if steps else "")
+            + (f"; peak memory is, as the runs measured it: {'; '.join(measures)}" if measures else "")
+            + ". Few steps per run make these ratios noisy; the two seeds' result.json files show how much.",
+            "",
+        ]
     rows = []
     for name, members in by_exp.items():
         # A copied run (`reuse_from`) was timed in another invocation: it is not paired.
