@@ -353,6 +353,11 @@ def test_headline_is_one_table_over_experiments_and_says_where_senslora_wins_tie
     assert "- **senslora** against lora (primary metric): wins on t1; ties on t3; loses on t2." in head
     assert "- **senslora** against eva (primary metric): wins on t3; ties on t1" in head
     assert "**lora** against" not in head and "**eva** against" not in head
+    for path in chat.glob("*/result.json"):  # the same task in two experiments: each column says which
+        path.write_text(json.dumps({**json.loads(path.read_text()), "task": "t1"}))
+    head = build_report(tmp_path).read_text().split("## Headline", 1)[1].split("\n## ", 1)[0]
+    assert "| t1 accuracy (`chat`) |" in head and "| t1 accuracy (`main`) |" in head
+    assert "- **senslora** against lora (primary metric): wins on t1 (`main`); ties on t1 (`chat`); loses on t2." in head
 
 
 def test_headline_names_the_runs_that_ended_with_a_warning(tmp_path):

@@ -334,29 +334,8 @@ def headline_section(by_exp: dict[str, list[dict]], hidden: frozenset[str] = fro
     for name, _, against, task, metric, _ in columns:
         header += [f"{task} {metric}" + (f" (`{name}`)" if task in repeated else "")]
         header += [f"vs {_setting_name(a)}" for a in against]
-    rows: list[list[str]] = []
     verdicts: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # [setting][comparison][verdict]
-    for key in settings:
-        row = [_setting_name(_setting_of(key))]
-        for _, in_task, against, task, metric, primary in columns:
-            mine = [r["metrics"][metric] for r in in_task if _row_key(r, ("seed", "task")) == key
-                    and isinstance(r["metrics"].get(metric), (int, float))]
-            if mine:
-                mu, sd = mean_std(mine)
-                row.append(f"{mu:.{_digits(mu)}f} ± {sd:.{_digits(mu)}f} ({len(mine)})")
-            else:
-                row.append("–")
-            full_key = next((_row_key(r) for r in in_task if _row_key(r, ("seed", "task")) == key), None)
-            for a in against:
-                if full_key and all(_matches(r, a) for r in in_task if _row_key(r) == full_key):
-                    row.append("baseline")
-                    continue
-                d = paired_diffs(in_task, a, metric).get(full_key, []) if full_key else []
-                row.append(_diff_cell(d))
-                lo, hi = paired_interval(d)[1:] if len(d) > 1 else (math.nan, math.nan)
-                if primary and _verdict(lo, hi):
-                    verdicts[key][_setting_name(a)][_verdict(lo, hi).strip("*")].append(task)
-        rows.append(row)
+    rows = [_headline_row(key, columns, repeated, verdicts) for key in settings]
     names = ", ".join(_setting_name(a) for a in comparisons)
     return [
         "## Headline",
@@ -372,6 +351,32 @@ def headline_section(by_exp: dict[str, list[dict]], hidden: frozenset[str] = fro
         *_warned_runs([r for _, ok, _ in exps for r in ok]),
         *cost,
     ]
+
+
+def _headline_row(key: tuple, columns: list[tuple], repeated: set[str], verdicts: dict) -> list[str]:
+    """One setting's headline row: per column its mean ± sd (seeds) and the paired difference
+    against each comparison; each primary-metric verdict is recorded in ``verdicts``."""
+    row = [_setting_name(_setting_of(key))]
+    for name, in_task, against, task, metric, primary in columns:
+        mine = [r["metrics"][metric] for r in in_task if _row_key(r, ("seed", "task")) == key
+                and isinstance(r["metrics"].get(metric), (int, float))]
+        if mine:
+            mu, sd = mean_std(mine)
+            row.append(f"{mu:.{_digits(mu)}f} ± {sd:.{_digits(mu)}f} ({len(mine)})")
+        else:
+            row.append("–")
+        full_key = next((_row_key(r) for r in in_task if _row_key(r, ("seed", "task")) == key), None)
+        for a in against:
+            if full_key and all(_matches(r, a) for r in in_task if _row_key(r) == full_key):
+                row.append("baseline")
+                continue
+            d = paired_diffs(in_task, a, metric).get(full_key, []) if full_key else []
+            row.append(_diff_cell(d))
+            verdict = _verdict(*paired_interval(d)[1:]) if len(d) > 1 else ""
+            if primary and verdict:
+                label = task + (f" (`{name}`)" if task in repeated else "")
+                verdicts[key][_setting_name(a)][verdict.strip("*")].append(label)
+    return row
 
 
 def _verdict_lines(settings: list[tuple], verdicts: dict) -> list[str]:
