@@ -165,6 +165,7 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
     from ..core.allocation import STRATEGIES
     from ..core.diagonal import SALIENCIES
     from ..core.estimators import ACCUMULATE_ON, ESTIMATORS, SINK_MODES
+    from ..core.inits import INITS
     from ..core.metrics import FUSIONS, SCORES
     from ..core.peft_bridge import ALPHA_MODES
     from ..core.pipeline import BUDGET_MODES, allocate
@@ -210,4 +211,8 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
         own("alpha_mode", "how per-matrix alpha follows the rank", choices=ALPHA_MODES),
         own("num_probes", "hutchinson: Rademacher probes per batch", int, positive=True),
         own("accumulate_on", "where fp32 accumulators live", choices=ACCUMULATE_ON),
+        own("init", "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient "
+            "(ours: B from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, "
+            "lora-ga (docs/METHOD-NOTES.md)", choices=INITS),
+        own("init_step", "gradient init: entry size of the initial update, > 0", float),
     ]  # fmt: skip

@@ -111,7 +111,7 @@ def add_allocate_parser(sub) -> None:
         "allocate",
         help="estimate sensitivities on a calibration set and write per-matrix ranks + a PEFT LoraConfig",
         description="Estimate Hessian diagonals on calibration data, allocate per-matrix LoRA ranks, "
-        "write allocation.json, lora_config/ and ranks.png into --out.",
+        "write allocation.json, lora_config/, adapter/ (the initialised PEFT adapter) and ranks.png into --out.",
     )
     add_model_args(p)
     g = p.add_argument_group("models larger than the GPU (accelerate big-model loading)")

@@ -115,12 +115,22 @@ def parse_max_memory(text: str) -> dict:
 
 
 def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> list[dict]:
-    """Seeded calibration sample from the --calib flags, tokenised into padded batches."""
+    """Seeded calibration sample from the --calib flags, tokenised into padded batches (labelled
+    where the estimator or the --init needs the task loss)."""
+    from ..core.inits import NEEDS_LABELS
     from ..data.examples import calibration_batches
 
-    same = ("seed", "max_length", "batch_size", "estimator", "text_column", "text_pair_column", "label_column")
+    same = ("seed", "max_length", "batch_size", "text_column", "text_pair_column", "label_column")
+    init = getattr(args, "init", "zero")
+    # The init's task loss needs labels as a gradient estimator's does: ask as fisher would.
+    estimator = "fisher" if init in NEEDS_LABELS else args.estimator
     return calibration_batches(
-        args.calib, tokenizer, kind, samples=args.calib_samples, **{k: getattr(args, k) for k in same}
+        args.calib,
+        tokenizer,
+        kind,
+        samples=args.calib_samples,
+        estimator=estimator,
+        **{k: getattr(args, k) for k in same},
     )
 
 
@@ -148,6 +158,8 @@ def allocator_options(args: argparse.Namespace) -> dict:
         "alpha_mode": args.alpha_mode,
         "num_probes": args.num_probes,
         "accumulate_on": args.accumulate_on,
+        "init": args.init,
+        "init_step": args.init_step,
         "target_modules": target_spec(args),
     }
 
@@ -204,6 +216,7 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
 
     from ..core.distributed import process_device
     from ..core.estimators import estimator_class
+    from ..core.inits import MUTATES_BASE
     from ..core.pipeline import allocate
     from ..data.models import PEFT_TASK_TYPES, model_kind, offloaded
 
@@ -225,6 +238,11 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
             f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
             "(cpu/disk) blocks do not support; use --estimator activation or a --device-map on GPUs only"
         )
+    if offloaded(model) and args.init != "zero":
+        raise SensloraError(
+            f"--init {args.init} needs the weights (and for gradient / lora-ga a backward pass) of every "
+            "target, which offloaded (cpu/disk) blocks do not have; use --init zero or a --device-map on GPUs only"
+        )
     kind = model_kind(model)
     batches = calibration_batches_for(args, tokenizer, kind)
     alloc = allocate(
@@ -243,7 +261,10 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
     peft_type = PEFT_TASK_TYPES.get(kind)  # a bare base model has none
     task_type = TaskType(peft_type) if peft_type is not None else None
     base = LoraConfig(r=max(1, round(args.avg_rank)), lora_alpha=alloc.lora_alpha, task_type=task_type)
-    alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite)  # main only
+    peft_model = None
+    if alloc.init not in MUTATES_BASE:  # their adapter is only valid on a changed base: no adapter/
+        peft_model = alloc.to_peft_model(model, base, batches=batches)
+    alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite, peft_model=peft_model)
     dist.barrier()
     if dist.is_main:
         _print_summary(alloc)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import SensloraError
-from .presets import RECIPE_KEYS, check_recipe, resolve
+from .presets import RECIPE_KEYS, check_recipe, is_number, resolve
 
 BUDGET_MODES = ("rank", "params")
 
@@ -55,7 +55,9 @@ class AllocationConfig:
         target_modules, layers: which matrices (see :func:`senslora.core.targets.find_targets`).
         lora_alpha, alpha_mode: reference alpha of the uniform run (default ``2 * avg_rank``) and how
             per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
-        seed, num_probes: the ``hutchinson`` probes.
+        seed, num_probes: the ``hutchinson`` probes (``seed`` also draws the gradient init's ``A``).
+        init, init_step: the adapter initialisation on the allocated ranks
+            (:mod:`senslora.core.inits`); ``paper`` always means ``zero``.
     """
 
     avg_rank: float = _f(
@@ -101,8 +103,16 @@ class AllocationConfig:
     layers: Sequence[int] | None = _f(None, "keep only the target matrices of these block indices")
     lora_alpha: float | None = _f(None, "reference LoRA alpha of the uniform run (default 2 x avg rank)")
     alpha_mode: str = _f("proportional", "how per-matrix alpha follows the rank")
-    seed: int = _f(0, "seed of the hutchinson probes")
+    seed: int = _f(0, "seed of the hutchinson probes and of the gradient init's random A")
     num_probes: int = _f(1, "hutchinson: Rademacher probes per batch")
+    init: str = _f(
+        "zero",
+        "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient (ours: "
+        "B from the calibration gradient), or PEFT's pissa, olora, corda, eva, lora-ga",
+    )
+    init_step: float = _f(
+        1e-3, "gradient init: entry size of the initial update (a normalised gradient step), > 0"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,9 +128,13 @@ class AllocationConfig:
 
     def validate(self) -> None:
         """One-line :class:`SensloraError` naming the first value that is not acceptable."""
+        from .inits import check_init
         from .peft_bridge import ALPHA_MODES
 
         check_recipe(self.recipe())
+        check_init(self.init, self.preset)
+        if not is_number(self.init_step) or self.init_step <= 0:
+            raise SensloraError(f"--init-step must be a positive number, got {self.init_step!r}")
         if self.budget_mode not in BUDGET_MODES:
             raise SensloraError(
                 f"unknown budget mode {self.budget_mode!r}; choose one of {', '.join(BUDGET_MODES)}"

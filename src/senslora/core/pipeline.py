@@ -18,7 +18,7 @@ import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +33,7 @@ from .config import BUDGET_MODES as BUDGET_MODES  # re-exported: flags and optio
 from .config import AllocationConfig
 from .distributed import SINGLE, current
 from .errors import SensloraError
+from .inits import DEFAULT_STEP, gradient_sketch, new_sketch
 from .losses import input_device
 from .metrics import MatrixScores, fuse, score_matrix
 from .peft_bridge import ranks_to_lora_config
@@ -44,8 +45,11 @@ from .shaping import (
     rank_cap,
     temper,
 )
+from .sketch import GradientSketch
 from .targets import find_targets
 from .timing import sync_device, time_forward
+
+ADAPTER_DIR = "adapter"
 
 # The single metrics of the paper's Figure 3, plus the fused allocation.
 FIGURE3_SCORES = ("global", "topk", "effective-rank", "fused")
@@ -106,7 +110,14 @@ class Allocation:
     rho: float | None = 0
     rank_cap: int | None = None  # floor(rho x avg_rank) when rho is set
     concentration: dict[str, float] = field(default_factory=dict)
+    # The adapter initialisation (inits.py); "zero" for files written before it existed.
+    init: str = "zero"
+    init_step: float = DEFAULT_STEP
+    init_pass: str = ""  # gradient: "shared" with the fisher pass, or "extra" (one more pass)
     format_version: int = 2
+    #: The filled gradient sketch of ``init="gradient"`` (not saved: :meth:`to_peft_model`
+    #: recomputes it from the calibration batches when it is missing, e.g. after :meth:`load`).
+    sketch: GradientSketch | None = field(default=None, repr=False, compare=False, metadata={"saved": False})
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -125,19 +136,50 @@ class Allocation:
             base = LoraConfig(r=max(1, round(self.avg_rank)), lora_alpha=self.lora_alpha)
         return ranks_to_lora_config(self.ranks, base, alpha_mode=self.alpha_mode)
 
+    def to_peft_model(self, model, base=None, *, batches=(), loss_fn=None, device=None, record=None):
+        """``model`` wrapped by PEFT at the allocated ranks, its adapter initialised by ``init``
+        (:func:`senslora.core.inits.init_peft_model`). ``batches``: the calibration batches, for the
+        data-driven inits (``gradient`` reuses the sketch of :func:`allocate` when it has one)."""
+        from .inits import init_peft_model
+
+        return init_peft_model(
+            model,
+            self.to_lora_config(base),
+            self.init,
+            batches=batches,
+            sketch=self.sketch,
+            step=self.init_step,
+            loss_fn=loss_fn,
+            device=device,
+            seed=self.seed,
+            record=record,
+        )
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(replace(self, sketch=None))
+        out.pop("sketch")
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> Allocation:
         data = dict(data)
+        data.pop("sketch", None)
         data["matrices"] = [MatrixAllocation(**{**m, "shape": tuple(m["shape"])}) for m in data["matrices"]]
         return cls(**data)
 
     def save(
-        self, out_dir: str | Path, *, plot: bool = True, base_config=None, overwrite: bool = False
+        self,
+        out_dir: str | Path,
+        *,
+        plot: bool = True,
+        base_config=None,
+        overwrite: bool = False,
+        peft_model=None,
+        extra: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically.
+        """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically;
+        with ``peft_model`` (from :meth:`to_peft_model`) also ``adapter/``, its initialised
+        adapter (PEFT ``save_pretrained``); ``extra(tmp)`` writes more files into the folder.
 
         With several processes only the main one writes; the others return at once (call a barrier
         before another process reads the folder).
@@ -152,6 +194,10 @@ class Allocation:
         with atomic_dir(out) as tmp:
             (tmp / "allocation.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
             self.to_lora_config(base_config).save_pretrained(str(tmp / "lora_config"))
+            if peft_model is not None:
+                peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
+            if extra is not None:
+                extra(tmp)
             if plot:
                 from .plot import plot_ranks
 
@@ -305,8 +351,9 @@ def _reference_forward(model, batches, device, dist, *, progress) -> dict[str, f
     return {"forward": time_forward(model, local, device, progress=progress and dist.is_main)}
 
 
-def _estimate(model, batches, targets, config, recipe, *, device, **run) -> dict:
-    """Step 2: the Hessian diagonal of every target matrix (times w^2 for the OBD saliency)."""
+def _estimate(model, batches, targets, config, recipe, *, device, sketch=None, **run) -> dict:
+    """Step 2: the Hessian diagonal of every target matrix (times w^2 for the OBD saliency);
+    ``sketch``: also fill this gradient sketch in the same pass (``fisher`` only)."""
     from .diagonal import weight_saliency
     from .estimators import estimate_diagonals
 
@@ -321,11 +368,23 @@ def _estimate(model, batches, targets, config, recipe, *, device, **run) -> dict
         num_probes=config.num_probes,
         **run,
         **({"sink": recipe["sink"], "token_trim": recipe["token_trim"]} if estimator == "activation" else {}),
+        **({"sketch": sketch} if sketch is not None else {}),
     )
     if recipe["saliency"] == "obd":
         diagonals = {t.name: weight_saliency(diagonals[t.name], _weight_of(t)) for t in targets}
     sync_device(device)
     return diagonals
+
+
+def _shared_sketch(config, recipe, budget: _Budget, targets, device, accumulate_on) -> GradientSketch | None:
+    """The gradient sketch the ``fisher`` pass fills for ``init="gradient"``, or None (another init,
+    another estimator, or no rank cap: ``A`` would need up to min(d_in, d_out) rows, a
+    gradient-sized sketch, so the sketch waits for the ranks and takes one more pass)."""
+    capped = budget.cap is not None or config.r_max is not None
+    if config.init != "gradient" or recipe["estimator"] != "fisher" or not capped:
+        return None
+    rows = {t.name: int(c) for t, c in zip(targets, budget.caps, strict=True)}
+    return new_sketch(targets, rows, config.seed, accumulate_on, device)
 
 
 def _ranks_by(scores, score, config, recipe, names, budget: _Budget):
@@ -420,6 +479,8 @@ def _record(config, recipe, matrices, ranks, weights, budget, batches, timings, 
         rho=recipe["rho"],
         rank_cap=budget.cap,
         concentration=concentration(ranks, [m.params for m in matrices], config.r_min, budget.caps),
+        init=config.init,
+        init_step=float(config.init_step),
     )
 
 
@@ -459,6 +520,8 @@ def allocate(
     measure_forward: bool = False,
     model_name: str = "",
     distributed: bool | None = None,
+    init: str = "zero",
+    init_step: float = DEFAULT_STEP,
 ) -> Allocation:
     """Allocate per-matrix LoRA ranks from Hessian-diagonal sensitivity (paper sections 3-4).
 
@@ -480,6 +543,10 @@ def allocate(
         distributed: ``None`` (default): with several processes, shard the calibration batches and
             the forward-pass reference over them (every process must call ``allocate`` with the
             same batches); ``False``: this process does everything alone.
+        init, init_step: the adapter initialisation (config fields). ``gradient`` fills the
+            gradient sketch here: in the ``fisher`` estimator's pass when every rank is capped
+            (``rho`` or ``r_max``), else in one more forward and backward pass at the allocated
+            ranks; :meth:`Allocation.to_peft_model` then builds the initialised adapter.
     """
     given = locals()
     config = _config_from(config, {name: given[name] for name in _CONFIG_FIELDS})
@@ -499,7 +566,8 @@ def allocate(
 
     start = time.perf_counter()  # step 2
     run = dict(loss_fn=loss_fn, accumulate_on=accumulate_on, progress=progress, distributed=distributed)
-    diagonals = _estimate(model, batches, targets, config, recipe, device=device, **run)
+    shared = _shared_sketch(config, recipe, budget, targets, device, accumulate_on)
+    diagonals = _estimate(model, batches, targets, config, recipe, device=device, sketch=shared, **run)
     timings["estimation"] = time.perf_counter() - start
 
     start = time.perf_counter()  # step 3: the three metrics per matrix
@@ -511,13 +579,23 @@ def allocate(
     names = [t.name for t in targets]
     theta, weights, ranks = _ranks_by(scores, recipe["score"], config, recipe, names, budget)
     timings["allocation"] = time.perf_counter() - start
-    timings["total"] = timings["estimation"] + timings["metrics"] + timings["allocation"]
+    sketch, init_pass = shared, "shared" if shared is not None else ""
+    if config.init == "gradient" and shared is None:  # one more forward and backward pass
+        start = time.perf_counter()
+        rank_of = {t.name: int(r) for t, r in zip(targets, ranks, strict=True)}
+        sketch = gradient_sketch(model, batches, targets, rank_of, seed=config.seed, device=device, **run)
+        sync_device(device)
+        timings["init"], init_pass = time.perf_counter() - start, "extra"
+    if shared is not None:
+        shared.num_examples = int(sum(len(b["input_ids"]) for b in batches))
+    timings["total"] = timings["estimation"] + timings["metrics"] + timings["allocation"] + timings.get("init", 0.0)
     if "forward" in timings and timings["forward"] > 0:
         timings["ratio_to_forward"] = timings["total"] / timings["forward"]
 
     by_score = _figure3(scores, config, recipe, names, budget)
     matrices = _matrices(targets, scores, theta, ranks, by_score, diagonals)
     alloc = _record(config, recipe, matrices, ranks, weights, budget, batches, timings, model_name)
+    alloc.sketch, alloc.init_pass = sketch, init_pass
     note = concentration_warning(names, [m.params for m in matrices], budget.costs * config.avg_rank)
     if note is not None:
         warnings.warn(note, stacklevel=2)

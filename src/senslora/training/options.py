@@ -29,6 +29,7 @@ def _or_null(check: Check) -> Check:
 
 def _checks() -> dict[str, tuple[Check, str]]:
     from ..core.estimators import ACCUMULATE_ON
+    from ..core.inits import INITS
     from ..core.peft_bridge import ALPHA_MODES
     from ..core.pipeline import BUDGET_MODES
     from ..core.presets import PRESETS, recipe_checks
@@ -48,6 +49,8 @@ def _checks() -> dict[str, tuple[Check, str]]:
         "alpha_mode": one_of(*ALPHA_MODES),
         "num_probes": (lambda v: _is_int(v, 1), "an integer >= 1"),
         "accumulate_on": one_of(*ACCUMULATE_ON),
+        "init": (lambda v: v is None or v in INITS, "one of " + ", ".join(INITS) + " or null"),
+        "init_step": (lambda v: v is None or (is_number(v) and v > 0), "a number > 0 or null"),
         # the training loop's
         "target_modules": (targets, "a regex, a list of module names, or null"),
         "layer_select": one_of(*LAYER_SELECTIONS),
@@ -58,10 +61,11 @@ def _checks() -> dict[str, tuple[Check, str]]:
         "plot": (lambda v: isinstance(v, bool), "true or false"),
         # method-specific (Method.option_keys)
         "eva_rho": (lambda v: is_number(v, 1), "a number >= 1"),
+        "gora_gamma": (lambda v: is_number(v) and v > 0, "a number > 0"),
     }
 
 
-METHOD_SPECIFIC = ("eva_rho",)
+METHOD_SPECIFIC = ("eva_rho", "gora_gamma")
 
 
 def check_options(options: dict[str, Any], method: Any) -> None:
@@ -78,6 +82,17 @@ def check_options(options: dict[str, Any], method: Any) -> None:
         ok, accepted = checks[key]
         if not ok(value):
             raise SensloraError(f"option {key} must be {accepted}, got {json.dumps(value)}")
+    init = options.get("init") or "zero"
+    if init != "zero" and not method.reads_init:
+        raise SensloraError(
+            f"method {method.name} has its own adapter initialisation; --init {init} applies to lora and "
+            "senslora (and methods built on them) only"
+        )
+    if init != "zero" and options.get("preset") == "paper":
+        raise SensloraError(
+            f"--preset paper is Sensitivity-LoRA as published, with PEFT's zero init; --init {init} "
+            "changes the method: use --preset robust (or no preset) with --init"
+        )
 
 
 def parse_option(item: str) -> tuple[str, Any]:

@@ -8,6 +8,8 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from ..diagonal import Diagonal
+from ..distributed import Dist
+from ..sketch import GradientSketch
 from .base import Estimator, _as_linear, _batch_mask, _mean_over_examples, _token_mask
 
 
@@ -38,12 +40,22 @@ class FisherEstimator(Estimator):
     Autograd then runs every node between the loss and the target outputs but skips every
     ``dL/dW`` (the per-example products above replace it), so the cost is about one forward and
     backward instead of one forward, one backward and a second weight gradient.
+
+    ``sketch`` (a :class:`~senslora.core.sketch.GradientSketch`): the same hooks also accumulate
+    ``G A^T`` of every target for ``--init gradient``, so the initialisation shares this pass.
     """
 
     name = "fisher"
+    options = ("sketch",)
+    #: Accumulate the squared per-example gradients (the diagonal); off for the sketch-only pass.
+    squares: bool = True
+
+    def __init__(self, *, sketch: GradientSketch | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sketch = sketch
 
     def _start(self) -> list[RemovableHandle]:
-        self.sums = {t.name: self._zeros(t.shape) for t in self.targets}
+        self.sums = {t.name: self._zeros(t.shape) for t in self.targets} if self.squares else {}
         self.mask: torch.Tensor | None = None
         self.rows: list[slice | torch.Tensor] | None = None
         # One fp32 (d_out, d_in) scratch per weight shape and device, reused for every example.
@@ -57,11 +69,12 @@ class FisherEstimator(Estimator):
                 return None
             self.num_calls[name] += 1
             x = inputs[0].detach()
-            rows = self.rows if _token_mask(x, self.mask) is not None else None
+            mask = _token_mask(x, self.mask)
+            rows = self.rows if mask is not None else None
             # output + 0: the same values, and a path from the loss to the tap through this output.
             tapped = output + self.tap.to(device=output.device, dtype=output.dtype)
             # The gradient w.r.t. this output (a tensor hook sees it before any later in-place op).
-            tapped.register_hook(lambda g: self._on_grad(name, x, g.detach(), rows))
+            tapped.register_hook(lambda g: self._on_grad(name, x, g.detach(), rows, mask))
             return tapped
 
         return hook
@@ -73,8 +86,17 @@ class FisherEstimator(Estimator):
         return self.scratch[key]
 
     def _on_grad(
-        self, name: str, x: torch.Tensor, g: torch.Tensor, rows: list[slice | torch.Tensor] | None
+        self,
+        name: str,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        rows: list[slice | torch.Tensor] | None,
+        mask: torch.Tensor | None = None,
     ) -> None:
+        if self.sketch is not None:
+            self.sketch.add(name, x, g, mask)
+        if not self.squares:
+            return
         # Rows of each example: (B, T, d) token inputs, or one row per example for 2-D inputs.
         b = x.shape[0]
         x = x.reshape(b, -1, x.shape[-1])
@@ -104,7 +126,7 @@ class FisherEstimator(Estimator):
     def _step(self, model: nn.Module, batch: dict) -> int:
         self.mask = _batch_mask(batch)
         self.rows = _example_rows(self.mask) if self.mask is not None else None
-        self.num_calls = dict.fromkeys(self.sums, 0)
+        self.num_calls = {t.name: 0 for t in self.targets}
         self.pending: dict[str, list[torch.Tensor | None]] = {}
         losses = self.loss_fn(model, batch)
         # One backward of sum_n L_n (example n's loss only reaches example n's rows of g), asked
@@ -117,8 +139,25 @@ class FisherEstimator(Estimator):
         self.pending = {}
         return int(losses.shape[0])
 
+    def _all_reduce(self, dist: Dist) -> None:
+        super()._all_reduce(dist)
+        if self.sketch is not None:
+            self.sketch.all_reduce(dist)
+
     def _finish(self) -> dict[str, Diagonal]:
         return _mean_over_examples(self.targets, self.sums, self.num_examples)
+
+
+class GradientSketchPass(FisherEstimator):
+    """One forward and backward per batch that only fills a :class:`GradientSketch` (no diagonal):
+    the extra pass of ``--init gradient`` after a forward-only estimator. Not a Hessian estimator,
+    so not in the registry; :func:`senslora.core.inits.gradient_sketch` runs it."""
+
+    name = "gradient"
+    squares = False
+
+    def _finish(self) -> dict[str, Diagonal]:
+        return {}
 
 
 class FisherBatchEstimator(Estimator):

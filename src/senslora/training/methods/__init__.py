@@ -7,7 +7,7 @@ import importlib
 from .base import METHODS, Method, MethodContext, get_method, register
 
 # Modules that register methods when imported (kept lazy: they import peft / transformers).
-_MODULES = ("lora", "adalora", "dylora", "adapters", "eva", "full", "related")
+_MODULES = ("lora", "adalora", "dylora", "adapters", "eva", "full", "related", "gora", "loraga", "pissa")
 
 
 def load_all() -> None:

@@ -71,9 +71,16 @@ class Method:
     implied_options: ClassVar[dict[str, Any]] = {}
     #: Options this method reads besides the common ones (see :mod:`senslora.training.options`).
     option_keys: ClassVar[tuple[str, ...]] = ()
+    #: Honours the ``init`` option (an adapter initialisation, :mod:`senslora.core.inits`); a
+    #: method that does not refuses any init but ``zero``.
+    reads_init: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.record: dict[str, Any] = {}  # method-specific facts written into result.json
+        #: The initial adapter of an init that changes the base weights (PiSSA, OLoRA, CorDA,
+        #: LoRA-GA; set by :func:`initialise`): :meth:`save` converts the trained adapter against it
+        #: into a plain LoRA adapter on the original base model (PEFT's conversion).
+        self.initial_adapter: Path | None = None
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         """Return the model to train, with exactly the method's parameters trainable."""
@@ -108,7 +115,13 @@ class Method:
         Default: nothing to restore."""
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
-        """Save what was trained into ``out_dir`` (PEFT: ``save_pretrained``)."""
+        """Save what was trained into ``out_dir`` (PEFT: ``save_pretrained``; converted against
+        :attr:`initial_adapter` when the init changed the base weights)."""
+        if self.initial_adapter is not None:
+            from ...core.inits import save_converted
+
+            save_converted(model, out_dir, self.initial_adapter)
+            return
         model.save_pretrained(str(out_dir))
 
     def load(self, base_model: nn.Module, adapter_dir: Path, ctx: MethodContext) -> nn.Module:
@@ -145,6 +158,34 @@ def wrap_peft(model: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
 
     with peft_wrapping():
         return get_peft_model(model, config, **kwargs)
+
+
+def initialise(method: Method, model: nn.Module, config: Any, init: str, ctx: MethodContext, **kwargs: Any):
+    """``model`` wrapped with ``config`` and initialised by ``init``
+    (:func:`senslora.core.inits.init_peft_model` on the calibration batches), facts into
+    ``method.record``. For an init that changes the base weights the initial adapter is kept in a
+    temporary folder, so :meth:`Method.save` writes a plain LoRA adapter (a resumed run re-runs
+    the init, which is deterministic, and keeps a fresh copy)."""
+    import tempfile
+
+    from ...core.inits import MUTATES_BASE, init_peft_model, save_initial_adapter
+
+    with peft_wrapping():
+        peft_model = init_peft_model(
+            model,
+            config,
+            init,
+            batches=ctx.calibration_batches,
+            device=ctx.device,
+            seed=ctx.seed,
+            record=method.record,
+            **kwargs,
+        )
+        if init in MUTATES_BASE:
+            method._initial_tmp = tempfile.TemporaryDirectory(prefix="senslora-initial-")
+            method.initial_adapter = Path(method._initial_tmp.name) / "initial"
+            save_initial_adapter(peft_model, method.initial_adapter)
+    return peft_model
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -16,50 +16,18 @@ Option ``ctx.options["eva_rho"]`` overrides ``rho``.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import replace
 
-import torch
 import torch.nn as nn
 
 from ...core.errors import SensloraError
-from ...core.losses import IGNORE_INDEX, model_inputs
+from ...core.inits import run_eva
 from ...core.peft_bridge import peft_ranks
 from ._shared import method_targets
 from .base import Method, MethodContext, register, wrap_peft
 from .lora import uniform_lora_config
 
 DEFAULT_RHO = 2.0
-# EVA cycles over the calibration batches until the singular vectors converge; this bounds it.
-MAX_PASSES = 50
-
-
-def _token_positions(batch: Mapping[str, torch.Tensor], peft_config) -> torch.Tensor:
-    """(N, 2) indices (example, position) of the tokens whose layer inputs enter the SVD."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
-    labels = batch.get("labels")
-    # Only token-level labels (causal LM) mask tokens; classification labels are one per example.
-    if peft_config.eva_config.use_label_mask and labels is not None and labels.shape == ids.shape:
-        mask = mask & (labels != IGNORE_INDEX)
-    return mask.nonzero()
-
-
-class _BoundedForward:
-    """EVA's forward function: model inputs only, failing after ``limit`` calls."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.calls = 0
-
-    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> object:
-        self.calls += 1
-        if self.calls > self.limit:
-            raise SensloraError(
-                f"EVA's SVD did not converge within {self.limit} forward passes; "
-                "use more or larger calibration batches"
-            )
-        return model(**model_inputs(batch))
 
 
 @register
@@ -70,7 +38,7 @@ class EVA(Method):
     option_keys = ("eva_rho",)
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        from peft import EvaConfig, initialize_lora_eva_weights
+        from peft import EvaConfig
 
         if not ctx.calibration_batches:
             raise SensloraError("eva needs calibration batches from the training split")
@@ -83,16 +51,8 @@ class EVA(Method):
         # low_cpu_mem_usage: LoRA weights stay on the meta device until EVA fills them.
         peft_model = wrap_peft(model, config, low_cpu_mem_usage=True)
         start = time.perf_counter()
-        forward = _BoundedForward(MAX_PASSES * len(ctx.calibration_batches))
-        initialize_lora_eva_weights(
-            peft_model,
-            dataloader=ctx.calibration_batches,
-            forward_fn=forward,
-            prepare_model_inputs_fn=_token_positions,
-            show_progress_bar=False,
-            # Every process has all calibration batches (as with one process): no gathering.
-            gather_distributed_inputs=False,
-        )
+        passes: dict = {}
+        run_eva(peft_model, ctx.calibration_batches, passes)
         seconds = time.perf_counter() - start
         built = peft_ranks(peft_model)
         ranks = {name: built.get(name, 0) for name in names}  # rank 0: EVA removed that LoRA
@@ -102,6 +62,6 @@ class EVA(Method):
             eva_rank_budget=config.r * len(names),
             eva_total_rank=sum(ranks.values()),
             eva_seconds=seconds,
-            eva_forward_passes=forward.calls,
+            eva_forward_passes=passes["eva_forward_passes"],
         )
         return peft_model

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ...core.presets import RECIPE_KEYS
 from ...data.models import peft_task_type
 from ._shared import method_targets, uniform_rank
-from .base import Method, MethodContext, register, wrap_peft
+from .base import Method, MethodContext, initialise, register, wrap_peft
 
 # Options passed from ``ctx.options`` to :func:`senslora.core.pipeline.allocate` when set.
 ALLOCATOR_OPTIONS = (
@@ -31,6 +31,8 @@ ALLOCATOR_OPTIONS = (
     "alpha_mode",
     "num_probes",
     "accumulate_on",
+    "init",
+    "init_step",
 )
 ALLOCATION_DIR = "allocation"
 TRAIN_BUDGET_MODE = "params"
@@ -51,16 +53,22 @@ def uniform_lora_config(model: nn.Module, ctx: MethodContext, method: str):
 
 @register
 class LoRA(Method):
-    """PEFT LoRA, the same rank on every target matrix."""
+    """PEFT LoRA, the same rank on every target matrix; ``init`` (option) initialises it
+    (:mod:`senslora.core.inits`; ``zero`` is PEFT's default)."""
 
     name = "lora"
+    reads_init = True
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         config = uniform_lora_config(model, ctx, self.name)
+        init = ctx.options.get("init") or "zero"
         self.record.update(
-            rank=config.r, lora_alpha=config.lora_alpha, target_matrices=len(config.target_modules)
+            rank=config.r, lora_alpha=config.lora_alpha, target_matrices=len(config.target_modules), init=init
         )
-        return wrap_peft(model, config)
+        if init == "zero":
+            return wrap_peft(model, config)
+        step = ctx.options.get("init_step")
+        return initialise(self, model, config, init, ctx, **({"step": step} if step is not None else {}))
 
 
 @register
@@ -75,6 +83,7 @@ class SensLoRA(Method):
     """
 
     name = "senslora"
+    reads_init = True
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from ...core.distributed import current
@@ -128,5 +137,10 @@ class SensLoRA(Method):
             allocated_params=alloc.trainable_params,
             uniform_params=alloc.uniform_params,
             ranks=ranks,
+            init=alloc.init,
         )
-        return wrap_peft(model, alloc.to_lora_config(base))
+        if alloc.init == "zero":  # exactly as before inits existed: PEFT's default
+            return wrap_peft(model, alloc.to_lora_config(base))
+        return initialise(
+            self, model, alloc.to_lora_config(base), alloc.init, ctx, sketch=alloc.sketch, step=alloc.init_step
+        )
