@@ -60,6 +60,12 @@ for estimator, n_batches in {CASES!r}:
         "calibration": alloc.calibration,
         "timings": alloc.timings,
     }}
+for estimator in ("activation", "fisher"):  # --init gradient: an extra pass, or shared with fisher's
+    model, batches = tiny_bert(), token_batches(n_batches=5, batch_size=4)
+    alloc = allocate(model, batches, estimator=estimator, init="gradient", seed={SEED}, progress=False)
+    results[("init", estimator)] = {{
+        "sketch": alloc.sketch.mean(alloc.sketch.num_examples), "ranks": alloc.ranks, "pass": alloc.init_pass,
+    }}
 torch.save({{"rank": dist.rank, "world": dist.world_size, "results": results}}, out / f"rank{{dist.rank}}.pt")
 code = main(["allocate", "--model", model_dir, "--calib", calib, "--calib-samples", "20", "--batch-size", "4",
              "--max-length", "16", "--avg-rank", "2", "--no-progress", "--no-plot", "--out", str(out / "cli")])
@@ -151,6 +157,20 @@ def test_two_processes_equal_one_process(two_processes, case):
             got["diagonals"][name], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())
         )
     assert got["ranks"] == alloc.ranks
+
+
+@pytest.mark.parametrize("estimator", ["activation", "fisher"])
+def test_gradient_init_sketch_under_two_processes_equals_one_process(two_processes, estimator):
+    # The sketch G A^T is a sum over batches, all-reduced before the division: the same as one process.
+    _, ranks, _ = two_processes
+    got = ranks[1]["results"][("init", estimator)]
+    model, batches = tiny_bert(), token_batches(n_batches=5, batch_size=4)
+    alloc = allocate(model, batches, estimator=estimator, init="gradient", seed=SEED, progress=False)
+    expected = alloc.sketch.mean(alloc.sketch.num_examples)
+    assert got["ranks"] == alloc.ranks and got["pass"] == alloc.init_pass
+    assert set(got["sketch"]) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got["sketch"][name], value, rtol=1e-5, atol=1e-6 * float(value.abs().max()))
 
 
 def test_every_process_returns_the_same_and_the_main_writes_once(two_processes):

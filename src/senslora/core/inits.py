@@ -23,9 +23,11 @@ twice the rank. Every PEFT initialisation runs PEFT's code; nothing of it is rei
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -115,12 +117,34 @@ def config_ranks(model: nn.Module, config) -> dict[str, int]:
 
 
 # -------------------------------------------------------------------------------- PEFT wrapping
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """While PEFT wraps a model (or loads an adapter into one): PEFT 0.21's ``PeftModel.__init__``
+    reads transformers 5's deprecated ``is_gradient_checkpointing`` property, which warns
+    (FutureWarning) on every wrap, with nothing for the user to do. Exactly that warning is
+    ignored, and only here; every other one shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
+@contextlib.contextmanager
+def _converting() -> Iterator[None]:
+    """While an adapter of a :data:`MUTATES_BASE` init is saved for conversion: PEFT warns that the
+    init changed the base weights and advises the conversion being done, and that the init's own
+    config is ignored once ``init_lora_weights=True``; both are about what happens here."""
+    with peft_wrapping(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* changes the base weights of the model")
+        warnings.filterwarnings("ignore", message=r"`\w+_config` specified but will be ignored")
+        yield
+
+
 def _wrap(model: nn.Module, config, **kwargs):
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
-        # PEFT 0.21 reads transformers 5's deprecated is_gradient_checkpointing on every wrap.
-        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_wrapping():
         return get_peft_model(model, config, **kwargs)
 
 
@@ -169,22 +193,55 @@ class BoundedForward:
         return model(**model_inputs(batch))
 
 
-def run_eva(peft_model, batches, record: dict | None = None) -> None:
-    """PEFT's ``initialize_lora_eva_weights`` over the calibration batches (bounded passes)."""
-    from peft import initialize_lora_eva_weights
+def run_eva(peft_model, batches, record: dict | None = None, *, keep_ranks: Mapping[str, int] | None = None) -> None:
+    """PEFT's EVA over the calibration batches (bounded passes).
+
+    ``keep_ranks`` (module name -> rank; with ``rho = 1``): every module keeps exactly its rank.
+    PEFT's EVA computes one SVD per group of modules that read the same input (q / k / v, gate /
+    up) and then swaps ranks inside the group so the module holding the SVD gets the largest; the
+    group's components are the same for every member, so each member's first ``r`` components are
+    taken from that shared SVD here, and PEFT loads them (``eva_state_dict=``)."""
+    from peft import get_eva_state_dict, initialize_lora_eva_weights
 
     forward = BoundedForward(EVA_MAX_PASSES * len(batches))
-    initialize_lora_eva_weights(
-        peft_model,
-        dataloader=batches,
-        forward_fn=forward,
-        prepare_model_inputs_fn=_token_positions,
-        show_progress_bar=False,
-        # Every process has all calibration batches (as with one process): no gathering.
-        gather_distributed_inputs=False,
-    )
+    # Every process has all calibration batches (as with one process): no gathering.
+    common = dict(forward_fn=forward, prepare_model_inputs_fn=_token_positions, show_progress_bar=False)
+    if keep_ranks is None:
+        initialize_lora_eva_weights(peft_model, dataloader=batches, gather_distributed_inputs=False, **common)
+    else:
+        state = get_eva_state_dict(peft_model, dataloader=batches, gather_distributed_inputs=False, **common)
+        groups = _same_input_groups(peft_model, batches[0])
+        prefix = "base_model.model."
+        for key in list(state):
+            name = key[len(prefix) :] if key.startswith(prefix) else key
+            group = [k for k in state if groups.get(k) is not None and groups.get(k) == groups.get(key)] or [key]
+            widest = max(group, key=lambda k: state[k].shape[0])
+            state[key] = state[widest][: keep_ranks[name]].clone()
+        initialize_lora_eva_weights(peft_model, eva_state_dict=state)
     if record is not None:
         record["eva_forward_passes"] = forward.calls
+
+
+def _same_input_groups(peft_model, batch) -> dict[str, int]:
+    """LoRA module name -> an id shared by the modules that receive the same input tensor."""
+    from peft.tuners.lora import LoraLayer
+
+    inputs: dict[str, torch.Tensor] = {}  # kept alive, so no two live inputs share an id
+    handles = []
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+
+            def hook(mod, args, _name=name):
+                inputs.setdefault(_name, args[0])
+
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad(), peft_model.disable_adapter():
+            peft_model(**model_inputs(move_batch(batch, next(peft_model.parameters()).device)))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: id(x) for name, x in inputs.items()}
 
 
 def _loss_steps(model, batches, loss_fn, device):
@@ -274,8 +331,9 @@ def init_peft_model(
 
         # rho = 1: each matrix keeps its own rank (EVA may only move rank up to rho x its own).
         eva = replace(config, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
+        keep = config_ranks(model, config)  # before wrapping: PEFT replaces the target modules
         peft_model = _wrap(model, eva, low_cpu_mem_usage=True)
-        run_eva(peft_model, list(batches), record)
+        run_eva(peft_model, list(batches), record, keep_ranks=keep)
     else:
         peft_model = _mutating_init(model, config, init, batches, loss_fn, device)
     record["init"] = init
@@ -313,7 +371,8 @@ def save_initial_adapter(peft_model, folder) -> None:
     original = config.init_lora_weights
     config.init_lora_weights = True
     try:
-        peft_model.save_pretrained(str(folder))
+        with _converting():
+            peft_model.save_pretrained(str(folder))
     finally:
         config.init_lora_weights = original
 
@@ -328,13 +387,19 @@ def save_converted(peft_model, out_dir, initial) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    peft_model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(initial))
+    with _converting():  # the conversion loads the initial adapter into the model
+        peft_model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(initial))
     weights = Path(out_dir) / "adapter_model.safetensors"
     saved = load_file(str(weights))
     full = get_peft_model_state_dict(peft_model)
     dropped = {k: v.detach().cpu().contiguous() for k, v in full.items() if k not in saved and "lora_" not in k}
     if dropped:
         save_file({**saved, **dropped}, str(weights), metadata={"format": "pt"})
+    # A plain LoRA adapter now: its config says so (no init sub-config left to warn about on load).
+    config_file = Path(out_dir) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(init_lora_weights=True, corda_config=None, lora_ga_config=None, eva_config=None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _mutating_init(model, config, init, batches, loss_fn, device):

@@ -7,9 +7,6 @@ it trained. One shared test suite (tests/test_methods.py) runs over every regist
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...core.errors import SensloraError
+from ...core.inits import peft_wrapping as peft_wrapping  # re-exported: methods wrap through it
 from ...data.models import HEAD_MODULES
 
 
@@ -138,18 +136,6 @@ class Method:
         if not self.is_peft:
             raise SensloraError(f"method {self.name} cannot be merged into the base model")
         return model.merge_and_unload()
-
-
-@contextlib.contextmanager
-def peft_wrapping() -> Iterator[None]:
-    """While PEFT wraps a model: PEFT 0.21's ``PeftModel.__init__`` reads transformers 5's deprecated
-    ``is_gradient_checkpointing`` property, which warns (FutureWarning) on every wrap, with nothing
-    for the user to do. Exactly that warning is ignored, and only here; every other one shows."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
-        )
-        yield
 
 
 def wrap_peft(model: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
