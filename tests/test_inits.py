@@ -173,7 +173,7 @@ def test_a_base_changing_init_saves_a_plain_adapter_for_the_original_model(tmp_p
     peft_model = alloc.to_peft_model(model, _base_config("SEQ_CLS"), batches=batches)
     save_initial_adapter(peft_model, tmp_path / "initial")
     with torch.no_grad():  # "training": move every LoRA factor and the head
-        for n, p in peft_model.named_parameters():
+        for p in peft_model.parameters():
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
     save_converted(peft_model, tmp_path / "out", tmp_path / "initial")

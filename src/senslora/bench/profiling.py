@@ -58,8 +58,15 @@ def allocation_probe(
     device: str | None = None,
     dtype: str = "float32",
     num_probes: int = 1,
+    init: str = "zero",
+    peers: tuple[str, ...] | list[str] = (),
 ) -> dict:
     """Time allocation against one plain forward pass over the same batches, in this process.
+
+    ``init``: the adapter initialisation whose calibration work is part of the allocation
+    (``gradient``: its sketch pass; the memory of its sketch is reported against the adapter's).
+    ``peers``: PEFT initialisations (``eva``, ``lora-ga``, ...) timed on a copy of the model, with
+    uniform LoRA of rank ``avg_rank`` on the same targets and the same calibration batches.
 
     ``repeats`` alternating (forward, allocation) measurements. ``ratio_to_forward`` is the median
     over repeats of allocation / the forward pass measured just before it (a pair run back to back
@@ -67,6 +74,7 @@ def allocation_probe(
     least disturbed), and ``ratio_of_minima`` their ratio.
     """
     from ..core.estimators import estimator_class
+    from ..core.inits import NEEDS_LABELS
     from ..core.pipeline import allocate
     from ..data.examples import calibration_batches
     from ..data.models import load_model, model_kind
@@ -86,7 +94,7 @@ def allocation_probe(
         seed=seed,
         max_length=max_length,
         batch_size=batch_size,
-        estimator=estimator,
+        estimator="fisher" if init in NEEDS_LABELS or any(p in NEEDS_LABELS for p in peers) else estimator,
     )
     dev = next(net.parameters()).device
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -115,6 +123,7 @@ def allocation_probe(
             num_probes=num_probes,
             progress=False,
             measure_forward=True,
+            init=init,
         )
         runs.append(dict(alloc.timings))
         if i == 0:
@@ -125,7 +134,13 @@ def allocation_probe(
         extra = max(0, peak_rss_bytes() - rss_before)
     # Forward + backward reference for the gradient-based estimators, after the memory reading
     # (full-model gradients would otherwise count as the estimator's memory).
-    fb = [time_forward_backward(net, batches) for _ in range(repeats)] if needs.needs_grad else []
+    fb = (
+        [time_forward_backward(net, batches) for _ in range(repeats)]
+        if needs.needs_grad or init in NEEDS_LABELS
+        else []
+    )
+    peer_seconds = {peer: _time_peer_init(net, batches, peer, avg_rank, list(ranks), seed) for peer in peers}
+    sketch = alloc.sketch
     fwd = min(r["forward"] for r in runs)
     total = min(r["total"] for r in runs)
     tokens = alloc.calibration["tokens"]
@@ -160,7 +175,39 @@ def allocation_probe(
         "device": str(dev),
         "runs": runs,
         "ranks": ranks,
+        "init": init,
+        "init_pass": alloc.init_pass,
+        "init_s": min(r.get("init", 0.0) for r in runs),
+        "adapter_bytes": 4 * alloc.trainable_params,
+        "sketch_bytes": _sketch_bytes(sketch),
+        "sketch_over_adapter": _sketch_bytes(sketch) / (4 * alloc.trainable_params),
+        "peer_init_s": peer_seconds,
+        "allocation_over_peer_init": {p: total / t for p, t in peer_seconds.items() if t},
     }
+
+
+def _sketch_bytes(sketch) -> int:
+    """Bytes the gradient init's sketch held: its accumulators and its random A (0 without one)."""
+    if sketch is None:
+        return 0
+    tensors = [*sketch.sums.values(), *sketch.a.values()]
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _time_peer_init(net, batches, peer: str, avg_rank: float, targets: list[str], seed: int) -> float:
+    """Seconds of PEFT's ``peer`` initialisation of uniform LoRA on a copy of ``net``."""
+    import copy
+    import time
+
+    from peft import LoraConfig
+
+    from ..core.inits import init_peft_model
+
+    model = copy.deepcopy(net)
+    config = LoraConfig(r=max(1, round(avg_rank)), lora_alpha=2 * avg_rank, target_modules=targets)
+    start = time.perf_counter()
+    init_peft_model(model, config, peer, batches=batches, seed=seed)
+    return time.perf_counter() - start
 
 
 def paired_ratio(runs: list[dict]) -> float:
