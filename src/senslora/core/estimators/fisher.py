@@ -10,7 +10,7 @@ from torch.utils.hooks import RemovableHandle
 from ..diagonal import Diagonal
 from ..distributed import Dist
 from ..sketch import GradientSketch
-from .base import Estimator, _as_linear, _batch_mask, _mean_over_examples, _token_mask
+from .base import Estimator, _as_linear, _batch_mask, _mean_over_examples, _reduce_counts, _token_mask
 
 
 def _example_rows(mask: torch.Tensor) -> list[slice | torch.Tensor]:
@@ -140,7 +140,9 @@ class FisherEstimator(Estimator):
         return int(losses.shape[0])
 
     def _all_reduce(self, dist: Dist) -> None:
-        super()._all_reduce(dist)
+        for total in self.sums.values():  # empty in the sketch-only pass
+            dist.all_reduce_(total)
+        self.num_examples = _reduce_counts(dist, [self.num_examples])[0]
         if self.sketch is not None:
             self.sketch.all_reduce(dist)
 
