@@ -243,7 +243,13 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
     peft_type = PEFT_TASK_TYPES.get(kind)  # a bare base model has none
     task_type = TaskType(peft_type) if peft_type is not None else None
     base = LoraConfig(r=max(1, round(args.avg_rank)), lora_alpha=alloc.lora_alpha, task_type=task_type)
-    alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite)  # main only
+    alloc.save(
+        out,
+        plot=not args.no_plot,
+        base_config=base,
+        overwrite=args.overwrite,
+        adapter_dir=out.resolve() / "adapter",
+    )  # main only
     dist.barrier()
     if dist.is_main:
         _print_summary(alloc)

@@ -135,9 +135,19 @@ class Allocation:
         return cls(**data)
 
     def save(
-        self, out_dir: str | Path, *, plot: bool = True, base_config=None, overwrite: bool = False
+        self,
+        out_dir: str | Path,
+        *,
+        plot: bool = True,
+        base_config=None,
+        overwrite: bool = False,
+        adapter_dir: str | Path | None = None,
+        adapter_weights: bool = False,
     ) -> Path:
-        """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically.
+        """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically;
+        with ``adapter_dir`` (where the PEFT adapter of this allocation is saved) also
+        ``axolotl.yaml`` and ``llamafactory.yaml`` pointing at it (:mod:`senslora.core.exports`;
+        ``adapter_weights``: its weights matter, so axolotl must load them).
 
         With several processes only the main one writes; the others return at once (call a barrier
         before another process reads the folder).
@@ -152,6 +162,10 @@ class Allocation:
         with atomic_dir(out) as tmp:
             (tmp / "allocation.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
             self.to_lora_config(base_config).save_pretrained(str(tmp / "lora_config"))
+            if adapter_dir is not None:
+                from .exports import write_exports
+
+                write_exports(tmp, self, adapter_dir, base_config=base_config, weights=adapter_weights)
             if plot:
                 from .plot import plot_ranks
 
