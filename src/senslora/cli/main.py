@@ -47,13 +47,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
+    from ..data.formats import DATA_FORMATS
     from ..data.models import KINDS
 
     g = p.add_argument_group("calibration data")
     g.add_argument(
         "--calib",
         default="movie",
-        help="alias (movie, tweets, chat) or a .txt/.csv/.jsonl file or a `datasets` folder",
+        help="alias (movie, tweets, chat), a .txt/.csv/.jsonl/.parquet file, a `datasets` folder or hf:NAME",
+    )
+    g.add_argument(
+        "--data-format",
+        default="auto",
+        choices=DATA_FORMATS,
+        help="format of a file / datasets calibration set (TRL's): text, messages ({role, content} turns; "
+        "the loss of the gradient estimators on assistant turns), prompt-completion; auto detects it "
+        "from the columns",
     )
     g.add_argument(
         "--text-column", default="text", help="text column of a CSV/JSONL/datasets calibration set"
@@ -286,7 +295,7 @@ def add_select_data_parser(sub) -> None:
     )
     add_model_args(p)
     g = p.add_argument_group("task")
-    task = "task text_column text_pair_column label_column problem loose_labels split_seed max_train_samples"
+    task = "task data_format text_column text_pair_column label_column problem loose_labels split_seed max_train_samples"
     add_flags(g, config_flags(*task.split(), "max_length"))
     g.add_argument("--batch-size", type=positive_int, default=16, help="examples per scoring batch")
     selection_flag("data_keep").add_to(p)

@@ -119,6 +119,7 @@ def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> l
     from ..data.examples import calibration_batches
 
     same = ("seed", "max_length", "batch_size", "estimator", "text_column", "text_pair_column", "label_column")
+    same += ("data_format",)
     return calibration_batches(
         args.calib, tokenizer, kind, samples=args.calib_samples, **{k: getattr(args, k) for k in same}
     )
