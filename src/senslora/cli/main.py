@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ..core.errors import SensloraError, Terminated, raise_on_sigterm
+from .configfile import add_config_flag, expand_config
 from .flags import (
     add_flags,
     allocator_flags,
@@ -122,6 +123,7 @@ def add_allocate_parser(sub) -> None:
         description="Estimate Hessian diagonals on calibration data, allocate per-matrix LoRA ranks, "
         "write allocation.json, lora_config/ and ranks.png into --out.",
     )
+    add_config_flag(p, "allocate")
     add_model_args(p)
     g = p.add_argument_group("models larger than the GPU (accelerate big-model loading)")
     g.add_argument(
@@ -161,6 +163,7 @@ def add_train_parser(sub) -> None:
         description="Allocate (senslora), fine-tune, evaluate on the held-out test split and write result.json, "
         "adapter/, splits.json and checkpoints into --out.",
     )
+    add_config_flag(p, "train")
     for title in (TASK, MODEL, TRAINING, ALLOCATION, SELECTION):
         names = [name for name, f in config_fields().items() if f.metadata["group"] == title]
         if title == ALLOCATION:
@@ -311,6 +314,7 @@ def add_bench_parser(sub) -> None:
         "OUT/runs/<experiment>/<run>/result.json. Rerunning resumes; failed runs are retried.",
     )
     p.add_argument("config", help="benchmark YAML, e.g. benchmarks/quick.yaml")
+    add_config_flag(p, "bench")
     p.add_argument("--out", required=True, help="results folder, e.g. results/quick")
     p.add_argument("--only", default=None, help="regex: run only matching experiment/run ids")
     p.add_argument(
@@ -399,6 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = expand_config(parser, argv)
+    except SensloraError as exc:
+        print(f"senslora: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _show_warnings()
     raise_on_sigterm()

@@ -180,7 +180,8 @@ def with_values(args: argparse.Namespace, **values: Any) -> argparse.Namespace:
 
 
 def run_allocate(args: argparse.Namespace) -> Path:
-    """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png.
+    """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png,
+    the trainers' snippets and config.yaml (the flags it ran with).
 
     Under ``accelerate launch`` / ``torchrun`` every process loads the model and the same calibration
     sample, the estimation is sharded over the processes, and the main process writes the folder.
@@ -188,8 +189,10 @@ def run_allocate(args: argparse.Namespace) -> Path:
     from ..core.distributed import current
     from ..core.estimators import estimator_class
     from ..core.presets import resolve
+    from .configfile import CONFIG_FILE, config_yaml, recorded
 
     out = check_out_dir(args.out, args.overwrite)
+    ran_with = config_yaml(recorded(args), "allocate")  # as given: --config of it repeats the run
     estimator = resolve(args.preset, estimator=args.estimator)["estimator"]
     estimator_class(estimator)  # an unknown name is an error before anything is written
     args = with_values(args, estimator=estimator)
@@ -197,10 +200,10 @@ def run_allocate(args: argparse.Namespace) -> Path:
     inputs = [*calibration_inputs(args), ("the --device-map file", _device_map_file(args))]
     inputs.append(("the offload folder", getattr(args, "offload_folder", None)))
     with writing(out, inputs, lock=dist.is_main):
-        return _allocate(args, out, dist)
+        return _allocate(args, out, dist, {CONFIG_FILE: ran_with})
 
 
-def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
+def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) -> Path:
     from peft import LoraConfig, TaskType
 
     from ..core.distributed import process_device
@@ -250,6 +253,7 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
         base_config=base,
         overwrite=args.overwrite,
         adapter_dir=out.resolve() / "adapter",
+        files=files,
     )  # main only
     dist.barrier()
     if dist.is_main:

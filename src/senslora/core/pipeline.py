@@ -143,11 +143,13 @@ class Allocation:
         overwrite: bool = False,
         adapter_dir: str | Path | None = None,
         adapter_weights: bool = False,
+        files: dict[str, str] | None = None,
     ) -> Path:
         """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically;
         with ``adapter_dir`` (where the PEFT adapter of this allocation is saved) also
         ``axolotl.yaml`` and ``llamafactory.yaml`` pointing at it (:mod:`senslora.core.exports`;
-        ``adapter_weights``: its weights matter, so axolotl must load them).
+        ``adapter_weights``: its weights matter, so axolotl must load them). ``files``: more text
+        files to write into the folder (name -> text), e.g. the config ``allocate`` ran with.
 
         With several processes only the main one writes; the others return at once (call a barrier
         before another process reads the folder).
@@ -166,6 +168,8 @@ class Allocation:
                 from .exports import write_exports
 
                 write_exports(tmp, self, adapter_dir, base_config=base_config, weights=adapter_weights)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
             if plot:
                 from .plot import plot_ranks
 
