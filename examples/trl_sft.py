@@ -7,9 +7,10 @@ calibration sample of it, LoRA fine-tuning with those ranks, and the saved adapt
 Steps (all written into --out):
 1. data.jsonl: chatterbot-corpus question -> answer pairs in TRL's conversational prompt-completion
    format ({"prompt": [user turn], "completion": [assistant turn]}); TRL then takes the loss on the
-   completion, and senslora's gradient estimators take it on the same tokens.
-2. allocation/: `senslora.allocate` on a calibration sample of that file (allocation.json,
-   lora_config/, axolotl.yaml, llamafactory.yaml), as `senslora allocate --calib data.jsonl` does.
+   completion (and so do senslora's gradient estimators, --estimator fisher).
+2. allocation/: `senslora.allocate` with its default recipe on a calibration sample of that file
+   (allocation.json, lora_config/, axolotl.yaml, llamafactory.yaml), as
+   `senslora allocate --calib data.jsonl` does.
 3. SFTTrainer(peft_config=allocation.to_lora_config(...)) trains LoRA with those ranks; adapter/ is
    what trainer.save_model writes.
 4. The adapter is loaded back with PeftModel.from_pretrained and every module's rank compared with
@@ -80,13 +81,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random model and data (CI)")
     parser.add_argument("--model", default="smollm2", help="senslora model alias or HF folder (default smollm2)")
     parser.add_argument("--out", default="runs/trl-sft", help="output folder (default runs/trl-sft)")
-    parser.add_argument("--pairs", type=int, default=None, help="training pairs (default 256; tiny 24)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40; tiny 3)")
-    parser.add_argument("--avg-rank", type=float, default=8, help="average LoRA rank (default 8)")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration examples (default 64)")
+    parser.add_argument("--pairs", type=int, default=None, help="training pairs (default 128; tiny 24)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of 4 pairs (default 20; tiny 3)")
+    parser.add_argument("--avg-rank", type=float, default=8, help="average LoRA rank (default 8; tiny 2)")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration examples (default 32)")
     args = parser.parse_args()
 
     import datasets
+    import torch
     from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
 
@@ -96,8 +98,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n_pairs = args.pairs or (24 if args.tiny else 256)
-    steps = args.steps or (3 if args.tiny else 40)
+    n_pairs = args.pairs or (24 if args.tiny else 128)
+    steps = args.steps or (3 if args.tiny else 20)
     avg_rank = 2 if args.tiny else args.avg_rank
 
     # 1. The data, in TRL's conversational prompt-completion format.
@@ -111,8 +113,8 @@ def main() -> None:
 
     # 2. The allocation, from a calibration sample of the same file (loss on the completions).
     examples = sample_examples(load_examples(out / "data.jsonl"), args.calib_samples, seed=0)
-    batches = make_batches(examples, tokenizer, kind="causal-lm", max_length=128, batch_size=8)
-    alloc = allocate(model, batches, avg_rank=avg_rank, estimator="fisher", progress=False, model_name=args.model)
+    batches = make_batches(examples, tokenizer, kind="causal-lm", max_length=64, batch_size=8)
+    alloc = allocate(model, batches, avg_rank=avg_rank, progress=False, model_name=args.model)
     base = LoraConfig(r=max(1, round(avg_rank)), lora_alpha=2 * avg_rank, task_type="CAUSAL_LM")
     alloc.save(out / "allocation", plot=False, base_config=base, overwrite=True, adapter_dir=(out / "adapter").resolve())
     ranks = alloc.ranks
@@ -122,13 +124,13 @@ def main() -> None:
     config = SFTConfig(
         output_dir=str(out / "trainer"),
         max_steps=steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=4,
         learning_rate=2e-3 if not args.tiny else 1e-2,
-        max_length=128,
+        max_length=64,
         logging_steps=max(1, steps // 4),
         report_to="none",
         save_strategy="no",
-        use_cpu=True,
+        use_cpu=args.tiny or not torch.cuda.is_available(),  # else TRL takes the GPU (in bfloat16)
         gradient_checkpointing=False,
         disable_tqdm=True,
         seed=0,
