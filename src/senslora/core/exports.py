@@ -56,7 +56,8 @@ def axolotl_config(alloc, adapter_dir: str | Path, *, base_config=None, weights:
     if exact:
         body["lora_alpha"] = alpha
     body["lora_dropout"] = float(config.lora_dropout)
-    body["lora_target_modules"] = list(config.target_modules)
+    targets = set(config.target_modules)  # PEFT keeps a set: list them in the allocation's order
+    body["lora_target_modules"] = [name for name in alloc.ranks if name in targets]
     body["lora_rank_pattern"] = {key: int(value) for key, value in config.rank_pattern.items()}
     if exact and alphas:
         body["lora_alpha_pattern"] = alphas
