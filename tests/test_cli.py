@@ -30,7 +30,7 @@ def test_every_config_field_is_exactly_one_train_flag_with_the_field_help():
 def test_train_flags_keep_their_names():
     """Fields generate the flags; the flag names users type stay what they were."""
     expected = (
-        "--method --task --text-column --text-pair-column --label-column --problem --loose-labels "
+        "--config --method --task --data-format --text-column --text-pair-column --label-column --problem --loose-labels "
         "--split-seed --max-train-samples --max-eval-samples --model --device --dtype --lr --batch-size "
         "--eval-batch-size --epochs --max-length --max-new-tokens --warmup-ratio --weight-decay "
         "--max-grad-norm --lora-dropout --seed --calib-samples --save-every --keep-checkpoints "

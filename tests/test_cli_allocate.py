@@ -69,6 +69,12 @@ def test_allocate_writes_the_three_outputs(tiny_folder, tmp_path, capsys):
     cfg = LoraConfig.from_pretrained(str(out / "lora_config"))
     assert cfg.task_type == "SEQ_CLS" and len(cfg.rank_pattern) == 12
     assert (out / "ranks.png").stat().st_size > 1000
+    import yaml  # the trainers' snippets point at the adapter allocate writes
+
+    assert yaml.safe_load((out / "llamafactory.yaml").read_text())["adapter_name_or_path"] == str(
+        out.resolve() / "adapter"
+    )
+    assert len(yaml.safe_load((out / "axolotl.yaml").read_text())["lora_rank_pattern"]) == 12
 
 
 def test_measure_forward_times_the_reference_pass(tiny_folder, tmp_path, capsys):

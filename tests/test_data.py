@@ -188,8 +188,10 @@ def test_csv_and_tsv(tmp_path):
 def test_missing_column_lists_present(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("sentence,label\nfine,1\n", encoding="utf-8")
-    with pytest.raises(SensloraError, match=r"no text column 'text'; columns present: 'sentence', 'label'"):
+    with pytest.raises(SensloraError, match=r"cannot tell the data format .*columns present: 'sentence', 'label'"):
         load_examples(path)
+    with pytest.raises(SensloraError, match=r"no text column 'txt'; columns present: 'sentence', 'label'"):
+        load_examples(path, text_column="txt")  # a column named: the text format
     with pytest.raises(SensloraError, match=r"no label column 'y'"):
         load_examples(path, text_column="sentence", label_column="y")
 

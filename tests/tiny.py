@@ -192,3 +192,11 @@ def layer_inputs(model, batches, module) -> list:
     finally:
         handle.remove()
     return seen
+
+
+def save_tiny_chat_llama(folder, tokenizer, seed: int = 0):
+    """A tiny random LLaMA saved as an HF folder with ``tokenizer`` (e.g. the tests' word-level one
+    with a chat template), its vocabulary sized to the tokenizer's."""
+    tiny_llama(seed=seed, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -559,9 +559,20 @@ def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
                 result = json.loads(result_path.read_text())
             except (OSError, ValueError):
                 continue
-            if result.get("status") == "ok" and result.get("config") == wanted:
+            if result.get("status") == "ok" and _same_config(result.get("config"), wanted):
                 return result_path.parent
     return None
+
+
+def _same_config(before: Any, now: dict[str, Any]) -> bool:
+    """Whether a run's recorded config equals ``now``; a field added to TrainConfig after it was
+    recorded counts as equal where ``now`` holds that field's default (the run ran as it says)."""
+    from ..training.config import TrainConfig
+
+    if not isinstance(before, dict) or set(before) - set(now):
+        return False
+    defaults = TrainConfig().to_dict()
+    return all(before[k] == v if k in before else v == defaults.get(k) for k, v in now.items())
 
 
 def _copy_run(source: Path, folder: Path, meta: dict[str, Any]) -> None:

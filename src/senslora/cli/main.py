@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ..core.errors import SensloraError, Terminated, raise_on_sigterm
+from .configfile import add_config_flag, expand_config
 from .flags import (
     add_flags,
     allocator_flags,
@@ -47,13 +48,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
+    from ..data.formats import DATA_FORMATS
     from ..data.models import KINDS
 
     g = p.add_argument_group("calibration data")
     g.add_argument(
         "--calib",
         default="movie",
-        help="alias (movie, tweets, chat) or a .txt/.csv/.jsonl file or a `datasets` folder",
+        help="alias (movie, tweets, chat), a .txt/.csv/.jsonl/.parquet file, a `datasets` folder or hf:NAME",
+    )
+    g.add_argument(
+        "--data-format",
+        default="auto",
+        choices=DATA_FORMATS,
+        help="format of a file / datasets calibration set (TRL's): text, messages ({role, content} turns; "
+        "the loss of the gradient estimators on assistant turns), prompt-completion; auto detects it "
+        "from the columns",
     )
     g.add_argument(
         "--text-column", default="text", help="text column of a CSV/JSONL/datasets calibration set"
@@ -113,6 +123,7 @@ def add_allocate_parser(sub) -> None:
         description="Estimate Hessian diagonals on calibration data, allocate per-matrix LoRA ranks, "
         "write allocation.json, lora_config/, adapter/ (the initialised PEFT adapter) and ranks.png into --out.",
     )
+    add_config_flag(p, "allocate")
     add_model_args(p)
     g = p.add_argument_group("models larger than the GPU (accelerate big-model loading)")
     g.add_argument(
@@ -152,6 +163,7 @@ def add_train_parser(sub) -> None:
         description="Allocate (senslora), fine-tune, evaluate on the held-out test split and write result.json, "
         "adapter/, splits.json and checkpoints into --out.",
     )
+    add_config_flag(p, "train")
     for title in (TASK, MODEL, TRAINING, ALLOCATION, SELECTION):
         names = [name for name, f in config_fields().items() if f.metadata["group"] == title]
         if title == ALLOCATION:
@@ -286,7 +298,7 @@ def add_select_data_parser(sub) -> None:
     )
     add_model_args(p)
     g = p.add_argument_group("task")
-    task = "task text_column text_pair_column label_column problem loose_labels split_seed max_train_samples"
+    task = "task data_format text_column text_pair_column label_column problem loose_labels split_seed max_train_samples"
     add_flags(g, config_flags(*task.split(), "max_length"))
     g.add_argument("--batch-size", type=positive_int, default=16, help="examples per scoring batch")
     selection_flag("data_keep").add_to(p)
@@ -302,6 +314,7 @@ def add_bench_parser(sub) -> None:
         "OUT/runs/<experiment>/<run>/result.json. Rerunning resumes; failed runs are retried.",
     )
     p.add_argument("config", help="benchmark YAML, e.g. benchmarks/quick.yaml")
+    add_config_flag(p, "bench")
     p.add_argument("--out", required=True, help="results folder, e.g. results/quick")
     p.add_argument("--only", default=None, help="regex: run only matching experiment/run ids")
     p.add_argument(
@@ -390,6 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = expand_config(parser, argv)
+    except SensloraError as exc:
+        print(f"senslora: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _show_warnings()
     raise_on_sigterm()

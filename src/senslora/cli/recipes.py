@@ -121,6 +121,7 @@ def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> l
     from ..data.examples import calibration_batches
 
     same = ("seed", "max_length", "batch_size", "text_column", "text_pair_column", "label_column")
+    same += ("data_format",)
     init = getattr(args, "init", "zero")
     # The init's task loss needs labels as a gradient estimator's does: ask as fisher would.
     estimator = "fisher" if init in NEEDS_LABELS else args.estimator
@@ -191,7 +192,8 @@ def with_values(args: argparse.Namespace, **values: Any) -> argparse.Namespace:
 
 
 def run_allocate(args: argparse.Namespace) -> Path:
-    """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png.
+    """``senslora allocate``: estimate, allocate, write allocation.json + lora_config/ + ranks.png,
+    the trainers' snippets and config.yaml (the flags it ran with).
 
     Under ``accelerate launch`` / ``torchrun`` every process loads the model and the same calibration
     sample, the estimation is sharded over the processes, and the main process writes the folder.
@@ -199,8 +201,10 @@ def run_allocate(args: argparse.Namespace) -> Path:
     from ..core.distributed import current
     from ..core.estimators import estimator_class
     from ..core.presets import resolve
+    from .configfile import CONFIG_FILE, config_yaml, recorded
 
     out = check_out_dir(args.out, args.overwrite)
+    ran_with = config_yaml(recorded(args), "allocate")  # as given: --config of it repeats the run
     estimator = resolve(args.preset, estimator=args.estimator)["estimator"]
     estimator_class(estimator)  # an unknown name is an error before anything is written
     args = with_values(args, estimator=estimator)
@@ -208,16 +212,16 @@ def run_allocate(args: argparse.Namespace) -> Path:
     inputs = [*calibration_inputs(args), ("the --device-map file", _device_map_file(args))]
     inputs.append(("the offload folder", getattr(args, "offload_folder", None)))
     with writing(out, inputs, lock=dist.is_main):
-        return _allocate(args, out, dist)
+        return _allocate(args, out, dist, {CONFIG_FILE: ran_with})
 
 
-def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
+def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) -> Path:
     from peft import LoraConfig, TaskType
 
     from ..core.distributed import process_device
     from ..core.estimators import estimator_class
     from ..core.inits import MUTATES_BASE
-    from ..core.pipeline import allocate
+    from ..core.pipeline import ADAPTER_DIR, allocate
     from ..data.models import PEFT_TASK_TYPES, model_kind, offloaded
 
     if dist.enabled:
@@ -264,7 +268,16 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
     peft_model = None
     if alloc.init not in MUTATES_BASE:  # their adapter is only valid on a changed base: no adapter/
         peft_model = alloc.to_peft_model(model, base, batches=batches)
-    alloc.save(out, plot=not args.no_plot, base_config=base, overwrite=args.overwrite, peft_model=peft_model)
+    alloc.save(
+        out,
+        plot=not args.no_plot,
+        base_config=base,
+        overwrite=args.overwrite,
+        peft_model=peft_model,
+        adapter_dir=out.resolve() / ADAPTER_DIR if peft_model is not None else None,
+        adapter_weights=alloc.init != "zero",
+        files=files,
+    )  # main only
     dist.barrier()
     if dist.is_main:
         _print_summary(alloc)

@@ -18,7 +18,7 @@ import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -175,11 +175,17 @@ class Allocation:
         base_config=None,
         overwrite: bool = False,
         peft_model=None,
-        extra: Callable[[Path], None] | None = None,
+        adapter_dir: str | Path | None = None,
+        adapter_weights: bool = False,
+        files: dict[str, str] | None = None,
     ) -> Path:
         """Write ``allocation.json``, ``lora_config/adapter_config.json`` and ``ranks.png`` atomically;
-        with ``peft_model`` (from :meth:`to_peft_model`) also ``adapter/``, its initialised
-        adapter (PEFT ``save_pretrained``); ``extra(tmp)`` writes more files into the folder.
+        with ``adapter_dir`` (where the PEFT adapter of this allocation is saved) also
+        ``axolotl.yaml`` and ``llamafactory.yaml`` pointing at it (:mod:`senslora.core.exports`;
+        ``adapter_weights``: its weights matter, so axolotl must load them). ``files``: more text
+        files to write into the folder (name -> text), e.g. the config ``allocate`` ran with.
+        ``peft_model`` (from :meth:`to_peft_model`): also ``adapter/``, its initialised adapter (PEFT
+        ``save_pretrained``).
 
         With several processes only the main one writes; the others return at once (call a barrier
         before another process reads the folder).
@@ -196,8 +202,12 @@ class Allocation:
             self.to_lora_config(base_config).save_pretrained(str(tmp / "lora_config"))
             if peft_model is not None:
                 peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
-            if extra is not None:
-                extra(tmp)
+            if adapter_dir is not None:
+                from .exports import write_exports
+
+                write_exports(tmp, self, adapter_dir, base_config=base_config, weights=adapter_weights)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
             if plot:
                 from .plot import plot_ranks
 

@@ -93,15 +93,79 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _causal_ids(ex: Example, tokenizer: Any, max_length: int, prefix: list[int]) -> tuple[list[int], int]:
-    """Token ids of a causal-LM example and how many leading ones are prompt (no loss)."""
+def _render(tokenizer: Any, turns: Sequence[dict[str, str]], ex: Example, *, generation: bool = False) -> str:
+    """``turns`` through the tokenizer's chat template (text, not tokens); a tokenizer without a
+    template, or a template that fails on them, is a one-line error naming the example."""
+    if not _has_chat_template(tokenizer):
+        raise SensloraError(
+            f"example {ex.id or '?'} is a conversation, and the tokenizer has no chat template to render it; "
+            "use a chat model's tokenizer, or data in the text or prompt-completion (text) format"
+        )
+    try:
+        return tokenizer.apply_chat_template(list(turns), tokenize=False, add_generation_prompt=generation)
+    except Exception as exc:  # jinja errors (raise_exception in templates, undefined keys): user data
+        raise SensloraError(
+            f"the tokenizer's chat template fails on example {ex.id or '?'} ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _chat_segments(ex: Example, tokenizer: Any) -> list[tuple[str, bool]]:
+    """The rendered conversation of ``ex`` as consecutive ``(text, loss)`` pieces: the loss is on
+    each assistant turn from ``ex.loss_from`` on, i.e. the text its rendering adds after the
+    rendering of the turns before it with the generation prompt (the assistant header)."""
+    turns = ex.messages or []
+    full = _render(tokenizer, turns, ex)
+    pieces: list[tuple[str, bool]] = []
+    done = 0
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant" or i < ex.loss_from:
+            continue
+        before = _render(tokenizer, turns[:i], ex, generation=True) if i else ""
+        upto = _render(tokenizer, turns[: i + 1], ex)
+        start = len(before)
+        if not (full.startswith(before) and full.startswith(upto) and done <= start <= len(upto)):
+            raise SensloraError(
+                f"the tokenizer's chat template does not render example {ex.id or '?'} turn by turn (the text "
+                "of its first turns is not a prefix of the whole conversation's), so the assistant turns cannot "
+                "be told apart; use the prompt-completion format or another chat template"
+            )
+        pieces += [(full[done:start], False), (full[start : len(upto)], True)]
+        done = len(upto)
+    pieces.append((full[done:], False))
+    return [(text, loss) for text, loss in pieces if text]
+
+
+def _chat_ids(ex: Example, tokenizer: Any, max_length: int) -> tuple[list[int], list[bool]]:
+    """Token ids and loss mask of a conversation (:func:`_chat_segments`). A conversation that
+    ends with an assistant turn ends with EOS (as a prompt/answer pair does). Too long: the first
+    ``max_length`` tokens, or, when those hold no assistant token, the window of ``max_length``
+    tokens that starts ``max_length // 2`` tokens before the first one (or ends with the last)."""
+    pieces = _chat_segments(ex, tokenizer)
+    if pieces and pieces[-1][1]:
+        pieces[-1] = (pieces[-1][0].rstrip(), True)
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, loss in pieces:
+        piece = _encode(tokenizer, text)
+        ids += piece
+        mask += [loss] * len(piece)
     eos = tokenizer.eos_token_id
-    if ex.prompt is None or ex.answer is None:
-        ids = prefix + _encode(tokenizer, ex.text)
-        if eos is not None:
-            ids.append(eos)
-        return ids[:max_length], 0
-    if _has_chat_template(tokenizer):
+    if pieces and pieces[-1][1] and eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        mask.append(True)
+    start = 0
+    if len(ids) > max_length and not any(mask[:max_length]) and any(mask):
+        start = max(0, min(mask.index(True) - max_length // 2, len(ids) - max_length))
+    return ids[start : start + max_length], mask[start : start + max_length]
+
+
+def _pair_ids(ex: Example, tokenizer: Any, prefix: list[int]) -> tuple[list[int], list[int]]:
+    """Prompt and answer token ids of a prompt/answer example (before truncation)."""
+    eos = tokenizer.eos_token_id
+    if ex.plain:  # TRL's standard prompt-completion: the texts as they are
+        p_ids = prefix + _encode(tokenizer, ex.prompt)
+        a_text = ex.answer
+    elif _has_chat_template(tokenizer):
         p_text = prompt_text(tokenizer, ex.prompt)
         full = tokenizer.apply_chat_template(
             [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.answer}],
@@ -115,13 +179,37 @@ def _causal_ids(ex: Example, tokenizer: Any, max_length: int, prefix: list[int])
     a_ids = _encode(tokenizer, a_text)
     if eos is not None and (not a_ids or a_ids[-1] != eos):
         a_ids.append(eos)
+    return p_ids, a_ids
+
+
+def _causal_ids(ex: Example, tokenizer: Any, max_length: int, prefix: list[int]) -> tuple[list[int], list[bool]]:
+    """Token ids of a causal-LM example and, per token, whether the loss is taken on it."""
+    if ex.messages is not None:
+        return _chat_ids(ex, tokenizer, max_length)
+    if ex.prompt is None or ex.answer is None:
+        ids = prefix + _encode(tokenizer, ex.text)
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        return ids[:max_length], [True] * min(len(ids), max_length)
+    p_ids, a_ids = _pair_ids(ex, tokenizer, prefix)
     if len(p_ids) + len(a_ids) > max_length:
         # The answer keeps everything the prompt leaves, but at least min(len, max_length // 2)
         # tokens; the prompt is cut from the left so that its end (the generation cue) survives.
         a_keep = max(max_length - len(p_ids), min(len(a_ids), max_length // 2))
         a_ids = a_ids[:a_keep]
         p_ids = p_ids[len(p_ids) - (max_length - len(a_ids)) :] if max_length > len(a_ids) else []
-    return p_ids + a_ids, len(p_ids)
+    return p_ids + a_ids, [False] * len(p_ids) + [True] * len(a_ids)
+
+
+def prompt_ids(ex: Example, tokenizer: Any) -> list[int]:
+    """The token ids a causal LM sees before the answer of ``ex`` (its last assistant turn for a
+    conversation), built exactly as :func:`make_batches` builds them: what generation starts from."""
+    if ex.messages is not None:
+        last = max(i for i, turn in enumerate(ex.messages) if turn["role"] == "assistant")
+        return _encode(tokenizer, _render(tokenizer, ex.messages[:last], ex, generation=True))
+    prefix = [] if _has_chat_template(tokenizer) and not ex.plain else bos_prefix(tokenizer)
+    text = ex.prompt if ex.plain else prompt_text(tokenizer, ex.prompt if ex.prompt is not None else ex.text)
+    return prefix + _encode(tokenizer, text)
 
 
 def _class_label(label: float | int, ex: Example) -> int:
@@ -175,6 +263,9 @@ def make_batches(
       prompt/answer examples, on the prompt tokens (loss on the answer only). Text is
       ``prompt_text(tokenizer, prompt)`` + answer (chat template when the tokenizer has one) and
       ends with EOS, unless truncation cut it off (a plain text longer than ``max_length``).
+      Conversations (``messages``) go through the chat template with the loss on their assistant
+      turns only; TRL's standard prompt-completion pairs (``plain``) are prompt + completion as
+      they are, loss on the completion.
     * ``base``: no labels.
     """
     import torch
@@ -208,12 +299,12 @@ def make_batches(
         chunk = examples[start : start + batch_size]
         seqs: list[list[int]] = []
         types: list[list[int]] | None = []
-        n_prompt: list[int] = []
+        losses: list[list[bool]] = []
         for ex in chunk:
             if kind == "causal-lm":
-                ids, n_p = _causal_ids(ex, tokenizer, max_length, prefix)
+                ids, loss = _causal_ids(ex, tokenizer, max_length, prefix)
                 seqs.append(ids)
-                n_prompt.append(n_p)
+                losses.append(loss)
                 types = None
             else:
                 enc = tokenizer(ex.text, ex.text_pair, truncation=True, max_length=max_length)
@@ -228,11 +319,8 @@ def make_batches(
         if types:
             batch["token_type_ids"] = pad_rows(types, 0, width=input_ids.shape[1])[0]
         if kind == "causal-lm":
-            labels = input_ids.clone()
-            labels[attention == 0] = IGNORE_INDEX
-            for row, n_p in enumerate(n_prompt):
-                labels[row, :n_p] = IGNORE_INDEX
-            batch["labels"] = labels
+            taken = pad_rows([[int(x) for x in loss] for loss in losses], 0, width=input_ids.shape[1])[0]
+            batch["labels"] = input_ids.masked_fill(taken == 0, IGNORE_INDEX)
         elif with_labels and kind == "classification":
             batch["labels"] = torch.tensor([_class_label(ex.label, ex) for ex in chunk], dtype=torch.long)
         elif with_labels:

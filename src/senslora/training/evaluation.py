@@ -23,7 +23,7 @@ import torch
 from ..core.errors import SensloraError
 from ..core.losses import model_inputs, move_batch, per_example_loss
 from ..data.batches import pad_rows, padding_id
-from ..data.examples import Example, bos_prefix, make_batches, prompt_text
+from ..data.examples import Example, make_batches, prompt_ids
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -135,7 +135,7 @@ def _loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def generate_answers(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Example],
     *,
     batch_size: int,
     max_length: int,
@@ -143,19 +143,16 @@ def generate_answers(
     device,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy answers to ``prompts``, built exactly as in training (chat template or ``prompt + "\\n"``).
+    """Greedy answers to ``prompts`` (texts, or examples: a conversation is answered after its
+    turns before the last assistant turn), built exactly as in training (:func:`prompt_ids`: the
+    chat template or ``prompt + "\\n"``; TRL-style prompt-completion pairs as they are).
 
     Prompts are truncated from the left to ``max_length`` tokens and left-padded in batches.
     """
     from transformers import GenerationConfig
 
-    prefix = [] if getattr(tokenizer, "chat_template", None) else bos_prefix(tokenizer)
-    encoded = [
-        (prefix + list(tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]))[
-            -max_length:
-        ]
-        for p in prompts
-    ]
+    examples = [p if isinstance(p, Example) else Example(p, prompt=p) for p in prompts]
+    encoded = [prompt_ids(ex, tokenizer)[-max_length:] for ex in examples]
     pad = padding_id(tokenizer)
     eos = tokenizer.eos_token_id
     gen_config = GenerationConfig(
@@ -209,7 +206,7 @@ def evaluate_model(
             predictions = generate_answers(
                 model,
                 tokenizer,
-                [ex.prompt for ex in examples],
+                list(examples),
                 batch_size=batch_size,
                 max_length=max_length,
                 max_new_tokens=max_new_tokens,

@@ -1,0 +1,132 @@
+"""TRL's data set formats, for calibration sets and tasks alike: which format rows are in
+(:func:`detect_format`), and one row of a chat format as an :class:`~senslora.data.examples.Example`
+(:func:`chat_example`).
+
+* ``text``: a text column (``text``, or ``--text-column``), with a label column for tasks; for a
+  causal LM the whole text carries the loss.
+* ``messages``: a ``messages`` column holding a conversation, a list of ``{"role", "content"}``
+  turns (roles ``system``, ``user``, ``assistant``, ``tool``). The tokenizer's chat template
+  renders every turn; the loss is on the assistant turns only. Each row needs an assistant turn.
+* ``prompt-completion``: ``prompt`` and ``completion`` columns, both text (TRL's standard form:
+  the completion follows the prompt as is, no template, loss on the completion) or both lists of
+  turns (the conversational form: the chat template renders prompt + completion, and the loss is
+  on the completion's assistant turns).
+
+Detection (``auto``) looks at the columns, in this order: ``messages``, then ``prompt`` and
+``completion``, then the text column. A CSV cell of a ``messages`` column is read as JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import SensloraError
+
+if TYPE_CHECKING:
+    from .examples import Example
+
+DATA_FORMATS = ("auto", "text", "messages", "prompt-completion")
+CHAT_FORMATS = ("messages", "prompt-completion")
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGES, PROMPT, COMPLETION = "messages", "prompt", "completion"
+
+
+def _needed(fmt: str, text_column: str) -> list[str]:
+    """The columns format ``fmt`` reads."""
+    return {"messages": [MESSAGES], "prompt-completion": [PROMPT, COMPLETION]}.get(fmt, [text_column])
+
+
+def detect_format(columns: Sequence[str], requested: str = "auto", *, text_column: str = "text", where: str) -> str:
+    """The format of rows with ``columns``: ``requested`` (its columns checked), or for ``auto``
+    the first of messages, prompt-completion, text whose columns are all present.
+
+    A format that cannot be detected, or a requested one whose columns are missing, is a
+    :class:`SensloraError` naming the formats looked for and the columns found."""
+    if requested not in DATA_FORMATS:
+        raise SensloraError(f"unknown data format {requested!r}; choose one of {', '.join(DATA_FORMATS)}")
+    found = ", ".join(repr(c) for c in columns) or "none"
+    if requested != "auto":
+        missing = [c for c in _needed(requested, text_column) if c not in columns]
+        if missing:
+            names = " and ".join(repr(c) for c in missing)
+            raise SensloraError(f"{where} is not in the {requested} format: no {names} column; columns present: {found}")
+        return requested
+    for fmt in ("messages", "prompt-completion", "text"):
+        if all(c in columns for c in _needed(fmt, text_column)):
+            return fmt
+    raise SensloraError(
+        f"cannot tell the data format of {where}: looked for a 'messages' column (messages), 'prompt' and "
+        f"'completion' columns (prompt-completion) and a {text_column!r} column (text, --text-column); "
+        f"columns present: {found}"
+    )
+
+
+def check_turns(value: Any, where: str, column: str) -> list[dict[str, str]]:
+    """A conversation cell as a list of ``{"role", "content"}`` turns (JSON text is parsed); any
+    other shape, an unknown role or a non-text content is a one-line error naming ``where``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise SensloraError(
+                f"{where}: column {column!r} must hold a list of {{role, content}} turns; its text is not JSON"
+            ) from None
+    if not isinstance(value, (list, tuple)) or not value:
+        shown = "an empty list" if isinstance(value, (list, tuple)) else type(value).__name__
+        raise SensloraError(f"{where}: column {column!r} must hold a list of {{role, content}} turns, found {shown}")
+    turns = []
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise SensloraError(f"{where}: turn {number} of {column!r} is not a {{role, content}} object: {turn!r}")
+        if turn["role"] not in ROLES:
+            raise SensloraError(
+                f"{where}: turn {number} of {column!r} has the unknown role {turn['role']!r}; roles are {', '.join(ROLES)}"
+            )
+        if not isinstance(turn["content"], str):
+            raise SensloraError(
+                f"{where}: turn {number} of {column!r} has {type(turn['content']).__name__} content; it must be text"
+            )
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    return turns
+
+
+def _conversation(turns: list[dict[str, str]], loss_from: int, where: str, row_id: str, what: str) -> Example:
+    from .examples import Example
+
+    answers = [i for i, turn in enumerate(turns) if turn["role"] == "assistant" and i >= loss_from]
+    if not answers:
+        raise SensloraError(
+            f"{where}: {what} has no assistant turn; the loss is on assistant turns, so every row needs one"
+        )
+    last = answers[-1]
+    prompt = "\n".join(turn["content"] for turn in turns[:last])
+    return Example(
+        text="\n".join(turn["content"] for turn in turns),
+        prompt=prompt,
+        answer=turns[last]["content"],
+        messages=turns,
+        loss_from=loss_from,
+        id=row_id,
+    )
+
+
+def chat_example(row: dict[str, Any], fmt: str, where: str, row_id: str) -> Example:
+    """One row of a chat format (:data:`CHAT_FORMATS`) as an example; ``where`` names the row."""
+    from .examples import Example
+
+    if fmt == "messages":
+        turns = check_turns(row.get(MESSAGES), where, MESSAGES)
+        return _conversation(turns, 0, where, row_id, "the conversation")
+    prompt, completion = row.get(PROMPT), row.get(COMPLETION)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Example(text=prompt + completion, prompt=prompt, answer=completion, plain=True, id=row_id)
+    if isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
+        first = check_turns(prompt, where, PROMPT)
+        turns = first + check_turns(completion, where, COMPLETION)
+        return _conversation(turns, len(first), where, row_id, "the completion")
+    kinds = f"{type(prompt).__name__} and {type(completion).__name__}"
+    raise SensloraError(
+        f"{where}: 'prompt' and 'completion' must both be text or both be lists of turns, found {kinds}"
+    )

@@ -1,0 +1,274 @@
+"""TRL's data formats (text, messages, prompt-completion as text or turns): detection, loading from
+every source, the loss masks of the batches, tasks and generation prompts, and every bad row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from senslora.core.errors import SensloraError
+from senslora.data.examples import Example, load_examples, make_batches, prompt_ids
+from senslora.data.formats import detect_format
+from senslora.data.tasks import load_task
+
+TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+CHAT = [
+    {"role": "user", "content": "what is one ?"},
+    {"role": "assistant", "content": "two"},
+    {"role": "user", "content": "why ?"},
+    {"role": "assistant", "content": "hello world"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def chat_tok(word_tokenizer):
+    return word_tokenizer(bos=False, chat_template=TEMPLATE)
+
+
+def supervised(batch, tok, row=0) -> list[str]:
+    ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+    return tok.convert_ids_to_tokens([i for i, label in zip(ids, labels, strict=True) if label != -100])
+
+
+# ------------------------------------------------------------------------------------ detection
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["messages", "text"], "messages"),
+        (["prompt", "completion", "text"], "prompt-completion"),
+        (["prompt", "text"], "text"),
+        (["text", "label"], "text"),
+    ],
+)
+def test_detection_from_the_columns(columns, expected):
+    assert detect_format(columns, where="data") == expected
+
+
+def test_undetectable_or_missing_columns_name_the_formats_and_the_columns():
+    with pytest.raises(SensloraError) as err:
+        detect_format(["question", "reply"], where="d.jsonl")
+    message = str(err.value)
+    assert "'messages' column (messages)" in message and "'prompt' and 'completion' columns" in message
+    assert message.endswith("columns present: 'question', 'reply'")
+    with pytest.raises(SensloraError, match=r"not in the prompt-completion format: no 'completion' column"):
+        detect_format(["prompt", "text"], "prompt-completion", where="d.jsonl")
+
+
+# ------------------------------------------------------------------------------------ loading
+def test_messages_and_both_prompt_completion_forms_load_from_jsonl(tmp_path):
+    [ex] = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}]))
+    assert ex.messages == CHAT and ex.answer == "hello world" and ex.loss_from == 0
+    [ex] = load_examples(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the film", "completion": " is good"}]))
+    assert ex.plain and (ex.prompt, ex.answer, ex.text) == ("the film", " is good", "the film is good")
+    rows = [{"prompt": CHAT[:3], "completion": CHAT[3:]}]
+    [ex] = load_examples(write_jsonl(tmp_path / "c.jsonl", rows))
+    assert ex.messages == CHAT and ex.loss_from == 3 and ex.answer == "hello world"
+    # Overridden: the same file read as text (its 'text' column) although it has 'messages'.
+    both = write_jsonl(tmp_path / "b.jsonl", [{"messages": CHAT, "text": "plain"}])
+    assert load_examples(both, data_format="text")[0].text == "plain"
+    assert load_examples(both)[0].messages == CHAT
+
+
+def test_parquet_csv_and_datasets_folders_hold_conversations(tmp_path):
+    import csv
+
+    import datasets
+
+    datasets.Dataset.from_list([{"messages": CHAT}] * 3).to_parquet(str(tmp_path / "m.parquet"))
+    assert [ex.messages for ex in load_examples(tmp_path / "m.parquet")] == [CHAT] * 3
+    datasets.Dataset.from_list([{"prompt": CHAT[:1], "completion": CHAT[1:2]}] * 2).save_to_disk(tmp_path / "disk")
+    assert [ex.loss_from for ex in load_examples(tmp_path / "disk")] == [1, 1]
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["messages"], [json.dumps(CHAT)]])
+    assert load_examples(tmp_path / "m.csv")[0].messages == CHAT
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "line 2: the conversation has no assistant turn"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "line 2: turn 1 of 'messages' has the unknown role 'bot'"),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, "line 2: turn 1 of 'messages' has list content"),
+        ({"messages": "hello"}, "line 2: column 'messages' must hold a list .* its text is not JSON"),
+        ({"messages": []}, "line 2: column 'messages' must hold a list of .* found an empty list"),
+        ({"prompt": "hi", "completion": CHAT[1:2]}, "line 2: 'prompt' and 'completion' must both be text"),
+        ({"prompt": CHAT[:1], "completion": CHAT[:1]}, "line 2: the completion has no assistant turn"),
+    ],
+)
+def test_bad_rows_are_one_line_errors_naming_the_row(tmp_path, row, message):
+    good = {"messages": CHAT} if "messages" in row else {"prompt": CHAT[:1], "completion": CHAT[1:2]}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, row])
+    with pytest.raises(SensloraError, match=message) as err:
+        load_examples(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_chat_formats_have_no_label_column(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    with pytest.raises(SensloraError, match="messages format, which has no label column; drop --label-column"):
+        load_examples(path, label_column="label", data_format="messages")
+    with pytest.raises(SensloraError, match="one text per line, not the messages format"):
+        load_examples(write_jsonl(tmp_path / "d.txt", []), data_format="messages")
+
+
+# ------------------------------------------------------------------------------------ batches
+def test_messages_take_the_loss_on_every_assistant_turn_only(chat_tok):
+    ex = Example("", messages=CHAT, prompt="", answer="hello world", id="7")
+    batch = make_batches([ex], chat_tok, kind="causal-lm", max_length=64)[0]
+    text = chat_tok.decode(batch["input_ids"][0].tolist()).split()
+    assert text == "<s> user what is one ? </s> <s> assistant two </s> <s> user why ? </s> <s> assistant hello world </s>".split()
+    assert supervised(batch, chat_tok) == ["two", "</s>", "hello", "world", "</s>"]
+    # The conversation's prompt for generation: every turn before the last answer, then the cue.
+    cue = chat_tok.decode(prompt_ids(ex, chat_tok)).split()
+    assert cue == text[:-3]
+
+
+def test_a_two_turn_conversation_is_exactly_a_prompt_answer_pair(chat_tok):
+    pair = Example("", prompt="what is one ?", answer="two")
+    turns = Example("", messages=CHAT[:2], prompt="what is one ?", answer="two")
+    a, b = (make_batches([ex], chat_tok, kind="causal-lm")[0] for ex in (pair, turns))
+    assert a["input_ids"].tolist() == b["input_ids"].tolist() and a["labels"].tolist() == b["labels"].tolist()
+    assert prompt_ids(pair, chat_tok) == prompt_ids(turns, chat_tok)
+
+
+def test_conversational_prompt_completion_takes_the_loss_on_the_completion(chat_tok, tmp_path):
+    [ex] = load_examples(write_jsonl(tmp_path / "c.jsonl", [{"prompt": CHAT[:3], "completion": CHAT[3:]}]))
+    assert supervised(make_batches([ex], chat_tok, kind="causal-lm")[0], chat_tok) == ["hello", "world", "</s>"]
+
+
+def test_standard_prompt_completion_is_the_texts_as_they_are(word_tokenizer):
+    tok = word_tokenizer()  # no chat template: it is not needed
+    ex = Example("the film is good", prompt="the film", answer=" is good", plain=True)
+    batch = make_batches([ex], tok, kind="causal-lm")[0]
+    assert tok.convert_ids_to_tokens(batch["input_ids"][0].tolist()) == ["<s>", "the", "film", "is", "good", "</s>"]
+    assert supervised(batch, tok) == ["is", "good", "</s>"]
+    assert tok.convert_ids_to_tokens(prompt_ids(ex, tok)) == ["<s>", "the", "film"]
+
+
+def test_long_conversations_keep_an_assistant_token(chat_tok):
+    turns = [{"role": "user", "content": " ".join(["one"] * 40)}, {"role": "assistant", "content": "two three"}]
+    batch = make_batches([Example("", messages=turns, answer="two three")], chat_tok, kind="causal-lm", max_length=16)[0]
+    assert batch["input_ids"].shape == (1, 16) and supervised(batch, chat_tok)[:2] == ["two", "three"]
+
+
+def test_a_missing_or_unusable_chat_template_names_the_example(word_tokenizer, chat_tok):
+    ex = Example("", messages=CHAT, answer="hello world", id="12")
+    with pytest.raises(SensloraError, match="example 12 is a conversation, and the tokenizer has no chat template"):
+        make_batches([ex], word_tokenizer(), kind="causal-lm")
+    chat_tok.chat_template = "{{ messages | length }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
+    with pytest.raises(SensloraError, match="does not render example 12 turn by turn"):
+        make_batches([ex], chat_tok, kind="causal-lm")
+    chat_tok.chat_template = "{{ raise_exception('no tools here') }}"
+    with pytest.raises(SensloraError, match="chat template fails on example 12 .*no tools here"):
+        make_batches([ex], chat_tok, kind="causal-lm")
+
+
+# ------------------------------------------------------------------------------------ tasks
+def _conversations(n: int = 20) -> list[dict]:
+    words = "one two three four five six seven eight nine ten".split()
+    return [
+        {"messages": [{"role": "user", "content": f"what is {words[i % 9]} ?"},
+                      {"role": "assistant", "content": words[i % 9 + 1]}]}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_chat_files_are_generation_tasks_without_a_label_column(tmp_path):
+    rows = _conversations()
+    task = load_task(f"jsonl:{write_jsonl(tmp_path / 'm.jsonl', rows)}")
+    assert task.problem == "generation" and task.describe() == "generation (messages format)"
+    assert len(task.train) == 16 and all(ex.messages and ex.answer for ex in task.test)
+    pc = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
+    task = load_task(f"jsonl:{write_jsonl(tmp_path / 'pc.jsonl', pc)}")
+    assert task.describe() == "generation (prompt-completion format)" and task.test[0].loss_from == 1
+    with pytest.raises(SensloraError, match="messages format, which is generation data; drop --problem classification"):
+        load_task(f"jsonl:{tmp_path / 'm.jsonl'}", problem="classification", data_format="messages")
+    with pytest.raises(SensloraError, match="task chat-qa has its own data format"):
+        load_task("chat-qa", data_format="messages")
+
+
+def test_a_datasets_folder_with_splits_keeps_its_test_split_of_conversations(tmp_path):
+    import datasets
+
+    rows = _conversations(30)
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_list(rows[:20]), test=datasets.Dataset.from_list(rows[20:])
+    ).save_to_disk(tmp_path / "disk")
+    task = load_task(f"disk:{tmp_path / 'disk'}")
+    assert (len(task.train), len(task.validation), len(task.test)) == (18, 2, 10)
+
+
+# ------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def chat_assets(tmp_path_factory):
+    """A tiny chat LLaMA folder (word tokenizer + template) and the same pairs in three formats."""
+    from conftest import make_word_tokenizer
+    from tiny import save_tiny_chat_llama
+
+    root = tmp_path_factory.mktemp("chat")
+    save_tiny_chat_llama(root / "llama", make_word_tokenizer(bos=False, chat_template=TEMPLATE))
+    rows = _conversations(20)
+    write_jsonl(root / "messages.jsonl", rows)
+    write_jsonl(root / "pc.jsonl", [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
+    write_jsonl(
+        root / "pc-text.jsonl",
+        [{"prompt": r["messages"][0]["content"], "completion": " " + r["messages"][1]["content"]} for r in rows],
+    )
+    return root
+
+
+@pytest.mark.parametrize("data", ["messages.jsonl", "pc.jsonl", "pc-text.jsonl"])
+def test_allocate_calibrates_on_each_format_without_renaming(chat_assets, tmp_path, capsys, data):
+    from senslora.cli.main import main
+
+    out = tmp_path / "alloc"
+    args = ["allocate", "--model", str(chat_assets / "llama"), "--calib", str(chat_assets / data)]
+    args += ["--estimator", "fisher", "--calib-samples", "8", "--avg-rank", "2", "--no-plot", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "allocation.json").read_text())["calibration"]["examples"] == 8
+
+
+def test_train_senslora_on_messages_and_prompt_completion_tasks(chat_assets, tmp_path, capsys):
+    from senslora.cli.main import main
+
+    for data in ("messages.jsonl", "pc.jsonl"):
+        out = tmp_path / data
+        args = ["train", "--method", "senslora", "--model", str(chat_assets / "llama")]
+        args += ["--task", f"jsonl:{chat_assets / data}", "--epochs", "1", "--batch-size", "8", "--avg-rank", "2"]
+        args += ["--max-new-tokens", "2", "--calib-samples", "8", "--option", "plot=false", "--no-progress"]
+        assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+        result = json.loads((out / "result.json").read_text())
+        assert result["labels"] == f"generation ({data.split('.')[0].replace('pc', 'prompt-completion')} format)"
+        assert set(result["metrics"]) == {"bleu", "rouge1", "rouge2", "rougeL", "eval_loss"}
+
+
+def test_undetectable_calibration_is_one_line_and_writes_nothing(chat_assets, tmp_path, capsys):
+    from senslora.cli.main import main
+
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "why ?", "reply": "two"}])
+    out = tmp_path / "alloc"
+    code = main(["allocate", "--model", str(chat_assets / "llama"), "--calib", str(data), "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("senslora:")]
+    assert code == 2 and len(lines) == 1 and lines[0].endswith("columns present: 'question', 'reply'")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_smollm2_calibrates_on_a_messages_file(tmp_path, capsys):
+    from senslora.cli.main import main
+
+    data = write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}] * 4)
+    out = tmp_path / "alloc"
+    args = ["allocate", "--model", "smollm2", "--calib", str(data), "--estimator", "fisher", "--calib-samples", "4"]
+    assert main([*args, "--no-plot", "--no-progress", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "allocation.json").read_text())["calibration"]["examples"] == 4
