@@ -7,13 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import SensloraError
+from ..core.errors import SensloraError, step
 from ..data.guard import data_input, model_input, task_input, writing
 from ..training.config import TrainConfig
 from ..training.options import parse_option
 from ..training.train import load_task_for, seed_everything
 
 NAMED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+TARGETS_FIX = (
+    "check --targets / --target-names (linear layers inside the blocks) and --estimator, --batch-size "
+    "and --max-length (memory)"
+)
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
@@ -227,17 +231,18 @@ def _allocate(args: argparse.Namespace, out: Path, dist) -> Path:
         )
     kind = model_kind(model)
     batches = calibration_batches_for(args, tokenizer, kind)
-    alloc = allocate(
-        model,
-        batches,
-        avg_rank=args.avg_rank,
-        lora_alpha=args.lora_alpha,
-        seed=args.seed,
-        progress=not args.no_progress,
-        measure_forward=args.measure_forward,
-        model_name=args.model,
-        **allocator_options(args),
-    )
+    with step("estimating the sensitivities and allocating the ranks", TARGETS_FIX):
+        alloc = allocate(
+            model,
+            batches,
+            avg_rank=args.avg_rank,
+            lora_alpha=args.lora_alpha,
+            seed=args.seed,
+            progress=not args.no_progress,
+            measure_forward=args.measure_forward,
+            model_name=args.model,
+            **allocator_options(args),
+        )
     alloc.calibration["source"] = args.calib
     alloc.calibration["max_length"] = args.max_length
     peft_type = PEFT_TASK_TYPES.get(kind)  # a bare base model has none
