@@ -302,7 +302,8 @@ def add_select_data_parser(sub) -> None:
     )
     add_model_args(p)
     g = p.add_argument_group("task")
-    task = "task text_column text_pair_column label_column problem loose_labels split_seed max_train_samples"
+    task = "task text_column text_pair_column label_column problem loose_labels allow_label_text split_seed"
+    task += " max_train_samples"
     add_flags(g, config_flags(*task.split(), "max_length"))
     number_arg(g, "--batch-size", COUNT, default=16, help="examples per scoring batch")
     selection_flag("data_keep").add_to(p)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SensloraError, step
-from ..data.guard import data_input, model_input, task_input, writing
+from ..data.guard import check_output, data_input, model_input, task_input, writing
 from ..training.config import TrainConfig
 from ..training.options import parse_option
 from ..training.train import load_task_for, seed_everything
@@ -21,8 +21,9 @@ TARGETS_FIX = (
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail before any work if the output folder exists (unless ``overwrite``) or its parent is unwritable."""
-    out = Path(out)
+    """Fail before any work if the output folder is not one (:func:`senslora.data.guard.check_output`),
+    exists (unless ``overwrite``) or its parent is unwritable."""
+    out = check_output(out)
     if out.exists() and not overwrite:
         raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
     check_out_parent(out)
@@ -30,8 +31,9 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 def check_out_parent(out: str | Path) -> None:
-    """Fail before any work if the nearest existing ancestor of ``out`` is not a writable folder."""
-    probe = Path(out).absolute().parent
+    """Fail before any work if ``out`` is no output folder (:func:`senslora.data.guard.check_output`)
+    or the nearest existing ancestor of ``out`` is not a writable folder."""
+    probe = check_output(out).absolute().parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not _writable(probe):

@@ -76,6 +76,12 @@ class TrainConfig:
         "differing only in case or spaces (default: both are errors naming the rows)",
         TASK,
     )
+    allow_label_text: bool = _f(
+        False,
+        "generic tasks: only warn when the texts equal their labels in most rows (default: an error, the "
+        "text column looks like a copy of the labels and the model would read the answer)",
+        TASK,
+    )
     split_seed: int = _f(0, "seed of the 80/10/10 split (independent of --seed)", TASK, range=SEED)
     max_train_samples: int | None = _f(
         None, "use only the first n examples of the (shuffled) train split", TASK, range=COUNT

@@ -40,6 +40,7 @@ def load_task_for(config: TrainConfig):
         max_train_samples=config.max_train_samples,
         max_eval_samples=config.max_eval_samples,
         loose_labels=config.loose_labels,
+        allow_label_text=config.allow_label_text,
     )
 
 

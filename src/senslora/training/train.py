@@ -31,7 +31,7 @@ from typing import Any
 from ..core.cache import atomic_dir
 from ..core.distributed import Dist, current
 from ..core.errors import SensloraError, loading, step
-from ..data.guard import model_input, task_input, writing
+from ..data.guard import check_output, model_input, task_input, writing
 from .checkpoint import CHECKPOINTS_DIR, KEEP_CHECKPOINTS, TrainState, checkpoints
 from .config import DATA_SELECTIONS, EVAL_SPLITS, LAYER_SELECTIONS, TrainConfig
 from .loop import build_loop, epoch_batches, epoch_order, make_accelerator
@@ -315,6 +315,7 @@ def evaluate_run(
     method = get_method(config.method)
     if merge_to is None:
         return _evaluate_run(run, result, config, method, None, device, progress)
+    check_output(merge_to, flag="--merge")
     if Path(merge_to).exists() and not overwrite:
         raise SensloraError(f"merge folder {merge_to} already exists; remove it or pass --overwrite")
     if not method.mergeable:
