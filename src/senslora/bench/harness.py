@@ -60,7 +60,7 @@ from typing import Any
 
 from ..core.cache import atomic_write_text
 from ..core.errors import SensloraError
-from ..data.guard import check_input_file, path_component, writing
+from ..data.guard import check_input_file, check_output, path_component, writing
 
 KINDS = ("train", "allocation-probe")
 CONFIG_KEYS = ("defaults", "experiments")
@@ -351,7 +351,7 @@ def run_benchmark(
 ) -> dict[str, int]:
     """Run every pending run of the config; returns counts of ok / failed / skipped runs."""
     cfg = load_config(config_path)
-    out = Path(out)
+    out = check_output(out)  # not empty, not a file, ... (before '' becomes '.')
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise SensloraError(f"--timeout must be a number of seconds >= 0 (0: no limit), got {timeout!r}")
     runs = expand(cfg)

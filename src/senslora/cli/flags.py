@@ -52,6 +52,7 @@ def checked(action: argparse.Action, check: Check | Range) -> argparse.Action:
     """Attach ``check`` (a :class:`Range`, or a callable ``(flag, value)`` raising
     :class:`SensloraError`) to a flag; :func:`check_parsed` runs it on the parsed value."""
     action.check = check.check if isinstance(check, Range) else check  # type: ignore[attr-defined]
+    action.range = check if isinstance(check, Range) else None  # type: ignore[attr-defined]
     return action
 
 

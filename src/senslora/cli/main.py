@@ -182,10 +182,11 @@ def add_train_parser(sub) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..core.distributed import current
+    from ..data.guard import model_input, task_input
     from ..training.train import train
     from .recipes import check_out_parent, config_from_args
 
-    check_out_parent(args.out)
+    check_out_parent(args.out, [model_input(args.model), task_input(args.task)])
     result = train(
         config_from_args(args),
         args.out,

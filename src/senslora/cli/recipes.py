@@ -20,20 +20,21 @@ TARGETS_FIX = (
 )
 
 
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail before any work if the output folder is not one (:func:`senslora.data.guard.check_output`),
-    exists (unless ``overwrite``) or its parent is unwritable."""
-    out = check_output(out)
+def check_out_dir(out: str | Path, overwrite: bool, inputs=()) -> Path:
+    """Fail before any work if the output folder is not one or overlaps ``inputs``
+    (:func:`senslora.data.guard.check_output`), exists (unless ``overwrite``) or its parent is unwritable."""
+    out = check_output(out, inputs)
     if out.exists() and not overwrite:
         raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
     check_out_parent(out)
     return out
 
 
-def check_out_parent(out: str | Path) -> None:
-    """Fail before any work if ``out`` is no output folder (:func:`senslora.data.guard.check_output`)
-    or the nearest existing ancestor of ``out`` is not a writable folder."""
-    probe = check_output(out).absolute().parent
+def check_out_parent(out: str | Path, inputs=()) -> None:
+    """Fail before any work if ``out`` is no output folder or overlaps ``inputs``
+    (:func:`senslora.data.guard.check_output`), or the nearest existing ancestor of ``out`` is not a
+    writable folder."""
+    probe = check_output(out, inputs).absolute().parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not _writable(probe):
@@ -194,7 +195,7 @@ def run_allocate(args: argparse.Namespace) -> Path:
     from ..core.estimators import estimator_class
     from ..core.presets import resolve
 
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite, calibration_inputs(args))
     estimator = resolve(args.preset, estimator=args.estimator)["estimator"]
     estimator_class(estimator)  # an unknown name is an error before anything is written
     args = with_values(args, estimator=estimator)
@@ -277,7 +278,7 @@ def _print_summary(alloc) -> None:
 
 def run_layers(args: argparse.Namespace) -> Path:
     """``senslora layers``: CKA per block on the calibration set, kept blocks, cka.json + cka.png."""
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite, calibration_inputs(args))
     if not 0 < args.layer_ratio <= 1:
         raise SensloraError(f"--layer-ratio must be in (0, 1], got {args.layer_ratio}")
     with writing(out, calibration_inputs(args)):
@@ -301,7 +302,7 @@ def _layers(args: argparse.Namespace, out: Path) -> Path:
 
 def run_select_data(args: argparse.Namespace) -> Path:
     """``senslora select-data``: score a task's training split and keep the best fraction."""
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite, [model_input(args.model), task_input(args.task)])
     if not 0 < args.data_keep <= 1:
         raise SensloraError(f"--data-keep must be in (0, 1], got {args.data_keep}")
     if args.max_length < 8:
@@ -345,7 +346,7 @@ def run_diagnose(args: argparse.Namespace) -> Path:
     from ..core.targets import find_targets
     from ..data.models import model_kind
 
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite, calibration_inputs(args))
     if not 0 < args.fraction < 1:
         raise SensloraError(f"--fraction must be in (0, 1), got {args.fraction}")
     seed_everything(args.seed)

@@ -141,10 +141,11 @@ def _kind(path: Path) -> str:
     return "a folder" if stat.S_ISDIR(mode) else "not a file or folder"
 
 
-def check_output(out: str | os.PathLike[str], *, flag: str = "--out") -> Path:
-    """``out`` as an output folder: not empty, not ending in ``.`` / ``..``, and nothing or a
-    folder (a symlink to one) where it points: an existing file, broken symlink or symlink loop is
-    refused, with ``--overwrite`` or not (it is not a folder to replace)."""
+def check_output(out: str | os.PathLike[str], inputs: Inputs = (), *, flag: str = "--out") -> Path:
+    """The one check of every output folder flag: ``out`` is not empty, not ending in ``.`` /
+    ``..``, not (under) a symlink loop, apart from ``inputs`` (:func:`check_apart`), and nothing
+    or a folder (a symlink to one) where it points: an existing file or broken symlink is refused,
+    with ``--overwrite`` or not (it is not a folder to replace)."""
     text = os.fspath(out)
     if not text.strip():
         raise SensloraError(f"{flag} is empty; name the output folder, e.g. {flag} runs/x")
@@ -157,8 +158,11 @@ def check_output(out: str | os.PathLike[str], *, flag: str = "--out") -> Path:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise SensloraError(f"{flag} {text} lies under a symlink loop; choose another {flag}") from None
+        check_apart(path, inputs, flag=flag)
         return path
     kind = _kind(path)
+    if kind != "a symlink loop":
+        check_apart(path, inputs, flag=flag)  # "is the calibration data" says more than "is a file"
     if kind != "a folder":
         raise SensloraError(
             f"{flag} {text} exists and is not a folder ({kind}); {flag} names a folder (--overwrite replaces "
@@ -303,8 +307,7 @@ def writing(
 ) -> Iterator[None]:
     """Check ``out`` (:func:`check_output`) and that it is apart from ``inputs``, then hold its lock
     (when ``lock``) inside the block."""
-    check_output(out, flag=flag)
-    check_apart(out, inputs, flag=flag)
+    check_output(out, inputs, flag=flag)
     if not lock:
         yield
         return

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..core.errors import SensloraError
 from ..core.ranges import COUNT, SEED, Range, check_fields
-from ..data.models import DTYPES, MODEL_ALIASES
+from ..data.models import DTYPES, MODEL_ALIASES, resolve_dtype
 from ..data.tasks import PROBLEMS, TASKS
 from .methods.base import METHODS, get_method
 from .options import DATA_SELECTIONS, LAYER_SELECTIONS, check_options
@@ -155,6 +155,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise :class:`SensloraError` naming the first bad value."""
         check_fields(self)  # every value against the range / choices / type its field declares
+        resolve_dtype(self.dtype)  # its names are shown; the loader's aliases (bf16, ...) pass too
         layer_select = self.options.get("layer_select", "all")
         if layer_select not in LAYER_SELECTIONS:
             raise SensloraError(
