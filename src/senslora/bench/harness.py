@@ -216,12 +216,13 @@ def _check_probe(params: dict[str, Any], keys: set[str]) -> None:
         raise SensloraError(
             f"unknown allocation-probe parameter(s) {', '.join(unknown)}; use {', '.join(sorted(keys))}"
         )
-    for key in ("calib_samples", "batch_size", "repeats", "num_probes", "max_length"):
-        value = params.get(key, 8)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (8 if key == "max_length" else 1):
-            raise SensloraError(
-                f"{key} must be an integer >= {8 if key == 'max_length' else 1}, got {value!r}"
-            )
+    from ..core.ranges import COUNT, SEED, Range
+
+    ranges = dict.fromkeys(("calib_samples", "batch_size", "repeats", "num_probes"), COUNT)
+    ranges.update(max_length=Range(8, integer=True), seed=SEED, avg_rank=Range(0, low_open=True))
+    for key, rng in ranges.items():
+        if key in params:
+            rng.check(key, params[key])
     for key in ("model", "calib", "estimator", "dtype"):
         if not isinstance(params.get(key, ""), str):
             raise SensloraError(f"{key} must be a string, got {params[key]!r}")
