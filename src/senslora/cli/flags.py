@@ -227,8 +227,10 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
     ranges = {f.name: f.metadata.get("range") for f in dataclasses.fields(AllocationConfig)}
 
     def recipe(key: str, help: str, kind: type = str, **kw: Any) -> Flag:
-        # checked against the recipe table (senslora.core.presets) right after parsing
-        return Flag(key, help + _preset_default(key), kind, check=lambda flag, v: check_value(key, v), **kw)
+        # numbers: checked against the recipe table (senslora.core.presets) right after parsing;
+        # names and choices as the other flags' (the library names the alternatives)
+        check = (lambda flag, v: check_value(key, v)) if kind is float else None
+        return Flag(key, help + _preset_default(key), kind, check=check, **kw)
 
     def own(key: str, help: str, kind: type = str, **kw: Any) -> Flag:
         return Flag(key, help, kind, keyword[key], range=ranges.get(key), **kw)
