@@ -30,15 +30,15 @@ def test_every_config_field_is_exactly_one_train_flag_with_the_field_help():
 def test_train_flags_keep_their_names():
     """Fields generate the flags; the flag names users type stay what they were."""
     expected = (
-        "--config --method --task --data-format --text-column --text-pair-column --label-column --problem --loose-labels "
+        "--config --method --task --data-format --text-column --text-pair-column --label-column --problem --loose-labels --allow-label-text "
         "--split-seed --max-train-samples --max-eval-samples --model --device --dtype --lr --batch-size "
         "--eval-batch-size --epochs --max-length --max-new-tokens --warmup-ratio --weight-decay "
         "--max-grad-norm --lora-dropout --seed --calib-samples --save-every --keep-checkpoints "
         "--no-eval-each-epoch --eval-split --avg-rank --preset --estimator --sink --token-trim --saliency "
         "--score --fusion --strategy --temperature --normalize --rho --categories --topk-fraction --alpha "
         "--r-min --r-max --budget --targets --target-names --lora-alpha --alpha-mode --num-probes "
-        "--accumulate-on --layers --layer-ratio --data-select --data-keep --option --out --resume "
-        "--overwrite --no-progress -h --help"
+        "--accumulate-on --init --init-step --layers --layer-ratio --data-select --data-keep --option --out --resume "
+        "--overwrite --no-progress --debug -h --help"
     ).split()
     train = _subparser("train")
     assert sorted(train._option_string_actions) == sorted(expected)

@@ -216,7 +216,7 @@ def test_cka_layers_and_quality_data_selection(lora_run, assets, tmp_path):
         (dict(max_length=4), "--max-length must be at least 8"),
         (dict(max_train_samples=0), "--max-train-samples must be an integer >= 1"),
         (dict(options={"layer_select": "every"}), "--layers must be one of"),
-        (dict(options={"data_keep": 1.5}), "--data-keep must be a number in"),
+        (dict(options={"data_keep": 1.5}), "--data-keep must be in \\(0, 1\\]"),
         (dict(problem="generation"), "needs a causal language model"),
         (dict(method="senslora", avg_rank=40), "--avg-rank 40 is above"),  # fails inside allocation
     ],

@@ -50,6 +50,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ from typing import Any
 
 from ..core.cache import atomic_write_text
 from ..core.errors import SensloraError
-from ..data.guard import writing
+from ..data.guard import check_input_file, check_output, path_component, writing
 
 KINDS = ("train", "allocation-probe")
 CONFIG_KEYS = ("defaults", "experiments")
@@ -86,7 +87,7 @@ class Run:
         slug = re.sub(r"[^A-Za-z0-9_.=,+:-]", "_", ",".join(parts)) or "default"
         if len(slug) > 120:  # long option lists: keep the folder name short but unique
             slug = slug[:100] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:10]
-        return slug
+        return path_component(slug, "run id", escape=True)  # e.g. no leading '.' (hidden)
 
     def folder(self, out: Path) -> Path:
         return out / "runs" / self.experiment / self.run_id
@@ -106,11 +107,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """Read and check a benchmark YAML file."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise SensloraError(
-            f"benchmark config {p} does not exist; pass a YAML file such as benchmarks/quick.yaml"
-        )
+    try:
+        p = check_input_file(path, "benchmark config")
+    except SensloraError as exc:
+        raise SensloraError(f"{exc}; pass a YAML file such as benchmarks/quick.yaml") from None
     try:
         cfg = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
@@ -131,6 +131,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     for i, exp in enumerate(cfg["experiments"]):
         if not isinstance(exp, dict) or "name" not in exp:
             raise SensloraError(f"experiment #{i} in {p} needs a `name:`")
+        path_component(exp["name"], f"experiment name in {p}")  # the folder runs/<name>
         _known_keys(exp, EXPERIMENT_KEYS, f"experiment {exp['name']!r} in {p}")
         for key in ("params", "baseline"):
             if not isinstance(exp.get(key) or {}, dict):
@@ -215,12 +216,13 @@ def _check_probe(params: dict[str, Any], keys: set[str]) -> None:
         raise SensloraError(
             f"unknown allocation-probe parameter(s) {', '.join(unknown)}; use {', '.join(sorted(keys))}"
         )
-    for key in ("calib_samples", "batch_size", "repeats", "num_probes", "max_length"):
-        value = params.get(key, 8)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (8 if key == "max_length" else 1):
-            raise SensloraError(
-                f"{key} must be an integer >= {8 if key == 'max_length' else 1}, got {value!r}"
-            )
+    from ..core.ranges import COUNT, SEED, Range
+
+    ranges = dict.fromkeys(("calib_samples", "batch_size", "repeats", "num_probes"), COUNT)
+    ranges.update(max_length=Range(8, integer=True), seed=SEED, avg_rank=Range(0, low_open=True))
+    for key, rng in ranges.items():
+        if key in params:
+            rng.check(key, params[key])
     for key in ("model", "calib", "estimator", "dtype"):
         if not isinstance(params.get(key, ""), str):
             raise SensloraError(f"{key} must be a string, got {params[key]!r}")
@@ -350,7 +352,7 @@ def run_benchmark(
 ) -> dict[str, int]:
     """Run every pending run of the config; returns counts of ok / failed / skipped runs."""
     cfg = load_config(config_path)
-    out = Path(out)
+    out = check_output(out)  # not empty, not a file, ... (before '' becomes '.')
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise SensloraError(f"--timeout must be a number of seconds >= 0 (0: no limit), got {timeout!r}")
     runs = expand(cfg)
@@ -390,6 +392,7 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    print(grid_summary(runs, out), flush=True)
     counts = {"ok": 0, "failed": 0, "skipped": 0, "reused": 0, "stale": 0}
     # First set aside every finished run whose config has changed since, so that the folder never
     # holds runs of two settings side by side while the others run. A run whose best-of sweep has
@@ -464,6 +467,42 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             )
             print(f"{label}: FAILED: {error}", flush=True)
     return counts
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def measured_seconds(out: Path) -> list[float]:
+    """The wall times of the finished train runs under ``out`` (their ``result.json``)."""
+    times = []
+    for path in out.glob(f"runs/*/*/{RESULT_NAME}"):
+        try:
+            seconds = json.loads(path.read_text()).get("wall_time_s")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
+            times.append(float(seconds))
+    return times
+
+
+def grid_summary(runs: list[Run], out: Path) -> str:
+    """Said before the first run: how many runs the grid has, how many are left, and how long the
+    finished runs under ``out`` suggest the rest takes (one run at a time)."""
+    pending = sum(status(run.folder(out)) != "ok" for run in runs)
+    line = f"{len(runs)} runs, {len(runs) - pending} already done, {pending} to run"
+    times = measured_seconds(out)
+    if pending and times:
+        each = statistics.median(times)
+        line += (
+            f"; the {len(times)} finished runs took {_duration(each)} each (median), so about "
+            f"{_duration(each * pending)} for the rest"
+        )
+    elif pending:
+        line += " (no finished run to estimate the time from yet)"
+    return line
 
 
 BEST_OF = "best-of:"
@@ -623,7 +662,7 @@ def _last_line(text: str) -> str:
 
 
 def _worker(spec: str) -> int:
-    from ..core.errors import Terminated, raise_on_sigterm
+    from ..core.errors import Terminated, foreign_error, raise_on_sigterm
 
     data = json.loads(spec)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -635,6 +674,16 @@ def _worker(spec: str) -> int:
         return 143
     except SensloraError as exc:
         print(f"senslora: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a library's or the OS's: one line (the run's FAILED reason)
+        line = foreign_error(exc, f"run {data['folder']}")
+        if line is None:
+            raise
+        if os.environ.get("SENSLORA_DEBUG", "") not in ("", "0"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"senslora: error: {line}", file=sys.stderr)
         return 2
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..core.cache import atomic_dir, atomic_write_text
 from ..core.errors import SensloraError
+from ..data.guard import path_component
 from .costs import (  # noqa: F401  (re-exported: the report's public names)
     TARGET_ALLOC_OVER_FORWARD,
     TARGET_MEMORY,
@@ -107,7 +108,8 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
     for primary, members in by_primary.items():
         for setting in against:
             lines += paired_section(members, setting, primary)
-        plot_name = name if len(by_primary) == 1 else f"{name}-{primary}"
+        # a file name from names read from bench.json / result.json: one safe component
+        plot_name = path_component(name if len(by_primary) == 1 else f"{name}-{primary}", "plot", escape=True)
         _bar_plot(
             plot_name,
             {k: [r for r in g if r["primary_metric"] == primary] for k, g in groups.items()},
@@ -115,8 +117,9 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
             plots,
         )
         lines += [f"![{plot_name}](plots/{plot_name}.png)", ""]
-    if {"method", "batch_size"} <= set(ok[0]["_meta"]["grid"]) and _cost_plot(name, ok, plots):
-        lines += [f"![{name}-cost](plots/{name}-cost.png)", ""]
+    cost_name = path_component(f"{name}-cost", "plot", escape=True)
+    if {"method", "batch_size"} <= set(ok[0]["_meta"]["grid"]) and _cost_plot(name, cost_name, ok, plots):
+        lines += [f"![{cost_name}](plots/{cost_name}.png)", ""]
     return lines
 
 
@@ -458,7 +461,7 @@ def _bar_plot(name: str, groups: dict[tuple, list[dict]], primary: str, plots: P
     plt.close(fig)
 
 
-def _cost_plot(name: str, ok: list[dict], plots: Path) -> bool:
+def _cost_plot(name: str, file_name: str, ok: list[dict], plots: Path) -> bool:
     """Figure 4's analogue: per method, the median training-step time and the peak memory against
     the batch size (means over seeds). False when no run recorded either."""
     import matplotlib
@@ -484,7 +487,7 @@ def _cost_plot(name: str, ok: list[dict], plots: Path) -> bool:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{name}: training cost per method (mean over seeds)")
     fig.tight_layout()
-    fig.savefig(plots / f"{name}-cost.png", dpi=100)
+    fig.savefig(plots / f"{file_name}.png", dpi=100)
     plt.close(fig)
     return True
 

@@ -18,9 +18,11 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
+
+from ..core.ranges import Range
 
 
 def positive_int(text: str) -> int:
@@ -43,11 +45,53 @@ def finite_float(text: str) -> float:
     return value
 
 
+Check = Callable[[str, Any], None]  # (flag, value) -> None, or a one-line SensloraError
+
+
+def checked(action: argparse.Action, check: Check | Range) -> argparse.Action:
+    """Attach ``check`` (a :class:`Range`, or a callable ``(flag, value)`` raising
+    :class:`SensloraError`) to a flag; :func:`check_parsed` runs it on the parsed value."""
+    action.check = check.check if isinstance(check, Range) else check  # type: ignore[attr-defined]
+    action.range = check if isinstance(check, Range) else None  # type: ignore[attr-defined]
+    return action
+
+
+def number_type(rng: Range) -> Callable[[str], Any]:
+    """What the parser converts a number flag with ``rng`` with: a positive, or any, integer, or a
+    finite float (the range itself is checked after parsing, naming the flag)."""
+    if rng.integer:
+        return positive_int if rng.low >= 1 else int
+    return finite_float
+
+
+def parsed_actions(parser: argparse.ArgumentParser, command: str | None) -> list[argparse.Action]:
+    """The flags of ``parser`` and of its subcommand ``command``."""
+    actions = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            actions += action.choices[command]._actions
+    return actions
+
+
+def check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Run the check attached (:func:`checked`) to every flag of ``parser`` and of the subcommand
+    ``args`` chose on its parsed value (every value of a repeated flag); unset (None) flags pass."""
+    for action in parsed_actions(parser, getattr(args, "command", None)):
+        check = getattr(action, "check", None)
+        value = getattr(args, action.dest, None)
+        if check is None or value is None:
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        for item in value if isinstance(value, list) else [value]:
+            check(flag, item)
+
+
 @dataclass(frozen=True)
 class Flag:
     """One flag. ``kind``: ``str``, ``int``, ``float``, ``bool`` (on/off; ``--no-x`` when on by
     default) or ``list`` (repeatable). ``choices`` are enforced by the parser; ``names`` are only
-    shown (the library checks the value and names the alternatives itself)."""
+    shown (the library checks the value and names the alternatives itself). ``range`` (numbers) or
+    ``check`` (a callable raising :class:`SensloraError`) is checked right after parsing."""
 
     dest: str
     help: str
@@ -58,6 +102,8 @@ class Flag:
     positive: bool = False
     flag: str | None = None
     metavar: str | None = None
+    range: Range | None = None
+    check: Check | None = None
 
     def add_to(self, group) -> argparse.Action:
         dashed = self.dest.replace("_", "-")
@@ -67,6 +113,8 @@ class Flag:
             kwargs["action"] = "store_false" if self.default else "store_true"
         elif self.kind is list:
             kwargs["action"] = "append"
+        elif self.range is not None:
+            kwargs["type"] = number_type(self.range)
         elif self.kind in (int, float):
             kwargs["type"] = finite_float if self.kind is float else positive_int if self.positive else int
         if self.choices is not None:
@@ -75,7 +123,10 @@ class Flag:
             kwargs["metavar"] = "{" + ",".join(self.names) + "}"
         if self.metavar is not None:
             kwargs["metavar"] = self.metavar
-        return group.add_argument(flag, **kwargs)
+        action = group.add_argument(flag, **kwargs)
+        if self.range is not None or self.check is not None:
+            checked(action, self.range or self.check)
+        return action
 
 
 def add_flags(group, flags) -> None:
@@ -110,9 +161,9 @@ def config_flag(name: str) -> Flag:
         default=None if f.default is dataclasses.MISSING else f.default,
         choices=meta.get("choices"),
         names=meta.get("names"),
-        positive=meta.get("min") == 1,
         flag=meta.get("flag"),
         metavar=meta.get("metavar"),
+        range=meta.get("range"),
     )
 
 
@@ -123,15 +174,15 @@ def config_flags(*names: str) -> list[Flag]:
 def selection_flags() -> list[Flag]:
     """The ``senslora train`` flags that set layer / data selection options (``options[dest]``);
     ``layers`` and ``select-data`` take ``layer_ratio`` / ``data_keep`` too."""
-    from ..training.config import DATA_SELECTIONS, LAYER_SELECTIONS
+    from ..training.config import DATA_SELECTIONS, LAYER_SELECTIONS, SHARE
 
     return [
         Flag("layer_select", "adapt all blocks, or the blocks CKA selects", flag="--layers",
              default=LAYER_SELECTIONS[0], choices=LAYER_SELECTIONS),
-        Flag("layer_ratio", "cka: fraction of blocks kept, in (0, 1]", float, 0.5),
+        Flag("layer_ratio", "cka: fraction of blocks kept, in (0, 1]", float, 0.5, range=SHARE),
         Flag("data_select", "train on all data, or the best fraction by quality",
              default=DATA_SELECTIONS[0], choices=DATA_SELECTIONS),
-        Flag("data_keep", "quality: fraction of train examples kept, in (0, 1]", float, 0.5),
+        Flag("data_keep", "quality: fraction of train examples kept, in (0, 1]", float, 0.5, range=SHARE),
     ]  # fmt: skip
 
 
@@ -163,22 +214,27 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
     import inspect
 
     from ..core.allocation import STRATEGIES
+    from ..core.config import AllocationConfig
     from ..core.diagonal import SALIENCIES
     from ..core.estimators import ACCUMULATE_ON, ESTIMATORS, SINK_MODES
     from ..core.inits import INITS
     from ..core.metrics import FUSIONS, SCORES
     from ..core.peft_bridge import ALPHA_MODES
     from ..core.pipeline import BUDGET_MODES, allocate
-    from ..core.presets import DEFAULT_PRESET, PRESETS
+    from ..core.presets import DEFAULT_PRESET, PRESETS, check_value
     from ..core.shaping import NORMALIZE
 
     keyword = {k: p.default for k, p in inspect.signature(allocate).parameters.items()}
+    ranges = {f.name: f.metadata.get("range") for f in dataclasses.fields(AllocationConfig)}
 
     def recipe(key: str, help: str, kind: type = str, **kw: Any) -> Flag:
-        return Flag(key, help + _preset_default(key), kind, **kw)
+        # numbers: checked against the recipe table (senslora.core.presets) right after parsing;
+        # names and choices as the other flags' (the library names the alternatives)
+        check = (lambda flag, v: check_value(key, v)) if kind is float else None
+        return Flag(key, help + _preset_default(key), kind, check=check, **kw)
 
     def own(key: str, help: str, kind: type = str, **kw: Any) -> Flag:
-        return Flag(key, help, kind, keyword[key], **kw)
+        return Flag(key, help, kind, keyword[key], range=ranges.get(key), **kw)
 
     return [
         config_flag("avg_rank"),
@@ -198,7 +254,7 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
         recipe("normalize", "role: compare each matrix only with the same role in other layers (q with q, "
                "down with down)", choices=NORMALIZE),
         recipe("rho", "cap every rank at rho x the average rank (EVA's rule), >= 1; 0: no cap", float),
-        own("categories", "PRA: number of rank categories", int, positive=True),
+        own("categories", "PRA: number of rank categories", int),
         recipe("topk_fraction", "Top-k: k = fraction x N", float),
         recipe("alpha", "Effective Rank energy threshold", float),
         own("r_min", "smallest rank per matrix (0 drops matrices)", int),
@@ -209,7 +265,7 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
         Flag("target_names", "comma-separated module names or name suffixes (instead of --targets)"),
         config_flag("lora_alpha"),
         own("alpha_mode", "how per-matrix alpha follows the rank", choices=ALPHA_MODES),
-        own("num_probes", "hutchinson: Rademacher probes per batch", int, positive=True),
+        own("num_probes", "hutchinson: Rademacher probes per batch", int),
         own("accumulate_on", "where fp32 accumulators live", choices=ACCUMULATE_ON),
         own("init", "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient "
             "(ours: B from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, "

@@ -12,18 +12,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..core.errors import SensloraError, Terminated, raise_on_sigterm
+from ..core.errors import SensloraError, Terminated, foreign_error, raise_on_sigterm
+from ..core.ranges import COUNT, SEED, Range
 from .configfile import add_config_flag, expand_config
 from .flags import (
     add_flags,
     allocator_flags,
+    check_parsed,
+    checked,
     config_fields,
     config_flags,
-    finite_float,
-    positive_int,
+    number_type,
     selection_flag,
     selection_flags,
 )
+
+DEBUG_HELP = "on an error, also print the full traceback (for bug reports); or set SENSLORA_DEBUG=1"
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -38,9 +42,18 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Every (sub)command takes ``--debug``, before or after the subcommand's name."""
+
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+
+def number_arg(p, flag: str, rng: Range, **kwargs) -> argparse.Action:
+    """A number flag parsed by :func:`senslora.cli.flags.number_type` and checked against ``rng``
+    right after parsing (:func:`senslora.cli.flags.check_parsed`)."""
+    return checked(p.add_argument(flag, type=number_type(rng), **kwargs), rng)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,24 +85,23 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--label-column", default=None, help="label column (needed by fisher/hutchinson on classifiers)"
     )
-    g.add_argument(
-        "--calib-samples",
-        type=positive_int,
+    number_arg(g, "--calib-samples", COUNT, default=128, help="number of calibration examples (seeded sample)")
+    number_arg(
+        g,
+        "--max-length",
+        config_fields()["max_length"].metadata["range"],
         default=128,
-        help="number of calibration examples (seeded sample)",
+        help="truncate calibration sequences to this many tokens",
     )
-    g.add_argument(
-        "--max-length", type=int, default=128, help="truncate calibration sequences to this many tokens"
-    )
-    g.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch size")
+    number_arg(g, "--batch-size", COUNT, default=8, help="calibration batch size")
     g.add_argument(
         "--task-kind",
         default="auto",
         choices=[k for k in KINDS if k != "base"],
         help="head to put on the model (auto: causal-lm for *ForCausalLM models, else classification)",
     )
-    g.add_argument(
-        "--num-labels", type=positive_int, default=2, help="classes of a fresh classification head"
+    number_arg(
+        g, "--num-labels", Range(2, integer=True), default=2, help="classes of a fresh classification head"
     )
 
 
@@ -98,7 +110,7 @@ def add_output_args(p: argparse.ArgumentParser, recipe: str, *, seed: str, main_
     function) writes one output folder: --seed (``seed``: its help), --out, --overwrite and
     --no-progress; the command runs the recipe, then prints ``wrote OUT`` (``main_only``: in the main
     process only)."""
-    p.add_argument("--seed", type=int, default=0, help=seed)
+    number_arg(p, "--seed", SEED, default=0, help=seed)
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -182,10 +194,11 @@ def add_train_parser(sub) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..core.distributed import current
+    from ..data.guard import model_input, task_input
     from ..training.train import train
     from .recipes import check_out_parent, config_from_args
 
-    check_out_parent(args.out)
+    check_out_parent(args.out, [model_input(args.model), task_input(args.task)])
     result = train(
         config_from_args(args),
         args.out,
@@ -280,8 +293,12 @@ def add_diagnose_parser(sub) -> None:
     p.add_argument(
         "--estimators", default="activation,fisher", help="comma list: activation, fisher (default both)"
     )
-    p.add_argument(
-        "--fraction", type=finite_float, default=0.01, help="top fraction of tokens / channels (default 0.01)"
+    number_arg(
+        p,
+        "--fraction",
+        Range(0, 1, low_open=True, high_open=True, text="in (0, 1)"),
+        default=0.01,
+        help="top fraction of tokens / channels (default 0.01)",
     )
     add_output_args(p, "run_diagnose", seed="seed of the calibration sample")
 
@@ -298,9 +315,10 @@ def add_select_data_parser(sub) -> None:
     )
     add_model_args(p)
     g = p.add_argument_group("task")
-    task = "task data_format text_column text_pair_column label_column problem loose_labels split_seed max_train_samples"
+    task = "task data_format text_column text_pair_column label_column problem loose_labels allow_label_text split_seed"
+    task += " max_train_samples"
     add_flags(g, config_flags(*task.split(), "max_length"))
-    g.add_argument("--batch-size", type=positive_int, default=16, help="examples per scoring batch")
+    number_arg(g, "--batch-size", COUNT, default=16, help="examples per scoring batch")
     selection_flag("data_keep").add_to(p)
     p.add_argument("--rule", default="auto", metavar="{" + ",".join(RULES) + "}", help="scoring rule")
     add_output_args(p, "run_select_data", seed="seed of the fresh head of a classifier")
@@ -317,9 +335,10 @@ def add_bench_parser(sub) -> None:
     add_config_flag(p, "bench")
     p.add_argument("--out", required=True, help="results folder, e.g. results/quick")
     p.add_argument("--only", default=None, help="regex: run only matching experiment/run ids")
-    p.add_argument(
+    number_arg(
+        p,
         "--timeout",
-        type=finite_float,
+        Range(0, text="a number of seconds >= 0 (0: no limit)"),
         default=3600,
         help="seconds before one run is stopped and marked failed (0: no limit)",
     )
@@ -410,36 +429,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"senslora: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("SENSLORA_DEBUG", "") not in ("", "0")
     _show_warnings()
     raise_on_sigterm()
     try:
+        check_parsed(parser, args)  # every number flag against its declared range, before any work
         return int(args.func(args) or 0)
     except Terminated:
         print("senslora: terminated (SIGTERM); checkpoints are kept, rerun with --resume", file=sys.stderr)
         return 143
-    except SensloraError as exc:
-        print(f"senslora: error: {exc}", file=sys.stderr)
-        return 2
-    except PermissionError as exc:
-        print(
-            f"senslora: error: cannot write {exc.filename}: permission denied; choose another --out",
-            file=sys.stderr,
-        )
-        return 2
     except KeyboardInterrupt:
         print("senslora: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        problem = _write_failure(exc)
-        if problem is None:
+        line = _error_line(exc, args)
+        if line is None:
             raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"senslora: error: {line}", file=sys.stderr)
+        return 2
+
+
+def _error_line(exc: Exception, args: argparse.Namespace) -> str | None:
+    """The one line a failed subcommand ends with, or None for a bug of senslora (its traceback
+    is shown): the user's error, a failed write of the output, or an exception of a library or the
+    OS inside a step (:func:`senslora.core.errors.foreign_error`)."""
+    if isinstance(exc, SensloraError):
+        return str(exc)
+    if isinstance(exc, PermissionError):
+        return f"cannot write {exc.filename}: permission denied; choose another --out"
+    problem = _write_failure(exc)
+    if problem is not None:
         # The output folder, not the temporary file that failed (it has been removed).
         where = getattr(args, "out", None) or getattr(args, "results", None)
         where = f" writing {where}" if where else ""
-        print(
-            f"senslora: error: {problem}{where}; free space or choose another output folder", file=sys.stderr
-        )
-        return 2
+        return f"{problem}{where}; free space or choose another output folder"
+    return foreign_error(exc, f"senslora {args.command}")
 
 
 def _show_warnings() -> None:

@@ -7,27 +7,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import SensloraError
-from ..data.guard import data_input, model_input, task_input, writing
+from ..core.errors import SensloraError, step
+from ..data.guard import check_output, data_input, model_input, task_input, writing
 from ..training.config import TrainConfig
 from ..training.options import parse_option
 from ..training.train import load_task_for, seed_everything
 
 NAMED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+TARGETS_FIX = (
+    "check --targets / --target-names (linear layers inside the blocks) and --estimator, --batch-size "
+    "and --max-length (memory)"
+)
 
 
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail before any work if the output folder exists (unless ``overwrite``) or its parent is unwritable."""
-    out = Path(out)
+def check_out_dir(out: str | Path, overwrite: bool, inputs=()) -> Path:
+    """Fail before any work if the output folder is not one or overlaps ``inputs``
+    (:func:`senslora.data.guard.check_output`), exists (unless ``overwrite``) or its parent is unwritable."""
+    out = check_output(out, inputs)
     if out.exists() and not overwrite:
         raise SensloraError(f"output folder {out} already exists; remove it or pass --overwrite")
     check_out_parent(out)
     return out
 
 
-def check_out_parent(out: str | Path) -> None:
-    """Fail before any work if the nearest existing ancestor of ``out`` is not a writable folder."""
-    probe = Path(out).absolute().parent
+def check_out_parent(out: str | Path, inputs=()) -> None:
+    """Fail before any work if ``out`` is no output folder or overlaps ``inputs``
+    (:func:`senslora.data.guard.check_output`), or the nearest existing ancestor of ``out`` is not a
+    writable folder."""
+    probe = check_output(out, inputs).absolute().parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not _writable(probe):
@@ -203,7 +210,7 @@ def run_allocate(args: argparse.Namespace) -> Path:
     from ..core.presets import resolve
     from .configfile import CONFIG_FILE, config_yaml, recorded
 
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite, calibration_inputs(args))
     ran_with = config_yaml(recorded(args), "allocate")  # as given: --config of it repeats the run
     estimator = resolve(args.preset, estimator=args.estimator)["estimator"]
     estimator_class(estimator)  # an unknown name is an error before anything is written
@@ -249,17 +256,18 @@ def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) 
         )
     kind = model_kind(model)
     batches = calibration_batches_for(args, tokenizer, kind)
-    alloc = allocate(
-        model,
-        batches,
-        avg_rank=args.avg_rank,
-        lora_alpha=args.lora_alpha,
-        seed=args.seed,
-        progress=not args.no_progress,
-        measure_forward=args.measure_forward,
-        model_name=args.model,
-        **allocator_options(args),
-    )
+    with step("estimating the sensitivities and allocating the ranks", TARGETS_FIX):
+        alloc = allocate(
+            model,
+            batches,
+            avg_rank=args.avg_rank,
+            lora_alpha=args.lora_alpha,
+            seed=args.seed,
+            progress=not args.no_progress,
+            measure_forward=args.measure_forward,
+            model_name=args.model,
+            **allocator_options(args),
+        )
     alloc.calibration["source"] = args.calib
     alloc.calibration["max_length"] = args.max_length
     peft_type = PEFT_TASK_TYPES.get(kind)  # a bare base model has none
@@ -304,7 +312,7 @@ def _print_summary(alloc) -> None:
 
 def run_layers(args: argparse.Namespace) -> Path:
     """``senslora layers``: CKA per block on the calibration set, kept blocks, cka.json + cka.png."""
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite, calibration_inputs(args))
     if not 0 < args.layer_ratio <= 1:
         raise SensloraError(f"--layer-ratio must be in (0, 1], got {args.layer_ratio}")
     with writing(out, calibration_inputs(args)):
@@ -328,7 +336,7 @@ def _layers(args: argparse.Namespace, out: Path) -> Path:
 
 def run_select_data(args: argparse.Namespace) -> Path:
     """``senslora select-data``: score a task's training split and keep the best fraction."""
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite, [model_input(args.model), task_input(args.task)])
     if not 0 < args.data_keep <= 1:
         raise SensloraError(f"--data-keep must be in (0, 1], got {args.data_keep}")
     if args.max_length < 8:
@@ -372,7 +380,7 @@ def run_diagnose(args: argparse.Namespace) -> Path:
     from ..core.targets import find_targets
     from ..data.models import model_kind
 
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_dir(args.out, args.overwrite, calibration_inputs(args))
     if not 0 < args.fraction < 1:
         raise SensloraError(f"--fraction must be in (0, 1), got {args.fraction}")
     seed_everything(args.seed)

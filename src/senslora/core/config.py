@@ -13,19 +13,21 @@ The recipe fields (``estimator`` ... ``rho``) default to None: the ``preset``'s 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import SensloraError
 from .presets import RECIPE_KEYS, check_recipe, is_number, resolve
+from .ranges import COUNT, SEED, Range, check_fields
 
 BUDGET_MODES = ("rank", "params")
+POSITIVE = Range(0, low_open=True)
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A field with its help; ``range``: the :class:`~senslora.core.ranges.Range` it accepts."""
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -61,7 +63,9 @@ class AllocationConfig:
     """
 
     avg_rank: float = _f(
-        4, "average LoRA rank (paper: 4 for NLU, 8 for NLG); the budget is uniform LoRA of this rank"
+        4,
+        "average LoRA rank (paper: 4 for NLU, 8 for NLG); the budget is uniform LoRA of this rank",
+        range=POSITIVE,
     )
     preset: str | None = _f(
         None,
@@ -81,7 +85,7 @@ class AllocationConfig:
     score: str | None = _f(None, "allocation weight: the fused score (the paper's) or one metric")
     fusion: str | None = _f(None, "metric weights: sigma/mu^2 (paper) or 0.5/mu")
     strategy: str | None = _f(None, "SRA (proportional) or PRA (rank categories)")
-    categories: int = _f(3, "PRA: number of rank categories")
+    categories: int = _f(3, "PRA: number of rank categories", range=COUNT)
     topk_fraction: float | None = _f(None, "Top-k: k = fraction x N")
     alpha: float | None = _f(None, "Effective Rank energy threshold")
     temperature: float | None = _f(
@@ -92,8 +96,10 @@ class AllocationConfig:
         "role: compare each matrix only with the same role in other layers (q with q, down with down)",
     )
     rho: float | None = _f(None, "cap every rank at rho x the average rank (EVA's rule), >= 1; 0: no cap")
-    r_min: int = _f(1, "smallest rank per matrix (0 drops matrices)")
-    r_max: int | None = _f(None, "largest rank per matrix (default min(d_in, d_out))")
+    r_min: int = _f(1, "smallest rank per matrix (0 drops matrices)", range=Range(0, integer=True))
+    r_max: int | None = _f(
+        None, "largest rank per matrix (default min(d_in, d_out))", range=Range(0, integer=True)
+    )
     budget_mode: str = _f("rank", "hold the rank sum or the parameter count fixed")
     target_modules: str | Sequence[str] | None = _f(
         None,
@@ -101,17 +107,20 @@ class AllocationConfig:
         "(default: all linears in blocks)",
     )
     layers: Sequence[int] | None = _f(None, "keep only the target matrices of these block indices")
-    lora_alpha: float | None = _f(None, "reference LoRA alpha of the uniform run (default 2 x avg rank)")
+    lora_alpha: float | None = _f(
+        None, "reference LoRA alpha of the uniform run (default 2 x avg rank)", range=POSITIVE
+    )
     alpha_mode: str = _f("proportional", "how per-matrix alpha follows the rank")
-    seed: int = _f(0, "seed of the hutchinson probes and of the gradient init's random A")
-    num_probes: int = _f(1, "hutchinson: Rademacher probes per batch")
+    seed: int = _f(0, "seed of the hutchinson probes and of the gradient init's random A", range=SEED)
+    num_probes: int = _f(1, "hutchinson: Rademacher probes per batch", range=COUNT)
     init: str = _f(
         "zero",
-        "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient (ours: "
-        "B from the calibration gradient), or PEFT's pissa, olora, corda, eva, lora-ga",
+        "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient (ours: B "
+        "from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, lora-ga "
+        "(docs/METHOD-NOTES.md)",
     )
     init_step: float = _f(
-        1e-3, "gradient init: entry size of the initial update (a normalised gradient step), > 0"
+        1e-3, "gradient init: entry size of the initial update, > 0", range=POSITIVE
     )
 
     def __post_init__(self) -> None:
@@ -143,14 +152,10 @@ class AllocationConfig:
             raise SensloraError(
                 f"unknown alpha mode {self.alpha_mode!r}; choose one of {', '.join(ALPHA_MODES)}"
             )
-        if self.r_min < 0:
-            raise SensloraError(f"--r-min must be >= 0, got {self.r_min}")
-        if self.categories < 1:
-            raise SensloraError(f"--categories must be >= 1, got {self.categories}")
-        if isinstance(self.num_probes, bool) or not isinstance(self.num_probes, int) or self.num_probes < 1:
-            raise SensloraError(f"--num-probes must be an integer >= 1, got {self.num_probes!r}")
-        if not math.isfinite(self.avg_rank) or self.avg_rank <= 0:
-            raise SensloraError(f"--avg-rank must be a positive number, got {self.avg_rank}")
+        check_fields(self)  # every number against the range its field declares
+        layers = self.layers or []
+        if isinstance(layers, (str, bytes)) or not all(Range(0, integer=True).accepts(i) for i in layers):
+            raise SensloraError(f"layers must be a list of block indices (integers >= 0), got {self.layers!r}")
         if self.r_max is not None and self.r_max < max(self.r_min, 1):
             raise SensloraError(f"--r-max {self.r_max} is below --r-min {self.r_min}; raise --r-max")
         if self.avg_rank < self.r_min:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 
 class SensloraError(ValueError):
@@ -37,6 +38,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def name_items(items: Sequence[Any], limit: int = 5) -> str:
+    """``a, b, c`` for a few items; the first ``limit`` and how many more for a long list (an
+    error line names a few and counts the rest, never thousands)."""
+    items = list(items)
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _load_errors() -> tuple[type[BaseException], ...]:
     """What libraries raise on a missing, truncated or corrupt file (JSON, pickle, torch, safetensors)."""
     import pickle
@@ -61,3 +70,70 @@ def loading(what: str, path: str | os.PathLike[str], fix: str) -> Iterator[None]
         raise
     except _load_errors() as exc:
         raise SensloraError(f"cannot load {what} {path} ({first_line(exc)}); {fix}") from exc
+
+
+# ------------------------------------------------------------------------- foreign exceptions
+# Libraries whose exceptions inside a subcommand are the user's problem to fix (a model, a file,
+# a setting they chose), not senslora's bug: the CLI reports them as one line naming the step.
+FOREIGN_PACKAGES = (
+    "peft",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "huggingface_hub",
+    "accelerate",
+    "datasets",
+    "gguf",
+)
+DEBUG_HINT = "rerun with --debug (or SENSLORA_DEBUG=1) for the traceback"
+
+
+@contextlib.contextmanager
+def step(what: str, fix: str) -> Iterator[None]:
+    """Name the step the block runs (``loading the model``) and what the user can do when a
+    library fails inside it; :func:`foreign_error` reports the innermost step."""
+    try:
+        yield
+    except BaseException as exc:
+        if getattr(exc, "_senslora_step", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                exc._senslora_step = (what, fix)  # type: ignore[attr-defined]
+        raise
+
+
+def _package(module: object) -> str:
+    return str(module or "").split(".", 1)[0]
+
+
+def foreign_family(exc: BaseException) -> str | None:
+    """``peft``, ``transformers``, ... (:data:`FOREIGN_PACKAGES`) when ``exc`` is of one of their
+    types or was raised in their code (the deepest Python frame of its traceback), ``the OS`` for
+    any ``OSError``; None otherwise (senslora's own bugs keep their traceback)."""
+    if isinstance(exc, (SensloraError, KeyboardInterrupt)):
+        return None
+    family = _package(type(exc).__module__)
+    if family in FOREIGN_PACKAGES:
+        return family
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        family = _package(tb.tb_frame.f_globals.get("__name__"))
+        if family in FOREIGN_PACKAGES:
+            return family
+    return "the OS" if isinstance(exc, OSError) else None
+
+
+def foreign_error(exc: BaseException, command: str = "the command") -> str | None:
+    """One line for an exception of a library or the OS (:func:`foreign_family`): the step it
+    failed in, what the library said, and the fix; None for any other exception."""
+    family = foreign_family(exc)
+    if family is None:
+        return None
+    what, fix = getattr(exc, "_senslora_step", None) or (
+        command,
+        "check the inputs the step reads (model folder, data files, flags)",
+    )
+    text = str(exc).strip()
+    said = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return f"{what} failed: {family} raised {said}; {fix}; {DEBUG_HINT}"

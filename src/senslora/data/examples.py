@@ -75,6 +75,9 @@ __all__ = [
     "calibration_batches",
     "chat_pairs",
     "check_label_cells",
+    "check_label_leak",
+    "check_text_cells",
+    "check_text_columns",
     "drop_empty_texts",
     "fetch_vader",
     "is_missing",
@@ -180,6 +183,49 @@ def check_label_cells(cells: Sequence[tuple[Any, Any]], where: str, column: str)
 def _shown_text(ex: Example) -> str:
     """What must not be empty: a conversation's turns, a pair's prompt, else the text."""
     return ex.prompt if ex.prompt is not None and ex.messages is None else ex.text
+def check_text_columns(text: str | None, pair: str | None, label: str | None, where: str) -> None:
+    """The label column is never a text column: the model would read the answer it must predict."""
+    for column, flag in ((text, "--text-column"), (pair, "--text-pair-column")):
+        if label is not None and column == label:
+            raise SensloraError(
+                f"{where}: {flag} and --label-column are both {label!r}, so the model would read the answer it "
+                f"must predict; name the column that holds the texts with {flag}"
+            )
+
+
+def check_text_cells(cells: Sequence[tuple[Any, Any]], where: str, column: str) -> None:
+    """Refuse texts that are a list, an object or true/false, naming the rows (as labels of that
+    shape are refused); numbers are read as text. ``cells``: ``(row, value)`` pairs of one column."""
+    nested = [row for row, value in cells if isinstance(value, (list, dict, tuple, bool))]
+    if nested:
+        raise SensloraError(
+            f"{where}: text column {column!r} holds a list, an object or true/false in {name_rows(nested)}; "
+            "each text must be a string; fix those rows or choose another --text-column"
+        )
+
+
+def _same_text(text: Any, label: Any) -> bool:
+    if label is None or isinstance(label, (list, dict, tuple)):
+        return False
+    shown = str(text).strip().casefold()
+    return bool(shown) and shown == str(label).strip().casefold()
+
+
+def check_label_leak(rows: Sequence[tuple[Any, Any, Any]], where: str, column: str, *, allow: bool) -> None:
+    """Texts that equal their label (stripped, case-folded) in most rows: the text column is a copy
+    of the labels and the model would read the answer. An error naming the rows, or with ``allow``
+    (``--allow-label-text``) a warning. ``rows``: ``(row, text, label)``."""
+    same = [row for row, text, label in rows if _same_text(text, label)]
+    if not rows or len(same) * 2 <= len(rows):
+        return
+    message = (
+        f"{where}: the text equals its label in {len(same)} of {len(rows)} rows ({name_rows(same)}), so the "
+        f"model would read the answer (is text column {column!r} a copy of the labels?)"
+    )
+    if allow:
+        logger.warning("%s; going on as --allow-label-text asks", message)
+        return
+    raise SensloraError(f"{message}; choose the text column with --text-column, or pass --allow-label-text")
 
 
 def drop_empty_texts(examples: list[Example], where: str) -> list[Example]:
@@ -239,6 +285,8 @@ class _Columns:
     answer: str | None
 
     def required(self) -> list[tuple[str, str]]:
+        check_text_columns(self.text, self.text_pair, self.label, "the calibration data")
+        check_text_columns(self.prompt, None, self.answer, "the calibration data")
         if self.prompt is not None or self.answer is not None:
             if self.prompt is None or self.answer is None:
                 raise SensloraError("give both a prompt column and an answer column, or neither")

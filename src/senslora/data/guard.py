@@ -9,15 +9,27 @@
   drops when the process dies, so a lock left by a crashed or killed run is told apart from a live
   one: it is reported with its pid and taken over, and the folder's state is then checked as on
   any rerun (``--resume``, finished benchmark runs skipped).
-* :func:`writing`: both, in that order, before anything is written.
+* :func:`writing`: :func:`check_output`, then both, in that order, before anything is written.
+* :func:`check_output`: every output folder flag (``--out``, ``--merge``) names a folder or
+  nothing yet: not empty, not ``.`` / ``..``, not an existing file, broken symlink or symlink loop
+  (``--overwrite`` replaces folders only).
+* :func:`path_component`: every path senslora derives from a name (experiment and run names,
+  plot files, cached models) is one safe component: no separator, not ``.`` / ``..``, not
+  empty, not hidden; refused with one line, or escaped.
+* :func:`check_input_file`: a data or config file that is missing, a folder or not a regular
+  file is one line saying which.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import logging
 import os
+import re
 import socket
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -58,6 +70,105 @@ def task_input(spec: str | None) -> tuple[str, Path | None]:
     if spec is None or not spec.startswith(DATA_PREFIXES):
         return "the task data", None
     return data_input(spec, "the task data")
+
+
+def check_input_file(path: str | os.PathLike[str], what: str, hint: str = "") -> Path:
+    """``path`` as a regular file, else one line saying what it is (missing, a folder, ...);
+    ``hint`` (e.g. ``for a folder write disk:PATH``) is added when it is a folder."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise SensloraError(f"{what} {p} is a folder, not a file{'; ' + hint if hint else ''}")
+    if p.is_symlink() or p.exists():
+        raise SensloraError(f"{what} {p} is not a regular file ({_kind(p)}); pass a file")
+    raise SensloraError(f"{what} {p} does not exist")
+
+
+# ------------------------------------------------------------------------------------- names
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
+MAX_COMPONENT = 200  # bytes; file systems allow 255, leaving room for suffixes such as .tmp-XXXX
+
+
+def _component_problem(name: str) -> str | None:
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return "it names a folder above or itself"
+    if _UNSAFE.search(name):
+        return "it holds a path separator or a control character"
+    if name.startswith("."):
+        return "it starts with '.' (hidden)"
+    if len(name.encode()) > MAX_COMPONENT:
+        return f"it is longer than {MAX_COMPONENT} bytes"
+    return None
+
+
+def path_component(name: object, what: str, *, escape: bool = False) -> str:
+    """``name`` as one safe path component of a folder or file senslora derives from it.
+
+    Refused (one line naming ``what`` and why), or with ``escape`` made safe: separators and
+    control characters become ``_``, a leading ``.`` becomes ``_``, an empty name ``_``, an
+    over-long one is cut and given a hash of the whole."""
+    text = name if isinstance(name, str) else None
+    problem = "it is not a text" if text is None else _component_problem(text)
+    if problem is None:
+        return text
+    if not escape:
+        raise SensloraError(
+            f"{what} {name!r} cannot name a folder or file ({problem}); use letters, digits and - _ . = , + "
+            "(not a leading .)"
+        )
+    safe = _UNSAFE.sub("_", str(name))
+    safe = "_" + safe[1:] if safe.startswith(".") else safe or "_"
+    if len(safe.encode()) > MAX_COMPONENT:
+        safe = safe.encode()[: MAX_COMPONENT - 11].decode("utf-8", "ignore") + "-" + hashlib.sha1(
+            str(name).encode()
+        ).hexdigest()[:10]
+    return safe
+
+
+# ------------------------------------------------------------------------------------- outputs
+def _kind(path: Path) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a broken symlink" if os.path.islink(path) else "unreadable"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "a folder" if stat.S_ISDIR(mode) else "not a file or folder"
+
+
+def check_output(out: str | os.PathLike[str], inputs: Inputs = (), *, flag: str = "--out") -> Path:
+    """The one check of every output folder flag: ``out`` is not empty, not ending in ``.`` /
+    ``..``, not (under) a symlink loop, apart from ``inputs`` (:func:`check_apart`), and nothing
+    or a folder (a symlink to one) where it points: an existing file or broken symlink is refused,
+    with ``--overwrite`` or not (it is not a folder to replace)."""
+    text = os.fspath(out)
+    if not text.strip():
+        raise SensloraError(f"{flag} is empty; name the output folder, e.g. {flag} runs/x")
+    path = Path(text).expanduser()
+    if path.name in ("", ".", ".."):
+        raise SensloraError(f"{flag} {text} names an existing folder above or itself; name a new folder in it")
+    if not os.path.lexists(path):
+        try:
+            os.stat(path.parent)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SensloraError(f"{flag} {text} lies under a symlink loop; choose another {flag}") from None
+        check_apart(path, inputs, flag=flag)
+        return path
+    kind = _kind(path)
+    if kind != "a symlink loop":
+        check_apart(path, inputs, flag=flag)  # "is the calibration data" says more than "is a file"
+    if kind != "a folder":
+        raise SensloraError(
+            f"{flag} {text} exists and is not a folder ({kind}); {flag} names a folder (--overwrite replaces "
+            f"folders only, never a file): choose another {flag}"
+        )
+    return path
 
 
 # ------------------------------------------------------------------------------------- overlap
@@ -194,8 +305,9 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
 def writing(
     out: str | os.PathLike[str], inputs: Inputs = (), *, flag: str = "--out", lock: bool = True
 ) -> Iterator[None]:
-    """Check that ``out`` is apart from ``inputs``, then hold its lock (when ``lock``) inside the block."""
-    check_apart(out, inputs, flag=flag)
+    """Check ``out`` (:func:`check_output`) and that it is apart from ``inputs``, then hold its lock
+    (when ``lock``) inside the block."""
+    check_output(out, inputs, flag=flag)
     if not lock:
         yield
         return

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.cache import atomic_dir, cache_dir, check_manifest, sha256_file, write_manifest
-from ..core.errors import SensloraError, loading
+from ..core.errors import SensloraError, loading, name_items, step
 from ..core.errors import first_line as _first_line
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,11 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 HEAD_MODULES = ("classifier", "score")
 # PEFT ``task_type`` of each model kind (SEQ_CLS also trains the head through ``modules_to_save``).
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+MODEL_FIX = (
+    "check --model: a Hugging Face folder whose config.json, weights and tokenizer were saved together, "
+    "a GGUF file or a known alias"
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SETUP_HINT = "run scripts/setup.sh"
@@ -110,8 +115,10 @@ def smollm2_path(*, rebuild: bool = False) -> str:
 # ------------------------------------------------------------------------------------------ GGUF
 def gguf_cache_path(file: str | os.PathLike[str], sha256: str | None = None) -> Path:
     """Where the dequantised folder of a GGUF file is cached: keyed by the file's SHA-256."""
+    from .guard import path_component
+
     digest = sha256 or sha256_file(file)
-    return cache_dir("models", "gguf", f"{Path(file).stem}-{digest[:16]}")
+    return cache_dir("models", "gguf", path_component(f"{Path(file).stem}-{digest[:16]}", "model", escape=True))
 
 
 def _check_gguf(file: Path) -> str:
@@ -402,7 +409,35 @@ def load_model(
     (and the generation config's, when unset) is set to it, a causal LM's tokenizer pads on the
     right, and the tokenizer's ``model_max_length`` is capped at the model's positions
     (:func:`model_positions`), which :func:`senslora.data.batches.make_batches` truncates to.
+    The loaded weights are checked against the checkpoint (:func:`check_loaded_weights`).
     """
+    with step(f"loading the model {os.fspath(name_or_path)}", MODEL_FIX):
+        return _load_model(
+            name_or_path,
+            kind=kind,
+            num_labels=num_labels,
+            device=device,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            device_map=device_map,
+            offload_folder=offload_folder,
+            max_memory=max_memory,
+        )
+
+
+def _load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    kind: str,
+    num_labels: int,
+    device: Any,
+    dtype: Any,
+    attn_implementation: str | None,
+    device_map: Any,
+    offload_folder: str | os.PathLike[str] | None,
+    max_memory: dict[Any, str] | None,
+) -> tuple[Any, Any]:
+    """:func:`load_model` inside its step."""
     if kind not in KINDS:
         raise SensloraError(f"model kind {kind!r} is not supported; use one of {', '.join(KINDS)}")
     torch_dtype = resolve_dtype(dtype)
@@ -466,7 +501,11 @@ def load_model(
         check_device_map(auto_cls, config, device_map, extra)
     fix = "the weights are truncated or corrupt, or not for this architecture: save the model again"
     with loading(f"a {kind} model from", path, fix):
-        model = auto_cls.from_pretrained(path, **extra, **kwargs)
+        # Reshaped weights are reported like missing ones (check_loaded_weights), not raised.
+        model, info = auto_cls.from_pretrained(
+            path, **extra, **kwargs, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    check_loaded_weights(info, path, kind, type(model).__name__)
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -486,6 +525,33 @@ def load_model(
     if device_map is None:
         model.to(dev)
     return model, tokenizer
+
+
+def check_loaded_weights(info: dict, path: str | os.PathLike[str], kind: str, architecture: str) -> None:
+    """Refuse a model some of whose weights are not in the checkpoint: transformers fills missing
+    weights and weights of another shape with fresh random values, with no error (a config.json
+    naming another architecture than the weights gives a model of random matrices). ``info`` is
+    ``from_pretrained``'s loading info; only the task head senslora adds to a classification /
+    regression model (:data:`HEAD_MODULES`) may be new. Tied weights (an ``lm_head`` tied to the
+    embeddings) are not reported missing by transformers; unexpected keys (a pretraining head the
+    model does not use) are fine."""
+    new_head = kind in ("classification", "regression")
+
+    def foreign(keys) -> list[str]:
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys or [])
+        return [n for n in names if not (new_head and is_head_parameter(n))]
+
+    missing, reshaped = foreign(info.get("missing_keys")), foreign(info.get("mismatched_keys"))
+    problems = [f"{len(missing)} missing from the checkpoint ({name_items(missing)})"] if missing else []
+    if reshaped:
+        problems.append(f"{len(reshaped)} of another shape there ({name_items(reshaped)})")
+    problems += [_first_line(Exception(m)) for m in (info.get("error_msgs") or [])[:1]]
+    if problems:
+        raise SensloraError(
+            f"{path} does not hold the weights of its {architecture}: {'; '.join(problems)}, so they would "
+            "be random; config.json describes another model than the weights, or the weights are incomplete: "
+            "save the model again with save_pretrained (config and weights together)"
+        )
 
 
 def model_positions(config: Any) -> int | None:

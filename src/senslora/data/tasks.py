@@ -41,10 +41,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import SensloraError
-from .examples import Example, check_label_cells, drop_empty_texts, load_examples, name_rows
+from ..core.errors import SensloraError, name_items
+from .examples import (
+    Example,
+    check_label_cells,
+    check_label_leak,
+    check_text_cells,
+    check_text_columns,
+    drop_empty_texts,
+    load_examples,
+    name_rows,
+)
 from .formats import CHAT_FORMATS, DATA_FORMATS, chat_example, detect_format
-from .guard import DATA_PREFIXES
+from .guard import DATA_PREFIXES, check_input_file
 from .readers import Records, dataset_records, load_disk, load_hub, read_csv, read_json, read_parquet
 
 PROBLEMS = ("classification", "regression", "generation")
@@ -237,7 +246,7 @@ def _map_classes(split: str, examples: list[Example], classes: list[int | str], 
     for ex in examples:
         key = str(_class_key(ex.label)) if strings else _class_key(ex.label)
         if key not in index:
-            shown = ", ".join(repr(c) for c in classes)
+            shown = name_items([repr(c) for c in classes], 10)
             raise SensloraError(
                 f"example {ex.id} of the {split} split of {where} has label {ex.label!r}, which is not one of "
                 f"the task's classes ({shown}, from the train split)"
@@ -268,9 +277,9 @@ def _finish(
             _map_classes(split, examples, classes, name)
         absent = sorted(set(range(len(classes))) - {ex.label for ex in splits["train"]})
         if absent:
-            shown = ", ".join(repr(classes[i]) for i in absent)
+            shown = name_items([repr(classes[i]) for i in absent])
             raise SensloraError(
-                f"class(es) {shown} of {name} have no example in the train split (only in validation / test); "
+                f"{len(absent)} class(es) {shown} of {name} have no example in the train split (only in validation / test); "
                 "add examples of them, remove them, or try another --split-seed"
             )
         label_names = [str(c) for c in classes]
@@ -339,10 +348,20 @@ def _disk_splits(path: Path) -> dict[str, Records]:
 
 
 def _examples(
-    records: Records, where: str, problem: str | None, text: str, pair: str | None, label: str, fmt: str = "text"
+    records: Records,
+    where: str,
+    problem: str | None,
+    text: str,
+    pair: str | None,
+    label: str,
+    fmt: str = "text",
+    allow_label_text: bool = False,
 ) -> list[Example]:
     """Rows -> examples with raw labels; generation rows become prompt (text) / answer (label) pairs,
-    rows of a chat format (:mod:`.formats`) conversations or prompt-completion pairs."""
+    rows of a chat format (:mod:`.formats`) conversations or prompt-completion pairs.
+
+    Checked once here: the text columns are not the label column, hold strings (or numbers) and
+    are not copies of the labels (:func:`~senslora.data.examples.check_label_leak`)."""
     if fmt in CHAT_FORMATS:
         detect_format(records.columns, fmt, where=where)  # its columns are there
         examples = [
@@ -350,11 +369,14 @@ def _examples(
             for i, (row, place) in enumerate(zip(records.rows, records.places, strict=True))
         ]
         return drop_empty_texts(examples, where)
+    check_text_columns(text, pair, label, where)
     needed = [(text, "text"), (label, "label")] + ([(pair, "text-pair")] if pair else [])
     for column, role in needed:
         if column not in records.columns:
-            shown = ", ".join(repr(c) for c in records.columns) or "none"
+            shown = name_items([repr(c) for c in records.columns]) or "none"
             raise SensloraError(f"{where} has no {role} column {column!r}; columns present: {shown}")
+    for column in [text] + ([pair] if pair else []):
+        check_text_cells([(i + 1, row.get(column)) for i, row in enumerate(records.rows)], where, column)
     cells = [(i + 1, row.get(label)) for i, row in enumerate(records.rows)]
     if problem == "generation":  # answers are text: only an absent one is missing
         check_label_cells(
@@ -372,6 +394,8 @@ def _examples(
         else:
             second = None if pair is None or row.get(pair) is None else str(row[pair])
             examples.append(Example(text=first, text_pair=second, label=value, id=str(i)))
+    leak = [(i + 1, row.get(text), row.get(label)) for i, row in enumerate(records.rows)]
+    check_label_leak(leak, where, text, allow=allow_label_text)
     return drop_empty_texts(examples, where)
 
 
@@ -412,13 +436,14 @@ def _generic_task(
     split_seed: int,
     loose: bool = False,
     data_format: str = "auto",
+    allow_label_text: bool = False,
 ) -> TaskData:
     first = splits.get("all") or splits.get("train") or next(iter(splits.values()))
     fmt = _task_format(first.columns, data_format, problem, text, spec)
     if fmt in CHAT_FORMATS:
         problem = "generation"
     if "all" in splits:
-        examples = _examples(splits["all"], spec, problem, text, pair, label, fmt)
+        examples = _examples(splits["all"], spec, problem, text, pair, label, fmt, allow_label_text)
         problem, inferred = _inferred(problem, examples, spec, loose)
         train, validation, test = split_80_10_10(examples, split_seed, spec)
         parts = {"train": train, "validation": validation, "test": test}
@@ -432,7 +457,7 @@ def _generic_task(
     read = {}
     for name, recs in splits.items():
         if name in ("train", "test", val_name) and not (name == "test" and _unlabelled(recs, label, fmt)):
-            read[name] = _examples(recs, f"{spec} ({name})", problem, text, pair, label, fmt)
+            read[name] = _examples(recs, f"{spec} ({name})", problem, text, pair, label, fmt, allow_label_text)
     problem, inferred = _inferred(problem, read["train"], f"{spec} (train)", loose)
     train = read["train"]
     if "test" in read:
@@ -507,6 +532,7 @@ def load_task(
     max_eval_samples: int | None = None,
     loose_labels: bool = False,
     data_format: str = "auto",
+    allow_label_text: bool = False,
 ) -> TaskData:
     """Load a task by name (:data:`TASKS`) or generic spec (``csv:``, ``jsonl:``, ``parquet:``,
     ``disk:``, ``glue:``).
@@ -526,10 +552,13 @@ def load_task(
             ``messages`` or ``prompt-completion`` (generation data, no label column), or ``auto``
             to detect it from the columns (the text format for a classification or regression
             ``problem``). Built-in tasks have their own.
+        allow_label_text: only warn when the texts equal their labels in most rows (by default an
+            error: the text column is a copy of the labels, the model would read the answer).
 
     Labels are checked once, here: a missing value (empty, NaN, None, null) or a list is an error
     naming the rows; empty texts are dropped with a warning; a class without a train example is
-    an error. :meth:`TaskData.describe` says what the labels were read as.
+    an error. So are texts: a text column that is the label column, texts that are lists or
+    objects, and texts equal to their label in most rows (``allow_label_text``: a warning). :meth:`TaskData.describe` says what the labels were read as.
     """
     if problem is not None and problem not in PROBLEMS:
         raise SensloraError(f"unknown problem {problem!r}; choose one of {', '.join(PROBLEMS)}")
@@ -553,8 +582,7 @@ def load_task(
                 )
             splits = _disk_splits(path)
         else:
-            if not path.is_file():
-                raise SensloraError(f"data file {path} does not exist")
+            check_input_file(path, "data file", f"for a folder saved by datasets write disk:{path}")
             splits = {"all": _file_records(path, kind)}
         task = _generic_task(
             spec,
@@ -566,6 +594,7 @@ def load_task(
             split_seed=split_seed,
             loose=loose_labels,
             data_format=data_format,
+            allow_label_text=allow_label_text,
         )
     else:
         hint = f"; for a data file write csv:{spec}, jsonl:{spec} or parquet:{spec}" if Path(spec).exists() else ""

@@ -7,7 +7,9 @@ generated from these fields (:mod:`senslora.cli.flags`). Other metadata keys, al
 - ``choices``: the accepted values (a registry), enforced when the flags are parsed;
 - ``names``: the known values (a registry), shown with the flag; the library checks the value and
   names the alternatives itself (e.g. ``unknown method ...``);
-- ``min``: ``1`` for a count, parsed as a positive integer;
+- ``range``: the :class:`~senslora.core.ranges.Range` a number accepts (integer or not, bounds),
+  checked by :meth:`TrainConfig.validate` and by the CLI right after parsing; a count
+  (``COUNT``) is parsed as a positive integer;
 - ``flag`` / ``metavar``: the flag's name and placeholder where they are not derived from the
   field (a true-by-default bool ``x`` is ``--no-x``).
 """
@@ -15,18 +17,22 @@ generated from these fields (:mod:`senslora.cli.flags`). Other metadata keys, al
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..core.errors import SensloraError
+from ..core.ranges import COUNT, SEED, Range, check_fields
 from ..data.formats import DATA_FORMATS
-from ..data.models import DTYPES, MODEL_ALIASES
+from ..data.models import DTYPES, MODEL_ALIASES, resolve_dtype
 from ..data.tasks import PROBLEMS, TASKS
 from .methods.base import METHODS, get_method
 from .options import DATA_SELECTIONS, LAYER_SELECTIONS, check_options
 
 EVAL_SPLITS = ("test", "validation")
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+NONNEGATIVE = Range(0)
+SHARE = Range(0, 1, low_open=True, text="in (0, 1]")  # --layer-ratio, --data-keep
 
 # sections of `senslora train --help`
 TASK, MODEL, TRAINING, ALLOCATION, SELECTION = (
@@ -79,38 +85,53 @@ class TrainConfig:
         "differing only in case or spaces (default: both are errors naming the rows)",
         TASK,
     )
-    split_seed: int = _f(0, "seed of the 80/10/10 split (independent of --seed)", TASK)
+    allow_label_text: bool = _f(
+        False,
+        "generic tasks: only warn when the texts equal their labels in most rows (default: an error, the "
+        "text column looks like a copy of the labels and the model would read the answer)",
+        TASK,
+    )
+    split_seed: int = _f(0, "seed of the 80/10/10 split (independent of --seed)", TASK, range=SEED)
     max_train_samples: int | None = _f(
-        None, "use only the first n examples of the (shuffled) train split", TASK, min=1
+        None, "use only the first n examples of the (shuffled) train split", TASK, range=COUNT
     )
     max_eval_samples: int | None = _f(
-        None, "use only the first n examples of the validation and test splits", TASK, min=1
+        None, "use only the first n examples of the validation and test splits", TASK, range=COUNT
     )
     avg_rank: float = _f(
         4,
         "average LoRA rank (paper: 4 for NLU, 8 for NLG); the budget is uniform LoRA of this rank",
         ALLOCATION,
+        range=POSITIVE,
     )
     lora_alpha: float | None = _f(
-        None, "reference LoRA alpha of the uniform run (default 2 x avg rank)", ALLOCATION
+        None, "reference LoRA alpha of the uniform run (default 2 x avg rank)", ALLOCATION, range=POSITIVE
     )
-    lora_dropout: float = _f(0.0, "dropout on the LoRA / adapter input")
-    lr: float = _f(5e-4, "peak AdamW learning rate (paper: 5e-4)")
-    batch_size: int = _f(16, "examples per optimizer step (also per evaluation batch)", min=1)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA / adapter input", range=FRACTION)
+    lr: float = _f(5e-4, "peak AdamW learning rate (paper: 5e-4)", range=POSITIVE)
+    batch_size: int = _f(16, "examples per optimizer step (also per evaluation batch)", range=COUNT)
     eval_batch_size: int | None = _f(
-        None, "examples per evaluation batch (default: --batch-size); larger is faster for generation", min=1
+        None,
+        "examples per evaluation batch (default: --batch-size); larger is faster for generation",
+        range=COUNT,
     )
-    epochs: int = _f(3, "passes over the train split", min=1)
-    max_length: int = _f(128, "truncate examples to this many tokens (at least 8)")
-    max_new_tokens: int = _f(32, "generation tasks: tokens generated per answer at evaluation", min=1)
-    warmup_ratio: float = _f(0.06, "fraction of the steps with a linear learning-rate warm-up")
-    weight_decay: float = _f(0.0, "AdamW weight decay (applied to every trainable parameter)")
-    max_grad_norm: float = _f(1.0, "clip the gradient norm to this value (0: no clipping)")
-    seed: int = _f(0, "seed of the head / adapter initialisation, data order, dropout and calibration sample")
+    epochs: int = _f(3, "passes over the train split", range=COUNT)
+    max_length: int = _f(
+        128, "truncate examples to this many tokens (at least 8)", range=Range(8, integer=True, text="at least 8")
+    )
+    max_new_tokens: int = _f(32, "generation tasks: tokens generated per answer at evaluation", range=COUNT)
+    warmup_ratio: float = _f(0.06, "fraction of the steps with a linear learning-rate warm-up", range=FRACTION)
+    weight_decay: float = _f(0.0, "AdamW weight decay (applied to every trainable parameter)", range=NONNEGATIVE)
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this value (0: no clipping)", range=NONNEGATIVE)
+    seed: int = _f(
+        0, "seed of the head / adapter initialisation, data order, dropout and calibration sample", range=SEED
+    )
     calib_samples: int = _f(
-        128, "calibration examples drawn from the train split (senslora, eva, cka)", min=1
+        128, "calibration examples drawn from the train split (senslora, eva, cka)", range=COUNT
     )
-    save_every: int = _f(0, "write a checkpoint every n optimizer steps (0: only at each epoch end)")
+    save_every: int = _f(
+        0, "write a checkpoint every n optimizer steps (0: only at each epoch end)", range=Range(0, integer=True)
+    )
     keep_checkpoints: bool = _f(False, "keep checkpoints/ after a successful run")
     eval_each_epoch: bool = _f(
         True, "run the validation pass after each epoch; --no-eval-each-epoch skips it"
@@ -142,43 +163,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`SensloraError` naming the first bad value."""
-
-        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise SensloraError(
-                    f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}"
-                )
-
-        def number(
-            name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False
-        ) -> None:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value > low if open_low else value >= low) and value < high
-            if not ok:
-                bound = f"> {low}" if open_low else f">= {low}"
-                bound += f" and < {high}" if math.isfinite(high) else ""
-                raise SensloraError(f"--{name.replace('_', '-')} must be a number {bound}, got {value!r}")
-
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 8:
-            raise SensloraError(f"--max-length must be at least 8, got {self.max_length!r}")
-        if self.eval_split not in EVAL_SPLITS:
-            raise SensloraError(
-                f"--eval-split must be one of {', '.join(EVAL_SPLITS)}, got {self.eval_split!r}"
-            )
-        for name in ("batch_size", "epochs", "max_new_tokens", "calib_samples"):
-            positive_int(name, getattr(self, name))
-        positive_int("save_every", self.save_every, 0)
-        for name in ("max_train_samples", "max_eval_samples", "eval_batch_size"):
-            if getattr(self, name) is not None:
-                positive_int(name, getattr(self, name))
-        number("avg_rank", self.avg_rank, 0, open_low=True)
-        number("lr", self.lr, 0, open_low=True)
-        number("lora_dropout", self.lora_dropout, 0, 1)
-        number("warmup_ratio", self.warmup_ratio, 0, 1)
-        number("weight_decay", self.weight_decay, 0)
-        number("max_grad_norm", self.max_grad_norm, 0)
-        if self.lora_alpha is not None:
-            number("lora_alpha", self.lora_alpha, 0, open_low=True)
+        check_fields(self)  # every value against the range / choices / type its field declares
+        resolve_dtype(self.dtype)  # its names are shown; the loader's aliases (bf16, ...) pass too
         layer_select = self.options.get("layer_select", "all")
         if layer_select not in LAYER_SELECTIONS:
             raise SensloraError(
@@ -190,10 +176,8 @@ class TrainConfig:
                 f"--data-select must be one of {', '.join(DATA_SELECTIONS)}, got {data_select!r}"
             )
         for key, what in (("layer_ratio", "--layer-ratio"), ("data_keep", "--data-keep")):
-            value = self.options.get(key)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                    raise SensloraError(f"{what} must be a number in (0, 1], got {value!r}")
+            if self.options.get(key) is not None:
+                SHARE.check(what, self.options[key])
         try:
             json.dumps(self.options)
         except (TypeError, ValueError) as exc:

@@ -41,6 +41,7 @@ def load_task_for(config: TrainConfig):
         max_eval_samples=config.max_eval_samples,
         loose_labels=config.loose_labels,
         data_format=config.data_format,
+        allow_label_text=config.allow_label_text,
     )
 
 

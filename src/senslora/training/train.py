@@ -30,8 +30,8 @@ from typing import Any
 
 from ..core.cache import atomic_dir
 from ..core.distributed import Dist, current
-from ..core.errors import SensloraError, loading
-from ..data.guard import model_input, task_input, writing
+from ..core.errors import SensloraError, loading, step
+from ..data.guard import check_output, model_input, task_input, writing
 from .checkpoint import CHECKPOINTS_DIR, KEEP_CHECKPOINTS, TrainState, checkpoints
 from .config import DATA_SELECTIONS, EVAL_SPLITS, LAYER_SELECTIONS, TrainConfig
 from .loop import build_loop, epoch_batches, epoch_order, make_accelerator
@@ -60,6 +60,11 @@ from .run import (
     to_json,
     write_result,
     write_run_files,
+)
+
+PEFT_FIX = (
+    "check --targets / --target-names: they must match linear layers inside the blocks (the task head, "
+    "classifier or score, is trained in full and cannot take an adapter)"
 )
 
 __all__ = [
@@ -170,11 +175,13 @@ def _run(
     from ..core.pipeline import package_versions
 
     device = accelerator.device
-    ctx, extras = run_context(config, out, task, model, tokenizer, device, progress, dist)
+    with step("preparing the calibration data and selections", "check the task data and --calib-samples"):
+        ctx, extras = run_context(config, out, task, model, tokenizer, device, progress, dist)
     splits = {"splits_seed": task.splits_seed, "label_names": task.label_names, **task.split_ids()}
     write_run_files(out, config, splits, resume=resume, dist=dist)
 
-    model = method.prepare(model, ctx).to(device)
+    with step(f"preparing the model for method {config.method}", PEFT_FIX):
+        model = method.prepare(model, ctx).to(device)
 
     def validate(trained) -> dict:
         return _evaluate(trained, tokenizer, task.validation, task, config, method, device, False)
@@ -194,7 +201,8 @@ def _run(
     )
     counts = parameter_counts(loop.unwrapped, method)
     state = loop.resume(checkpoints(out)[-1]) if resume and checkpoints(out) else TrainState()
-    memory = loop.run(state, epoch_batches(task.train, tokenizer, kind=task.model_kind, config=config))
+    with step("training", "check --batch-size, --max-length and --device (memory), or --resume from a checkpoint"):
+        memory = loop.run(state, epoch_batches(task.train, tokenizer, kind=task.model_kind, config=config))
 
     result = None
     if dist.is_main:
@@ -204,13 +212,14 @@ def _run(
         from .evaluation import collapse_warning
 
         predicted: list = []
-        metrics = _evaluate(
-            trained, tokenizer, final, task, config, method, device, progress, predictions_out=predicted
-        )
+        with step(f"evaluating on the {config.eval_split} split", "check --eval-batch-size and --max-new-tokens"):
+            metrics = _evaluate(
+                trained, tokenizer, final, task, config, method, device, progress, predictions_out=predicted
+            )
         test_time = time.perf_counter() - start
         references = [ex.label for ex in final] if task.problem != "generation" else []
         run_warnings = [w for w in [collapse_warning(task.problem, predicted, references, config.eval_split)] if w]
-        with atomic_dir(out / ADAPTER_DIR) as tmp:
+        with step(f"saving the adapter into {out}", "check that the disk has room"), atomic_dir(out / ADAPTER_DIR) as tmp:
             method.save(trained, tmp)
         times = state.step_times
         result = {
@@ -306,6 +315,7 @@ def evaluate_run(
     method = get_method(config.method)
     if merge_to is None:
         return _evaluate_run(run, result, config, method, None, device, progress)
+    check_output(merge_to, flag="--merge")
     if Path(merge_to).exists() and not overwrite:
         raise SensloraError(f"merge folder {merge_to} already exists; remove it or pass --overwrite")
     if not method.mergeable:
@@ -330,14 +340,19 @@ def _evaluate_run(run: Path, result: dict, config: TrainConfig, method: Method, 
     adapter = run / ADAPTER_DIR
     if not adapter.is_dir():
         raise SensloraError(f"{run} has no {ADAPTER_DIR}/ folder; rerun `senslora train` for it")
-    with loading("the adapter", adapter, f"rerun `senslora train` for {run}"):
+    with loading("the adapter", adapter, f"rerun `senslora train` for {run}"), step(
+        f"loading the adapter {adapter}", f"rerun `senslora train` for {run}"
+    ):
         model = method.load(model, adapter, ctx)
     model = model.to(dev)
-    metrics = _evaluate(model, tokenizer, examples, task, config, method, dev, progress)
+    with step(f"evaluating on the {split} split", "check --device"):
+        metrics = _evaluate(model, tokenizer, examples, task, config, method, dev, progress)
     metrics = json.loads(to_json(metrics))
     if merge_to is not None:
         merged = method.merge(model)
-        with atomic_dir(merge_to) as tmp:
+        with step(f"writing the merged model into {merge_to}", "check that the disk has room"), atomic_dir(
+            merge_to
+        ) as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
     return {
