@@ -274,7 +274,9 @@ def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) 
     task_type = TaskType(peft_type) if peft_type is not None else None
     base = LoraConfig(r=max(1, round(args.avg_rank)), lora_alpha=alloc.lora_alpha, task_type=task_type)
     peft_model = None
-    if alloc.init not in MUTATES_BASE:  # their adapter is only valid on a changed base: no adapter/
+    # No adapter/ for an init whose adapter is only valid on a changed base, nor for a model with
+    # offloaded (meta) blocks, whose adapter layers cannot be materialised here: lora_config/ only.
+    if alloc.init not in MUTATES_BASE and not offloaded(model):
         peft_model = alloc.to_peft_model(model, base, batches=batches)
     alloc.save(
         out,
