@@ -40,12 +40,14 @@ A finished ``train`` run whose recorded TrainConfig differs from the one it woul
 config file changed, or a ``best-of`` sweep now picks another value) is not skipped: it is moved
 to ``runs/<experiment>/.stale/`` (out of the report's reach) and run again, so that one table
 never mixes two settings.
+
+Layout: :mod:`.grid` reads the config and expands it into runs, :mod:`.reuse` decides what a run
+takes from finished ones (``best-of``, ``reuse_from``, stale runs); this module runs them, one
+worker process each.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import os
 import re
@@ -54,232 +56,33 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..core.cache import atomic_write_text
 from ..core.errors import SensloraError
-from ..data.guard import check_input_file, check_output, path_component, writing
+from ..data.guard import check_output, writing
 
-KINDS = ("train", "allocation-probe")
-CONFIG_KEYS = ("defaults", "experiments")
-EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against", "reuse_from", "headline")
-RESULT_NAME = "result.json"
-STALE = ".stale"  # runs/<experiment>/.stale/<run id>: finished runs whose config has changed since
+# Re-exported: the config and reuse steps live in .grid and .reuse; callers and tests import them here.
+from .grid import (
+    BEST_OF,
+    CONFIG_KEYS,
+    EXPERIMENT_KEYS,
+    KINDS,
+    RESULT_NAME,
+    Run,
+    check_runs,
+    expand,
+    load_config,
+    train_config,
+)
+from .reuse import _config_change, _copy_run, _set_aside, resolve_params, reusable_run, write_json
 
-
-@dataclass
-class Run:
-    """One point of an experiment's grid."""
-
-    experiment: str
-    kind: str
-    params: dict[str, Any]
-    grid_values: dict[str, Any]
-    baseline: dict[str, Any] = field(default_factory=dict)
-    also_against: list[dict[str, Any]] = field(default_factory=list)
-    reuse_from: list[str] = field(default_factory=list)
-
-    @property
-    def run_id(self) -> str:
-        parts = [f"{k}={_short(v)}" for k, v in self.grid_values.items()]
-        slug = re.sub(r"[^A-Za-z0-9_.=,+:-]", "_", ",".join(parts)) or "default"
-        if len(slug) > 120:  # long option lists: keep the folder name short but unique
-            slug = slug[:100] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:10]
-        return path_component(slug, "run id", escape=True)  # e.g. no leading '.' (hidden)
-
-    def folder(self, out: Path) -> Path:
-        return out / "runs" / self.experiment / self.run_id
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, dict):
-        return "+".join(f"{k.rsplit('.', 1)[-1]}:{_short(v)}" for k, v in sorted(value.items())) or "default"
-    if isinstance(value, list):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read and check a benchmark YAML file."""
-    import yaml
-
-    try:
-        p = check_input_file(path, "benchmark config")
-    except SensloraError as exc:
-        raise SensloraError(f"{exc}; pass a YAML file such as benchmarks/quick.yaml") from None
-    try:
-        cfg = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SensloraError(f"benchmark config {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("experiments"), list) or not cfg["experiments"]:
-        raise SensloraError(f"benchmark config {p} needs a non-empty `experiments:` list")
-    _known_keys(cfg, CONFIG_KEYS, f"benchmark config {p}")
-    defaults = cfg.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise SensloraError(
-            f"benchmark config {p}: `defaults:` must map a kind ({', '.join(KINDS)}) to parameters"
-        )
-    _known_keys(defaults, KINDS, f"`defaults:` of {p}")
-    for kind, params in defaults.items():
-        if not isinstance(params or {}, dict):
-            raise SensloraError(f"benchmark config {p}: `defaults: {kind}:` must be a mapping of parameters")
-    names = set()
-    for i, exp in enumerate(cfg["experiments"]):
-        if not isinstance(exp, dict) or "name" not in exp:
-            raise SensloraError(f"experiment #{i} in {p} needs a `name:`")
-        path_component(exp["name"], f"experiment name in {p}")  # the folder runs/<name>
-        _known_keys(exp, EXPERIMENT_KEYS, f"experiment {exp['name']!r} in {p}")
-        for key in ("params", "baseline"):
-            if not isinstance(exp.get(key) or {}, dict):
-                raise SensloraError(f"experiment {exp['name']!r}: `{key}:` must be a mapping")
-        also = exp.get("also_against") or []
-        if not isinstance(also, list) or not all(isinstance(v, dict) and v for v in also):
-            raise SensloraError(f"experiment {exp['name']!r}: `also_against:` must be a list of settings (mappings)")
-        if also and not exp.get("baseline"):
-            raise SensloraError(f"experiment {exp['name']!r}: `also_against:` needs a `baseline:` too")
-        if exp["name"] in names:
-            raise SensloraError(f"experiment name {exp['name']!r} appears twice in {p}")
-        if not isinstance(exp.get("headline", True), bool):
-            raise SensloraError(f"experiment {exp['name']!r}: `headline:` must be true or false")
-        reuse = exp.get("reuse_from") or []
-        if not isinstance(reuse, list) or not all(isinstance(v, str) and v in names for v in reuse):
-            raise SensloraError(
-                f"experiment {exp['name']!r}: `reuse_from:` must list names of experiments before it in {p}"
-            )
-        if reuse and exp.get("kind", "train") != "train":
-            raise SensloraError(f"experiment {exp['name']!r}: `reuse_from:` applies to train experiments only")
-        names.add(exp["name"])
-        if exp.get("kind", "train") not in KINDS:
-            raise SensloraError(
-                f"experiment {exp['name']!r}: unknown kind {exp.get('kind')!r}; choose one of {', '.join(KINDS)}"
-            )
-        grid = exp.get("grid", {}) or {}
-        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-            raise SensloraError(f"experiment {exp['name']!r}: `grid:` must map names to non-empty lists")
-        per_method = exp.get("per_method", {}) or {}
-        if not isinstance(per_method, dict) or not all(isinstance(v, dict) for v in per_method.values()):
-            raise SensloraError(
-                f"experiment {exp['name']!r}: `per_method:` must map method names to parameter mappings"
-            )
-    return cfg
-
-
-def _known_keys(mapping: dict, known: tuple[str, ...], where: str) -> None:
-    unknown = [str(k) for k in mapping if k not in known]
-    if unknown:
-        raise SensloraError(
-            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; the keys are {', '.join(known)}"
-        )
-
-
-def check_runs(cfg: dict[str, Any], runs: list[Run]) -> None:
-    """Build every run's configuration as its worker will (``train``: the TrainConfig, validated as
-    :func:`senslora.training.train.train` validates it; ``allocation-probe``: the probe's keywords), so that a
-    bad value fails before any run, and ``--dry-run`` fails exactly when a real run would."""
-    import inspect
-
-    from .profiling import allocation_probe
-
-    order = [exp["name"] for exp in cfg["experiments"]]
-    probe_keys = set(inspect.signature(allocation_probe).parameters)
-    for run in runs:
-        where = f"run {run.experiment}/{run.run_id}"
-        params = {}
-        for key, value in run.params.items():
-            if isinstance(value, str) and value.startswith(BEST_OF):
-                source = value[len(BEST_OF) :]
-                if source not in order or order.index(source) >= order.index(run.experiment):
-                    raise SensloraError(
-                        f"{where}: {key}: {value} names no experiment before {run.experiment!r}; "
-                        "name an earlier experiment of this config"
-                    )
-                continue  # chosen when the run starts; its type is checked then
-            params[key] = value
-        try:
-            if run.kind == "train":
-                train_config(params).validate()
-            else:
-                _check_probe(params, probe_keys)
-        except SensloraError as exc:
-            raise SensloraError(f"{where}: {exc}") from None
-        except TypeError as exc:
-            raise SensloraError(f"{where}: {exc}") from None
-
-
-def _check_probe(params: dict[str, Any], keys: set[str]) -> None:
-    unknown = sorted(set(params) - keys)
-    if unknown:
-        raise SensloraError(
-            f"unknown allocation-probe parameter(s) {', '.join(unknown)}; use {', '.join(sorted(keys))}"
-        )
-    from ..core.ranges import COUNT, SEED, Range
-
-    ranges = dict.fromkeys(("calib_samples", "batch_size", "repeats", "num_probes"), COUNT)
-    ranges.update(max_length=Range(8, integer=True), seed=SEED, avg_rank=Range(0, low_open=True))
-    for key, rng in ranges.items():
-        if key in params:
-            rng.check(key, params[key])
-    for key in ("model", "calib", "estimator", "dtype"):
-        if not isinstance(params.get(key, ""), str):
-            raise SensloraError(f"{key} must be a string, got {params[key]!r}")
-
-
-def expand(cfg: dict[str, Any]) -> list[Run]:
-    """All runs of a config, in file order then grid order."""
-    runs = []
-    defaults = cfg.get("defaults", {}) or {}
-    for exp in cfg["experiments"]:
-        kind = exp.get("kind", "train")
-        grid = exp.get("grid", {}) or {}
-        keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)):
-            values = dict(zip(keys, combo, strict=True))
-            params = {**(defaults.get(kind) or {}), **(exp.get("params") or {})}
-            for key, value in values.items():
-                # A grid value that is a mapping sets several parameters at once (an ablation
-                # variant, or a model with its calibration set); the key only names the axis.
-                if isinstance(value, dict):
-                    params.update(value)
-                else:
-                    params[key] = value
-            # Parameters that differ by method (e.g. a learning rate tuned for that method alone);
-            # they do not enter the run id, which names only the grid point.
-            params.update((exp.get("per_method") or {}).get(params.get("method"), {}))
-            runs.append(
-                Run(
-                    exp["name"],
-                    kind,
-                    params,
-                    values,
-                    exp.get("baseline") or {},
-                    exp.get("also_against") or [],
-                    exp.get("reuse_from") or [],
-                )
-            )
-    return runs
-
-
-def train_config(params: dict[str, Any]):
-    """A TrainConfig from flat params; ``options.X`` keys (and unknown keys) become options."""
-    from ..training.config import TrainConfig
-
-    known = {f.name for f in fields(TrainConfig)}
-    kwargs: dict[str, Any] = {}
-    options: dict[str, Any] = dict(params.get("options") or {})
-    for key, value in params.items():
-        if key == "options":
-            continue
-        if key.startswith("options."):
-            options[key.split(".", 1)[1]] = value
-        elif key in known:
-            kwargs[key] = value
-        else:
-            raise SensloraError(f"unknown run parameter {key!r}; use a TrainConfig field or options.{key}")
-    return TrainConfig(**kwargs, options=options)
+__all__ = [
+    "BEST_OF", "CONFIG_KEYS", "EXPERIMENT_KEYS", "KINDS", "RESULT_NAME", "Run", "check_runs", "expand",
+    "load_config", "train_config", "resolve_params", "reusable_run", "run_benchmark", "run_one", "status",
+    "grid_summary", "measured_seconds",
+]  # fmt: skip
 
 
 def status(folder: Path) -> str | None:
@@ -288,10 +91,6 @@ def status(folder: Path) -> str | None:
         return json.loads((folder / RESULT_NAME).read_text()).get("status")
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _die_with_parent():
@@ -336,7 +135,7 @@ def run_one(kind: str, params: dict[str, Any], folder: Path) -> None:
 
         result = allocation_probe(**params)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(
+        write_json(
             folder / RESULT_NAME,
             {"status": "ok", "kind": kind, "params": params, **result, "versions": package_versions()},
         )
@@ -421,7 +220,7 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
         if status(folder) == "ok" and not (dry_run and checked.get(folder)):
             counts["skipped"] += 1
             if not (folder / "bench.json").is_file():  # killed between the run's end and bench.json
-                _write_json(folder / "bench.json", meta)
+                write_json(folder / "bench.json", meta)
             continue
         if dry_run:
             try:
@@ -450,13 +249,13 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
         error = _run_worker(spec, timeout)
         seconds = time.perf_counter() - start
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "bench.json", meta)  # which experiment and grid point, for the report
+        write_json(folder / "bench.json", meta)  # which experiment and grid point, for the report
         if error is None and status(folder) == "ok":
             counts["ok"] += 1
             print(f"{label}: ok in {seconds:.0f} s", flush=True)
         else:
             counts["failed"] += 1
-            _write_json(
+            write_json(
                 folder / RESULT_NAME,
                 {
                     **meta,
@@ -503,128 +302,6 @@ def grid_summary(runs: list[Run], out: Path) -> str:
     elif pending:
         line += " (no finished run to estimate the time from yet)"
     return line
-
-
-BEST_OF = "best-of:"
-
-
-def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Replace ``KEY: "best-of:EXPERIMENT"`` by the KEY value that won EXPERIMENT on validation.
-
-    The winner maximises the mean over seeds of the final-epoch *validation* value of the runs'
-    primary metric (the test split is never used to choose), so e.g. the learning rate of the
-    uniform-LoRA baseline is tuned by a sweep that ran earlier in the same benchmark.
-    """
-    resolved = dict(params)
-    for key, value in params.items():
-        if not (isinstance(value, str) and value.startswith(BEST_OF)):
-            continue
-        experiment = value[len(BEST_OF) :]
-        scores: dict[str, list[float]] = {}
-        for result_path in sorted((out / "runs" / experiment).glob("*/result.json")):
-            result = json.loads(result_path.read_text())
-            if result.get("status") != "ok":
-                # Choosing from a partial sweep would let later runs use another value than earlier ones.
-                raise SensloraError(
-                    f"{key}: {value} needs every run of {experiment!r} to finish; {result_path.parent.name} did not"
-                )
-            if result.get("split") == "validation":
-                last = result.get("metrics", {})  # a validation-only run: its final evaluation
-            elif not result.get("history"):
-                continue
-            else:
-                last = result["history"][-1].get("validation", {})
-            metric = last.get(result["primary_metric"])
-            if metric is not None:
-                scores.setdefault(json.dumps(result["config"][key]), []).append(metric)
-        if not scores:
-            raise SensloraError(f"{key}: {value} needs finished runs of experiment {experiment!r} first")
-        best = max(scores, key=lambda v: (sum(scores[v]) / len(scores[v]), v))
-        resolved[key] = json.loads(best)
-    return resolved
-
-
-def _set_aside(folder: Path, out: Path, label: str, change: str, counts: dict[str, int], dry_run: bool) -> None:
-    """Move a finished run whose config changed since (``change``, e.g. the sweep it takes best-of
-    from now picks another value) to ``runs/<experiment>/.stale/``, out of the report's reach, so
-    that it is run again; skipping it would mix two settings in one table."""
-    stale = folder.parent / STALE / folder.name
-    counts["stale"] += 1
-    if dry_run:
-        print(f"{label}: finished with {change}; would move it to {stale.relative_to(out)} and run again")
-        return
-    print(f"{label}: finished with {change}; moved to {stale.relative_to(out)}, to run again", flush=True)
-    shutil.rmtree(stale, ignore_errors=True)
-    stale.parent.mkdir(parents=True, exist_ok=True)
-    folder.rename(stale)
-
-
-def _config_change(run: Run, folder: Path, out: Path) -> str | None:
-    """For a finished ``train`` run: which fields of its recorded TrainConfig differ from the
-    config it would get now (``best-of`` resolved), as ``"lr 0.004 (now 0.002)"``; ``""`` when equal;
-    None when that cannot be told (not a train run, no readable config, or a sweep it depends on has
-    not finished). Only fields recorded then are compared: a field added to TrainConfig later does
-    not make old runs stale."""
-    if run.kind != "train":
-        return None
-    try:
-        now = _config_record(params=resolve_params(run.params, out))
-        before = json.loads((folder / RESULT_NAME).read_text()).get("config")
-    except (SensloraError, OSError, ValueError):
-        return None
-    if not isinstance(before, dict):
-        return None
-    keys = sorted(k for k in set(now) & set(before) if now[k] != before[k])
-    return ", ".join(f"{k} {before[k]!r} (now {now[k]!r})" for k in keys)
-
-
-def _config_record(params: dict[str, Any]) -> dict[str, Any]:
-    """The TrainConfig of resolved ``params`` as a run records it in result.json (JSON types, the
-    method's implied options added)."""
-    from ..training.train import recorded_config
-
-    return json.loads(json.dumps(recorded_config(train_config(params)).to_dict(), default=str))
-
-
-def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
-    """The folder of an ok run in ``run.reuse_from`` whose resolved TrainConfig equals this run's
-    (``params`` already resolved), or None. The first match in sorted folder order wins."""
-    if run.kind != "train" or not run.reuse_from:
-        return None
-    wanted = _config_record(params)
-    for experiment in run.reuse_from:
-        for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
-            try:
-                result = json.loads(result_path.read_text())
-            except (OSError, ValueError):
-                continue
-            if result.get("status") == "ok" and _same_config(result.get("config"), wanted):
-                return result_path.parent
-    return None
-
-
-def _same_config(before: Any, now: dict[str, Any]) -> bool:
-    """Whether a run's recorded config equals ``now``; a field added to TrainConfig after it was
-    recorded counts as equal where ``now`` holds that field's default (the run ran as it says)."""
-    from ..training.config import TrainConfig
-
-    if not isinstance(before, dict) or set(before) - set(now):
-        return False
-    defaults = TrainConfig().to_dict()
-    return all(before[k] == v if k in before else v == defaults.get(k) for k, v in now.items())
-
-
-def _copy_run(source: Path, folder: Path, meta: dict[str, Any]) -> None:
-    """Copy a finished run folder (without its checkpoints) to ``folder``, atomically."""
-    from ..training.checkpoint import CHECKPOINTS_DIR
-
-    tmp = folder.with_name(folder.name + ".reuse-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(CHECKPOINTS_DIR))
-    _write_json(tmp / "bench.json", meta)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
 
 
 def _run_worker(spec: str, timeout: float | None) -> str | None:

@@ -525,7 +525,7 @@ def _hidden_from_headline(out: Path) -> frozenset[str]:
     config = out / "benchmark.yaml"
     if not config.is_file():
         return frozenset()
-    from .harness import load_config
+    from .grid import load_config
 
     return frozenset(e["name"] for e in load_config(config)["experiments"] if e.get("headline", True) is False)
 

@@ -1,0 +1,137 @@
+"""What a benchmark run takes from finished runs: ``best-of`` values from validation sweeps,
+copies of identical finished runs (``reuse_from``), and the stale check that sets aside a finished
+run whose config has changed since (see :mod:`senslora.bench.harness`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..core.cache import atomic_write_text
+from ..core.errors import SensloraError
+from .grid import BEST_OF, RESULT_NAME, STALE, Run, train_config
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Replace ``KEY: "best-of:EXPERIMENT"`` by the KEY value that won EXPERIMENT on validation.
+
+    The winner maximises the mean over seeds of the final-epoch *validation* value of the runs'
+    primary metric (the test split is never used to choose), so e.g. the learning rate of the
+    uniform-LoRA baseline is tuned by a sweep that ran earlier in the same benchmark.
+    """
+    resolved = dict(params)
+    for key, value in params.items():
+        if not (isinstance(value, str) and value.startswith(BEST_OF)):
+            continue
+        experiment = value[len(BEST_OF) :]
+        scores: dict[str, list[float]] = {}
+        for result_path in sorted((out / "runs" / experiment).glob("*/result.json")):
+            result = json.loads(result_path.read_text())
+            if result.get("status") != "ok":
+                # Choosing from a partial sweep would let later runs use another value than earlier ones.
+                raise SensloraError(
+                    f"{key}: {value} needs every run of {experiment!r} to finish; {result_path.parent.name} did not"
+                )
+            if result.get("split") == "validation":
+                last = result.get("metrics", {})  # a validation-only run: its final evaluation
+            elif not result.get("history"):
+                continue
+            else:
+                last = result["history"][-1].get("validation", {})
+            metric = last.get(result["primary_metric"])
+            if metric is not None:
+                scores.setdefault(json.dumps(result["config"][key]), []).append(metric)
+        if not scores:
+            raise SensloraError(f"{key}: {value} needs finished runs of experiment {experiment!r} first")
+        best = max(scores, key=lambda v: (sum(scores[v]) / len(scores[v]), v))
+        resolved[key] = json.loads(best)
+    return resolved
+
+
+def _set_aside(folder: Path, out: Path, label: str, change: str, counts: dict[str, int], dry_run: bool) -> None:
+    """Move a finished run whose config changed since (``change``, e.g. the sweep it takes best-of
+    from now picks another value) to ``runs/<experiment>/.stale/``, out of the report's reach, so
+    that it is run again; skipping it would mix two settings in one table."""
+    stale = folder.parent / STALE / folder.name
+    counts["stale"] += 1
+    if dry_run:
+        print(f"{label}: finished with {change}; would move it to {stale.relative_to(out)} and run again")
+        return
+    print(f"{label}: finished with {change}; moved to {stale.relative_to(out)}, to run again", flush=True)
+    shutil.rmtree(stale, ignore_errors=True)
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(stale)
+
+
+def _config_change(run: Run, folder: Path, out: Path) -> str | None:
+    """For a finished ``train`` run: which fields of its recorded TrainConfig differ from the
+    config it would get now (``best-of`` resolved), as ``"lr 0.004 (now 0.002)"``; ``""`` when equal;
+    None when that cannot be told (not a train run, no readable config, or a sweep it depends on has
+    not finished). Only fields recorded then are compared: a field added to TrainConfig later does
+    not make old runs stale."""
+    if run.kind != "train":
+        return None
+    try:
+        now = _config_record(params=resolve_params(run.params, out))
+        before = json.loads((folder / RESULT_NAME).read_text()).get("config")
+    except (SensloraError, OSError, ValueError):
+        return None
+    if not isinstance(before, dict):
+        return None
+    keys = sorted(k for k in set(now) & set(before) if now[k] != before[k])
+    return ", ".join(f"{k} {before[k]!r} (now {now[k]!r})" for k in keys)
+
+
+def _config_record(params: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig of resolved ``params`` as a run records it in result.json (JSON types, the
+    method's implied options added)."""
+    from ..training.train import recorded_config
+
+    return json.loads(json.dumps(recorded_config(train_config(params)).to_dict(), default=str))
+
+
+def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
+    """The folder of an ok run in ``run.reuse_from`` whose resolved TrainConfig equals this run's
+    (``params`` already resolved), or None. The first match in sorted folder order wins."""
+    if run.kind != "train" or not run.reuse_from:
+        return None
+    wanted = _config_record(params)
+    for experiment in run.reuse_from:
+        for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
+            try:
+                result = json.loads(result_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if result.get("status") == "ok" and _same_config(result.get("config"), wanted):
+                return result_path.parent
+    return None
+
+
+def _same_config(before: Any, now: dict[str, Any]) -> bool:
+    """Whether a run's recorded config equals ``now``; a field added to TrainConfig after it was
+    recorded counts as equal where ``now`` holds that field's default (the run ran as it says)."""
+    from ..training.config import TrainConfig
+
+    if not isinstance(before, dict) or set(before) - set(now):
+        return False
+    defaults = TrainConfig().to_dict()
+    return all(before[k] == v if k in before else v == defaults.get(k) for k, v in now.items())
+
+
+def _copy_run(source: Path, folder: Path, meta: dict[str, Any]) -> None:
+    """Copy a finished run folder (without its checkpoints) to ``folder``, atomically."""
+    from ..training.checkpoint import CHECKPOINTS_DIR
+
+    tmp = folder.with_name(folder.name + ".reuse-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(CHECKPOINTS_DIR))
+    write_json(tmp / "bench.json", meta)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
