@@ -36,7 +36,7 @@ def test_train_flags_keep_their_names():
         "--max-grad-norm --lora-dropout --seed --calib-samples --save-every --keep-checkpoints "
         "--no-eval-each-epoch --eval-split --avg-rank --preset --estimator --sink --token-trim --saliency "
         "--score --fusion --strategy --temperature --normalize --rho --categories --topk-fraction --alpha "
-        "--r-min --r-max --budget --targets --target-names --lora-alpha --alpha-mode --num-probes "
+        "--r-min --r-max --budget --targets --target-names --lora-alpha --alpha-mode --init --init-step --num-probes "
         "--accumulate-on --layers --layer-ratio --data-select --data-keep --option --out --resume "
         "--overwrite --no-progress -h --help"
     ).split()
