@@ -135,13 +135,35 @@ def _scratch_data() -> None:
             f.write(json.dumps({"messages": turns}) + "\n")
 
 
+RUNNER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_readme import _tiny_causal_lm
+with open(sys.argv[2]) as fh:
+    code = compile(fh.read(), sys.argv[3], "exec")
+exec(code, {"__name__": "readme", "_tiny_causal_lm": _tiny_causal_lm})
+"""
+
+
 @pytest.mark.parametrize("index", range(len(blocks("python"))), ids=lambda i: blocks("python")[i][0])
 def test_every_python_block_of_the_docs_runs(index, tmp_path, monkeypatch):
+    """Each block in a fresh interpreter: TRL's trainer sets process-wide state (environment
+    variables such as ACCELERATE_MIXED_PRECISION) that would leak into later tests."""
+    import os
+    import subprocess
+    import sys
+
     monkeypatch.chdir(tmp_path)
     _scratch_data()
     page, code = blocks("python")[index]
-    code = code.replace(SMOLLM2, '_tiny_causal_lm("smollm2", kind="causal-lm")')
-    exec(compile(code, f"{page} python block", "exec"), {"__name__": "readme", "_tiny_causal_lm": _tiny_causal_lm})
+    (tmp_path / "block.py").write_text(code.replace(SMOLLM2, '_tiny_causal_lm("smollm2", kind="causal-lm")'))
+    src = str(ROOT / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(ROOT / "tests"), "block.py", f"{page} python block"],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     if "SFTTrainer" in code:
         from peft import PeftModel
 

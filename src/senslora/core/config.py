@@ -108,7 +108,7 @@ class AllocationConfig:
     init: str = _f(
         "zero",
         "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient (ours: "
-        "B from the calibration gradient), or PEFT's pissa, olora, corda, eva, lora-ga",
+        "B from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, lora-ga",
     )
     init_step: float = _f(
         1e-3, "gradient init: entry size of the initial update (a normalised gradient step), > 0"
