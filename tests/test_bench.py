@@ -387,6 +387,55 @@ def test_headline_leaves_out_an_experiment_marked_headline_false(tmp_path):
         load_config(write(tmp_path / "b.yaml", "experiments: [{name: a, headline: maybe}]"))
 
 
+def test_headline_forest_plot_pools_the_encoder_tasks_and_the_readme_shows_it_above_a_short_table(tmp_path):
+    """plots/headline-forest.png is written; the README block links it (relative to the README),
+    shows the short table (difference against lora with its interval, W/T/L) and the sentences, not
+    the full table; the pooled row is the raw per-(task, seed) differences of t1 and t2 in one sample."""
+    from scipy import stats
+
+    _headline_runs(tmp_path)
+    for path in (tmp_path / "runs" / "main").glob("*/result.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "problem": "classification"}))
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"intro\n<!-- senslora report {tmp_path} -->\nstale\n<!-- /senslora report -->\nend\n")
+    text = build_report(tmp_path, readme=readme).read_text()
+    png = tmp_path / "plots" / "headline-forest.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![paired differences against lora, per task and setting](plots/headline-forest.png)" in text
+    block = readme.read_text().split("-->\n", 1)[1]
+    assert "](../plots/headline-forest.png)" in block and "](../RESULTS.md)" in block
+    assert "| vs eva |" not in block and "± " not in block  # the full table stays in RESULTS.md
+    assert "- **senslora** against lora (primary metric): wins on t1; loses on t2." in block
+    # hand computation: senslora - lora per seed is 0.05 + 0.01 (seed % 2) on t1, -0.10 + 0.01 (seed % 2) on t2
+    pooled = [0.05 + 0.01 * (s % 2) for s in range(4)] + [-0.10 + 0.01 * (s % 2) for s in range(4)]
+    m, sd = np.mean(pooled), np.std(pooled, ddof=1)
+    half = stats.t.ppf(0.975, len(pooled) - 1) * sd / math.sqrt(len(pooled))
+    header, *rows = [line for line in block.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "setting", "t1 accuracy", "t2 accuracy", "encoder tasks pooled", "W/T/L"]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    assert set(cells) == {"eva", "senslora"}  # the baseline is the reference, not a row
+    assert cells["senslora"][3] == f"{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]" == "-0.020 [-0.087, +0.047]"
+    assert cells["senslora"][1].startswith("**+0.055 [") and cells["senslora"][2].startswith("**-0.095 [")
+    assert cells["senslora"][4] == "1/0/1"
+    assert "*encoder tasks pooled*: per setting, the raw per-(task, seed) differences" in block
+    assert "(t1, t2)" in block and "not rescaled" in block
+    # the same numbers as the figure's rows
+    from senslora.bench.report import _by_experiment, _headline_experiments, forest_groups
+
+    groups, baseline = forest_groups(_headline_experiments(_by_experiment(load_runs(tmp_path)), frozenset()))
+    assert baseline == "lora" and [g.label for g in groups] == ["t1", "t2", "encoder tasks pooled"]
+    row = next(r for r in groups[-1].rows if r.setting == "senslora")
+    assert sorted(row.diffs) == pytest.approx(sorted(pooled))
+    assert (row.mean, row.lo, row.hi) == pytest.approx((m, m - half, m + half))
+    # one generation task and one encoder task: no pooled row
+    for path in (tmp_path / "runs" / "main").glob("t2-*/result.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "problem": "generation"}))
+    groups, _ = forest_groups(_headline_experiments(_by_experiment(load_runs(tmp_path)), frozenset()))
+    assert [g.label for g in groups] == ["t1", "t2"]
+
+
 def test_report_refuses_a_readme_without_markers_before_writing(tmp_path):
     _headline_runs(tmp_path)
     readme = tmp_path / "README.md"

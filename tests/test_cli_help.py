@@ -27,3 +27,10 @@ def test_help_shows_every_default_once(command):
         text = formatter._get_help_string(action) % {"default": action.default}
         assert len(re.findall(r"default", text, flags=re.IGNORECASE)) == 1, (command, action.dest, text)
     sub.format_help()  # formats (no stray % in a help text)
+
+
+def test_help_names_the_papers_not_internal_seed_numbers():
+    """The related systems are named by their papers (TsqLoRA; layer-wise LoRA with CKA)."""
+    text = build_parser().format_help() + "".join(sub.format_help() for sub in _subparsers().values())
+    assert not re.search(r"\bseeds? ?/?0\d\d\b", text), re.search(r".*\bseeds? ?/?0\d\d\b.*", text).group(0)
+    assert "TsqLoRA paper" in text and "layer-wise LoRA with CKA" in text

@@ -1,7 +1,7 @@
 """What allocation would cost for an 8B model on one GPU, projected from measured probes.
 
 Issue 6 asks for this on paper (memory and time), compared with the paper's 25.78 s for
-LLaMA3.1-8B (PIQA as the calibration set, seeds/001 section 5). Everything here is either
+LLaMA3.1-8B (PIQA as the calibration set, the Sensitivity-LoRA paper, section 5). Everything here is either
 *measured* (from ``allocation-probe`` results of a benchmark run) or *exact* (counted on the
 model's architecture, built on the meta device: no weights, no download); the one *assumption*,
 the GPU's sustained throughput, is a named parameter printed next to the result.
@@ -34,7 +34,7 @@ LLAMA31_8B = {
     "num_key_value_heads": 8,
     "vocab_size": 128256,
 }
-PAPER_SECONDS_8B = 25.78  # seeds/001, section 5: LLaMA3.1-8B, PIQA calibration, metrics + allocation
+PAPER_SECONDS_8B = 25.78  # the Sensitivity-LoRA paper, section 5: LLaMA3.1-8B, PIQA calibration, metrics + allocation
 A100_BF16_FLOPS = 312e12  # dense bf16 peak of an A100 (NVIDIA data sheet)
 DEFAULT_UTILISATION = 0.4  # ASSUMED sustained fraction of peak for a batched forward pass
 

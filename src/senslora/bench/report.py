@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from .costs import (  # noqa: F401  (re-exported: the report's public names)
     rank_agreement,
     targets_section,
 )
+from .forest import FOREST_PNG, POOLED, ForestGroup, ForestRow, forest_plot, pooled_rows
 from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
 from .tables import _fmt, _label, _row_key, _table
 
@@ -305,34 +307,144 @@ def _method_of(setting: dict) -> str | None:
     return inner.get("method")
 
 
-def headline_section(by_exp: dict[str, list[dict]], hidden: frozenset[str] = frozenset()) -> list[str]:
-    """One table, setting x task, over every experiment that declares `also_against` (except those
-    in ``hidden``, whose quality tables stay in their own sections; their costs still count): per
-    task the mean of the primary metric (and, for generation, the mean of BLEU-4, ROUGE-1 and
-    ROUGE-L) and the paired difference against the experiment's baseline and each further
-    comparison, with its 95% interval, wins over seeds, and "win" / "loss" where the interval
-    excludes zero ("tie" otherwise); then one sentence per senslora setting and comparison saying
-    on which tasks it wins, ties and loses; then the cost tables."""
-    exps = _headline_experiments(by_exp, hidden)
-    cost = cost_lines(by_exp)
-    if not exps:
-        return ["## Headline", "", *cost] if cost else []
-    columns = []  # (experiment, its runs on the task, its comparisons, task, metric, is primary)
+def _headline_columns(exps: list[tuple]) -> list[tuple]:
+    """(experiment, its runs on the task, its comparisons, task, metric, is primary) per headline column."""
+    columns = []
     for name, ok, against in exps:
         for task in dict.fromkeys(str(r["task"]) for r in ok):
             in_task = [r for r in ok if str(r["task"]) == task]
             columns.append((name, in_task, against, task, in_task[0]["primary_metric"], True))
             if any(GENERATION_MEAN in r["metrics"] for r in in_task):
                 columns.append((name, in_task, against, task, GENERATION_MEAN, False))
-    repeated = {t for t in (c[3] for c in columns if c[5]) if sum(c[3] == t and c[5] for c in columns) > 1}
+    return columns
+
+
+def _repeated_tasks(columns: list[tuple]) -> set[str]:
+    """Tasks with a primary column in more than one experiment (their labels then name it)."""
+    primary = [c[3] for c in columns if c[5]]
+    return {t for t in primary if primary.count(t) > 1}
+
+
+def _headline_settings(exps: list[tuple]) -> tuple[list[tuple], list[dict]]:
+    """The headline's settings (grid points without seed and task), the baseline and the
+    comparisons first, then file order; and the comparisons."""
     comparisons = list({json.dumps(a, sort_keys=True): a for _, _, against in exps for a in against}.values())
     settings = list(dict.fromkeys(_row_key(r, ("seed", "task")) for _, ok, _ in exps for r in ok))
 
-    def rank(key: tuple) -> int:  # the baseline and the comparisons first, then file order
+    def rank(key: tuple) -> int:
         runs = [r for _, ok, _ in exps for r in ok if _row_key(r, ("seed", "task")) == key]
         return next((i for i, a in enumerate(comparisons) if all(_matches(r, a) for r in runs)), len(comparisons))
 
-    settings.sort(key=rank)
+    return sorted(settings, key=rank), comparisons
+
+
+def _is_encoder_task(runs: list[dict]) -> bool:
+    """A classification or regression task (``problem`` in result.json; results written before it
+    was recorded count as one unless they hold generation metrics)."""
+    problems = {r.get("problem") for r in runs}
+    if None in problems:
+        return not any(GENERATION_MEAN in r["metrics"] for r in runs)
+    return problems <= {"classification", "regression"}
+
+
+def forest_groups(exps: list[tuple]) -> tuple[list[ForestGroup], str]:
+    """The forest plot's rows: per headline task (primary metric), every setting's paired
+    differences against its experiment's baseline (the numbers of the headline table's first "vs"
+    column); then, when 2+ tasks are classification / regression tasks, one pooled row per setting
+    (:func:`senslora.bench.forest.pooled_rows`: their raw per-(task, seed) differences in one
+    sample). Also the baseline's name."""
+    columns = [c for c in _headline_columns(exps) if c[5]]
+    repeated = _repeated_tasks(columns)
+    settings, _ = _headline_settings(exps)
+    groups, encoder = [], []
+    for name, in_task, against, task, metric, _ in columns:
+        diffs = paired_diffs(in_task, against[0], metric)
+        rows = []
+        for key in settings:
+            mine = [r for r in in_task if _row_key(r, ("seed", "task")) == key]
+            if mine and not all(_matches(r, against[0]) for r in mine) and diffs.get(_row_key(mine[0])):
+                rows.append(ForestRow(_setting_name(_setting_of(key)), diffs[_row_key(mine[0])]))
+        if rows:
+            groups.append(ForestGroup(task + (f" ({name})" if task in repeated else ""), metric, rows))
+            if _is_encoder_task(in_task):
+                encoder.append(groups[-1])
+    pooled = pooled_rows(encoder) if len(encoder) >= 2 else []
+    if pooled:
+        metrics = ", ".join(dict.fromkeys(g.metric for g in encoder))
+        groups.append(ForestGroup(POOLED, metrics, pooled, pooled_from=[g.label for g in encoder]))
+    baseline = " / ".join(dict.fromkeys(_setting_name(against[0]) for _, _, against in exps))
+    return groups, baseline
+
+
+def _forest_caption(groups: list[ForestGroup], baseline: str) -> str:
+    text = (
+        f"Per task, each setting's paired difference against {baseline} on the task's primary metric: "
+        "mean and 95% t-interval over seeds (pairs in brackets), the numbers of the tables; green or red "
+        "where the interval excludes zero."
+    )
+    for group in groups:
+        if group.label == POOLED:
+            text += (
+                f" *{POOLED}*: per setting, the raw per-(task, seed) differences of the classification / "
+                f"regression tasks ({', '.join(group.pooled_from)}) pooled into one sample with one "
+                f"t-interval; their metrics ({group.metric}) are pooled as they are, not rescaled."
+            )
+    return text
+
+
+def _interval_cell(row: ForestRow | None) -> str:
+    if row is None:
+        return "–"
+    k = _digits(row.mean)
+    cell = f"{row.mean:+.{k}f}" + (f" [{row.lo:+.{k}f}, {row.hi:+.{k}f}]" if not math.isnan(row.lo) else "")
+    return f"**{cell}**" if row.verdict in ("win", "loss") else cell
+
+
+def short_table(groups: list[ForestGroup], baseline: str) -> list[str]:
+    """Setting x task: the difference against the baseline with its interval (the forest plot's
+    rows), and per setting the tasks it wins / ties / loses on; with its caption."""
+    settings = list(dict.fromkeys(r.setting for g in groups for r in g.rows))
+    header = ["setting", *(f"{g.label} {g.metric}" if g.label != POOLED else POOLED for g in groups), "W/T/L"]
+    rows = []
+    for setting in settings:
+        cells = {g.label: next((r for r in g.rows if r.setting == setting), None) for g in groups}
+        verdicts = [c.verdict for label, c in cells.items() if c is not None and label != POOLED]
+        wtl = "/".join(str(verdicts.count(v)) for v in ("win", "tie", "loss"))
+        rows.append([setting, *(_interval_cell(cells[g.label]) for g in groups), wtl])
+    return [
+        *_table(header, rows),
+        "",
+        f"Cells: difference against {baseline}, paired by seed: mean [95% t-interval], **bold** where the "
+        "interval excludes zero; W/T/L: the tasks (not the pooled column) on which the setting wins, ties "
+        "and loses.",
+        "",
+    ]
+
+
+def headline_section(
+    by_exp: dict[str, list[dict]],
+    hidden: frozenset[str] = frozenset(),
+    *,
+    figure: str | None = None,
+    short: bool = False,
+) -> list[str]:
+    """One table, setting x task, over every experiment that declares `also_against` (except those
+    in ``hidden``, whose quality tables stay in their own sections; their costs still count): per
+    task the mean of the primary metric (and, for generation, the mean of BLEU-4, ROUGE-1 and
+    ROUGE-L) and the paired difference against the experiment's baseline and each further
+    comparison, with its 95% interval, wins over seeds, and "win" / "loss" where the interval
+    excludes zero ("tie" otherwise); then one sentence per senslora setting and comparison saying
+    on which tasks it wins, ties and loses; then the cost tables. ``figure``: the link to the
+    forest plot (:func:`forest_groups`), shown with its caption above the table. ``short`` (the
+    README's form): the figure, the short table (:func:`short_table`) instead of the full one, the
+    sentences; no cost tables."""
+    exps = _headline_experiments(by_exp, hidden)
+    cost = [] if short else cost_lines(by_exp)
+    if not exps:
+        return ["## Headline", "", *cost] if cost else []
+    columns = _headline_columns(exps)
+    repeated = _repeated_tasks(columns)
+    settings, comparisons = _headline_settings(exps)
     header = ["setting"]
     for name, _, against, task, metric, _ in columns:
         header += [f"{task} {metric}" + (f" (`{name}`)" if task in repeated else "")]
@@ -340,11 +452,30 @@ def headline_section(by_exp: dict[str, list[dict]], hidden: frozenset[str] = fro
     verdicts: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # [setting][comparison][verdict]
     rows = [_headline_row(key, columns, repeated, verdicts) for key in settings]
     names = ", ".join(_setting_name(a) for a in comparisons)
+    groups, baseline = forest_groups(exps)
+    experiments = ", ".join(f"`{name}`" for name, _, _ in exps)
+    figure_lines = (
+        [f"![paired differences against {baseline}, per task and setting]({figure})", "", _forest_caption(groups, baseline), ""]
+        if figure and groups
+        else []
+    )
+    if short:
+        return [
+            "## Headline",
+            "",
+            f"### Every method against {baseline} ({experiments})",
+            "",
+            *figure_lines,
+            *short_table(groups, baseline),
+            *_verdict_lines(settings, verdicts),
+            *_warned_runs([r for _, ok, _ in exps for r in ok]),
+        ]
     return [
         "## Headline",
         "",
-        f"### Every method against {names} ({', '.join(f'`{name}`' for name, _, _ in exps)})",
+        f"### Every method against {names} ({experiments})",
         "",
+        *figure_lines,
         *_table(header, rows),
         "",
         "Cells: mean ± sd over seeds (seeds); differences are paired by seed: mean [95% t-interval] "
@@ -512,9 +643,13 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
         atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command, hidden)))
     if readme is not None:
         n_ok = sum(r["status"] == "ok" for r in runs)
-        head = headline_section(_by_experiment(runs), hidden=hidden)
+        here = Path(readme).resolve().parent
+        figure = Path(os.path.relpath((out / "plots" / FOREST_PNG).resolve(), here)).as_posix()
+        results = Path(os.path.relpath((out / "RESULTS.md").resolve(), here)).as_posix()
+        head = headline_section(_by_experiment(runs), hidden=hidden, figure=figure, short=True)
         note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
-                f"{len(runs)} result files; details in [{out}/RESULTS.md]({out}/RESULTS.md).")
+                f"{len(runs)} result files; every table, and the training and allocation costs, in "
+                f"[{results}]({results}).")
         write_readme_block(readme, out, [note, "", *head[2:]])
     return path
 
@@ -569,7 +704,10 @@ def _report_lines(
     ]
     lines += targets_section(runs)
     by_exp = _by_experiment(runs)
-    lines += headline_section(by_exp, hidden=hidden)
+    groups, baseline = forest_groups(_headline_experiments(by_exp, hidden))
+    if groups:
+        forest_plot(groups, plots / FOREST_PNG, baseline=baseline)
+    lines += headline_section(by_exp, hidden=hidden, figure=f"plots/{FOREST_PNG}")
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]
         lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)

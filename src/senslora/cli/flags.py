@@ -270,5 +270,5 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
         own("init", "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient "
             "(ours: B from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, "
             "lora-ga (docs/METHOD-NOTES.md)", choices=INITS),
-        own("init_step", "gradient init: entry size of the initial update, > 0", float),
+        own("init_step", "gradient init: entry size of the initial update (a normalised gradient step), > 0", float),
     ]  # fmt: skip

@@ -263,7 +263,7 @@ def add_layers_parser(sub) -> None:
 
     p = sub.add_parser(
         "layers",
-        help="layer-wise CKA: which blocks change their input most (seed 003)",
+        help="which blocks change their input most (linear CKA, as in the layer-wise LoRA with CKA paper)",
         description="Linear CKA between the input and output hidden states of every block over the "
         "calibration set; keeps the floor(ratio x L) blocks with the lowest CKA. Writes cka.json and cka.png.",
     )
@@ -308,7 +308,7 @@ def add_select_data_parser(sub) -> None:
 
     p = sub.add_parser(
         "select-data",
-        help="TsqLoRA-style data-quality selection of a task's training split (our reading of seed 002)",
+        help="data-quality selection of a task's training split (our reading of the TsqLoRA paper)",
         description="Score every training example with the frozen base model (per-example loss; for "
         "prompt/answer data the instruction-following difficulty), drop empty and duplicate items, keep "
         "the best fraction. Writes scores.jsonl, selection.json and scores.png.",

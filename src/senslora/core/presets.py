@@ -14,13 +14,11 @@ choices on top, so ``--preset paper --rho 2`` is the paper's recipe with a rank 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
+from . import checks as _checks
+from .checks import Check, activation_checks, is_number, one_of  # noqa: F401  (re-exported: the recipe checks' names)
 from .errors import SensloraError
-
-Check = Callable[[Any], bool]
 
 RECIPE_KEYS = (
     "estimator",
@@ -81,31 +79,21 @@ def recipe_name(preset: str | None, recipe: dict[str, Any]) -> str:
 # ----------------------------------------------------------------- the one table of recipe checks
 
 
-def is_number(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
-    """A finite real number (not a bool) in ``[low, high]``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return ok and low <= value <= high
-
-
-def one_of(*choices: Any) -> tuple[Check, str]:
-    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
-
-
 def recipe_checks() -> dict[str, tuple[Check, str]]:
     """Per recipe key: a predicate and what it accepts. The only place the recipe's values are
     range-checked: ``allocate`` (:func:`check_recipe`), training / benchmark options
-    (:mod:`senslora.training.options`) and the activation estimator's own arguments all read it."""
+    (:mod:`senslora.training.options`) and the activation estimator's own arguments
+    (:func:`senslora.core.checks.activation_checks`, part of this table) all read it."""
     from .allocation import STRATEGIES
     from .diagonal import SALIENCIES
-    from .estimators import ESTIMATORS, SINK_MODES
+    from .estimators import ESTIMATORS
     from .metrics import FUSIONS, SCORES
     from .shaping import NORMALIZE
 
     unit = (lambda v: is_number(v, 0, 1) and v > 0, "a number in (0, 1]")
     return {
         "estimator": one_of(*ESTIMATORS),
-        "sink": one_of(*SINK_MODES),
-        "token_trim": (lambda v: is_number(v, 0, 0.5) and v < 0.5, "a number in [0, 0.5)"),
+        **activation_checks(),
         "saliency": one_of(*SALIENCIES),
         "score": one_of(*SCORES),
         "fusion": one_of(*FUSIONS),
@@ -120,9 +108,7 @@ def recipe_checks() -> dict[str, tuple[Check, str]]:
 
 def check_value(key: str, value: Any, checks: dict[str, tuple[Check, str]] | None = None) -> None:
     """One-line :class:`SensloraError` naming the flag when ``value`` is not acceptable for ``key``."""
-    ok, accepted = (checks or recipe_checks())[key]
-    if not ok(value):
-        raise SensloraError(f"--{key.replace('_', '-')} must be {accepted}, got {value!r}")
+    _checks.check_value(key, value, checks or recipe_checks())
 
 
 def check_recipe(recipe: dict[str, Any]) -> None:

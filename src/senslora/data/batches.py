@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import SensloraError
+from .schema import Example
 
 if TYPE_CHECKING:
     import torch
-
-    from .examples import Example
 
 logger = logging.getLogger(__name__)
 

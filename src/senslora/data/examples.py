@@ -59,6 +59,7 @@ from .readers import (
     read_parquet,
     read_text_file,
 )
+from .schema import Example  # re-exported: the example record, defined below the readers and batches
 
 # Names defined in .batches / .corpora / .readers, importable from here as before.
 __all__ = [
@@ -95,28 +96,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Example:
-    """One example. For generation data ``prompt``/``answer`` are set and ``text`` is
-    ``prompt + "\\n" + answer``; :func:`make_batches` then puts the loss on the answer only.
-
-    Chat formats (:mod:`.formats`): a conversation has ``messages`` (``{"role", "content"}``
-    turns; the loss is on the assistant turns from index ``loss_from`` on), with ``answer`` its
-    last assistant turn and ``prompt`` the turns before it (as text, for checks and data
-    selection). ``plain``: ``prompt`` and ``answer`` are TRL's standard prompt-completion pair,
-    tokenised as they are, one after the other (no chat template, no newline)."""
-
-    text: str
-    text_pair: str | None = None
-    label: float | int | None = None
-    prompt: str | None = None
-    answer: str | None = None
-    id: str = ""
-    messages: list[dict[str, str]] | None = None
-    loss_from: int = 0
-    plain: bool = False
 
 
 CALIB_ALIASES: dict[str, str] = {

@@ -1,5 +1,5 @@
 """TRL's data set formats, for calibration sets and tasks alike: which format rows are in
-(:func:`detect_format`), and one row of a chat format as an :class:`~senslora.data.examples.Example`
+(:func:`detect_format`), and one row of a chat format as an :class:`~senslora.data.schema.Example`
 (:func:`chat_example`).
 
 * ``text``: a text column (``text``, or ``--text-column``), with a label column for tasks; for a
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..core.errors import SensloraError
-
-if TYPE_CHECKING:
-    from .examples import Example
+from .schema import Example
 
 DATA_FORMATS = ("auto", "text", "messages", "prompt-completion")
 CHAT_FORMATS = ("messages", "prompt-completion")
@@ -93,8 +91,6 @@ def check_turns(value: Any, where: str, column: str) -> list[dict[str, str]]:
 
 
 def _conversation(turns: list[dict[str, str]], loss_from: int, where: str, row_id: str, what: str) -> Example:
-    from .examples import Example
-
     answers = [i for i, turn in enumerate(turns) if turn["role"] == "assistant" and i >= loss_from]
     if not answers:
         raise SensloraError(
@@ -114,8 +110,6 @@ def _conversation(turns: list[dict[str, str]], loss_from: int, where: str, row_i
 
 def chat_example(row: dict[str, Any], fmt: str, where: str, row_id: str) -> Example:
     """One row of a chat format (:data:`CHAT_FORMATS`) as an example; ``where`` names the row."""
-    from .examples import Example
-
     if fmt == "messages":
         turns = check_turns(row.get(MESSAGES), where, MESSAGES)
         return _conversation(turns, 0, where, row_id, "the conversation")

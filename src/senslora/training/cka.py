@@ -1,4 +1,4 @@
-"""Layer-wise CKA block selection (METHOD.md section 7, seeds/003).
+"""Layer-wise CKA block selection (METHOD.md section 7; the layer-wise LoRA with CKA paper).
 
 Linear CKA (Kornblith et al., 2019) between ``hidden_states[i]`` and ``hidden_states[i+1]``, i.e.
 the input and output of transformer block ``i``, over calibration examples, taking one token per

@@ -243,7 +243,7 @@ def collapse_warning(
             return None
         return (
             f"the trained classifier predicts class {classes.pop()} for all {len(predictions)} {split} examples "
-            "(it learned nothing beyond the majority class); try another --lr (README: learning rates)"
+            "(it learned nothing beyond the majority class); try another --lr (docs/CLI.md: learning rates)"
         )
     if problem == "regression" and len(predictions) > 1 and len(set(references)) > 1:
         from sklearn.metrics import r2_score
@@ -252,6 +252,6 @@ def collapse_warning(
         if r2 <= COLLAPSED_R2:
             return (
                 f"the trained regressor is no better than predicting the mean label on the {len(predictions)} "
-                f"{split} examples (R² {r2:.3f}); try another --lr (README: learning rates)"
+                f"{split} examples (R² {r2:.3f}); try another --lr (docs/CLI.md: learning rates)"
             )
     return None

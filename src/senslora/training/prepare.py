@@ -164,7 +164,7 @@ def match_layer_budget(ctx: MethodContext, model, record: dict) -> None:
 
     Methods are compared at equal budgets, so with CKA layer selection the average rank (and alpha,
     keeping alpha / r) grows by (LoRA cost per rank on all targets) / (on the kept targets).
-    ``layer_budget="kept"`` keeps the plain average rank instead (fewer parameters, as in seed 003).
+    ``layer_budget="kept"`` keeps the plain average rank instead (fewer parameters, as in the layer-wise LoRA with CKA paper).
     """
     from ..core.targets import find_targets
 

@@ -1,4 +1,4 @@
-"""TsqLoRA-style data-quality selection (METHOD.md section 7, seeds/002).
+"""TsqLoRA-style data-quality selection (METHOD.md section 7; the TsqLoRA paper).
 
 TsqLoRA (Chen et al., 2025, arXiv:2509.18585) pairs "a quality-aware sampling mechanism for selecting
 the most informative training data" with sensitivity-aware rank allocation. No public code could

@@ -8,14 +8,12 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from ..checks import SINK_MODES as SINK_MODES  # re-exported: the sink modes, defined with their check
+from ..checks import activation_checks, check_value
 from ..diagonal import Diagonal
 from ..distributed import Dist
 from ..losses import model_inputs
 from .base import Estimator, _batch_mask, _batch_size, _reduce_counts, _token_mask, _version
-
-# Keep each sequence's first real token (the paper) or leave it out (``drop``).
-SINK_MODES = ("keep", "drop")
-
 
 # Squares held at once by the activation hook (fp32 elements): 1 MiB, whatever the batch.
 SCRATCH_ELEMENTS = 1 << 18
@@ -41,10 +39,9 @@ class ActivationEstimator(Estimator):
     ) -> None:
         super().__init__(**kwargs)
         self.stop_early = bool(stop_early)
-        from ..presets import check_value
-
-        check_value("sink", sink)
-        check_value("token_trim", token_trim)
+        checks = activation_checks()
+        check_value("sink", sink, checks)
+        check_value("token_trim", token_trim, checks)
         self.sink = sink
         self.token_trim = float(token_trim)
 

@@ -7,6 +7,7 @@ it trained. One shared test suite (tests/test_methods.py) runs over every regist
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -185,9 +186,23 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str) -> Method:
-    from . import load_all
+# Modules that register methods when imported (kept lazy: they import peft / transformers).
+_MODULES = ("lora", "adalora", "dylora", "adapters", "eva", "full", "related", "gora", "loraga", "pissa")
 
+
+def load_all() -> None:
+    """Import every method module, so that :data:`METHODS` lists them all (a module whose optional
+    dependency is missing is skipped)."""
+    package = __name__.rpartition(".")[0]
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"{package}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{package}.{mod}":
+                raise
+
+
+def get_method(name: str) -> Method:
     load_all()
     if name not in METHODS:
         raise SensloraError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
