@@ -115,7 +115,7 @@ def smollm2_path(*, rebuild: bool = False) -> str:
 # ------------------------------------------------------------------------------------------ GGUF
 def gguf_cache_path(file: str | os.PathLike[str], sha256: str | None = None) -> Path:
     """Where the dequantised folder of a GGUF file is cached: keyed by the file's SHA-256."""
-    from .guard import path_component
+    from ..core.names import path_component
 
     digest = sha256 or sha256_file(file)
     return cache_dir("models", "gguf", path_component(f"{Path(file).stem}-{digest[:16]}", "model", escape=True))
