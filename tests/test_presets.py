@@ -115,7 +115,7 @@ DEFAULTS = Path(__file__).parent / "data" / "default_allocations.json"
 
 
 # Fields added since the stored files were written (issue 26, --init), at their zero-init values.
-ADDED_SINCE = {"init": "zero", "init_step": 1e-3, "init_pass": ""}
+ADDED_SINCE = {"init": "zero", "init_step": 1e-4, "init_pass": ""}
 
 
 def _without_run_facts(data: dict) -> dict:

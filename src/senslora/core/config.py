@@ -120,7 +120,7 @@ class AllocationConfig:
         "(docs/METHOD-NOTES.md)",
     )
     init_step: float = _f(
-        1e-3, "gradient init: entry size of the initial update (a normalised gradient step), > 0", range=POSITIVE
+        1e-4, "gradient init: entry size of the initial update (a normalised gradient step), > 0", range=POSITIVE
     )
 
     def __post_init__(self) -> None:
