@@ -237,3 +237,15 @@ def test_cli_allocate_init_gradient_writes_an_adapter_peft_loads_trainable(tmp_p
 
 def record_ranks(record: dict) -> dict[str, int]:
     return {m["name"]: m["rank"] for m in record["matrices"]}
+
+
+def test_the_sketch_holds_only_its_accumulators():
+    # Memory of the init: d_out x k fp32 per matrix (A is drawn anew in each hook, never kept).
+    model, batches = tiny_bert(), token_batches()
+    targets = find_targets(model)
+    ranks = {t.name: 2 for t in targets}
+    sketch = gradient_sketch(model, batches, targets, ranks, seed=0)
+    held = [v for v in vars(sketch).values() if isinstance(v, torch.Tensor)]
+    held += [t for v in vars(sketch).values() if isinstance(v, dict) for t in v.values() if isinstance(t, torch.Tensor)]
+    assert sum(t.numel() for t in held) == sum(t.shape[0] * 2 for t in targets)
+    assert torch.equal(sketch.a(targets[0].name), draw_a(targets[0].name, 2, targets[0].shape[1], seed=0))

@@ -187,11 +187,11 @@ def allocation_probe(
 
 
 def _sketch_bytes(sketch) -> int:
-    """Bytes the gradient init's sketch held: its accumulators and its random A (0 without one)."""
+    """Bytes the gradient init's sketch held: its accumulators (its random A is drawn anew in each
+    hook, never kept; 0 without a sketch)."""
     if sketch is None:
         return 0
-    tensors = [*sketch.sums.values(), *sketch.a.values()]
-    return int(sum(t.numel() * t.element_size() for t in tensors))
+    return int(sum(t.numel() * t.element_size() for t in sketch.sums.values()))
 
 
 def _time_peer_init(net, batches, peer: str, avg_rank: float, targets: list[str], seed: int) -> float:

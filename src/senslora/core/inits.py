@@ -429,7 +429,7 @@ def _apply_gradient(peft_model, sketch: GradientSketch, step: float, record: dic
     missing = sorted(n for n in ranks if n not in sketch.sums or sketch.sums[n].shape[1] < ranks[n])
     if missing:
         raise SensloraError(f"the gradient sketch has no columns for {missing[0]} at rank {ranks[missing[0]]}")
-    factors = gradient_factors(sketch.mean(sketch.num_examples), sketch.a, ranks, scalings, step)
+    factors = gradient_factors(sketch.mean(sketch.num_examples), {n: sketch.a(n) for n in ranks}, ranks, scalings, step)
     with torch.no_grad():
         for name, (a, b) in factors.items():
             layer = _lora_layer(peft_model, name)

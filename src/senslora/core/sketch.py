@@ -59,20 +59,19 @@ class GradientSketch:
     def __init__(self, widths: dict[str, tuple[int, int, int]], seed: int, device: torch.device | str = "cpu"):
         self.seed = seed
         self.device = torch.device(device)
-        self.a = {name: draw_a(name, k, d_in, seed) for name, (_, d_in, k) in widths.items()}
+        self.widths = dict(widths)
         self.sums = {
             name: torch.zeros((d_out, k), dtype=torch.float32, device=self.device)
             for name, (d_out, _, k) in widths.items()
         }
-        self._a_on: dict[tuple[str, torch.device], torch.Tensor] = {}
         #: Examples summed so far (over every process, once the pass is over).
         self.num_examples = 0
 
-    def _a(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (name, device)
-        if key not in self._a_on:
-            self._a_on[key] = self.a[name].to(device)
-        return self._a_on[key]
+    def a(self, name: str) -> torch.Tensor:
+        """Matrix ``name``'s ``A`` (all ``k`` rows), drawn again from its seeded generator: the sketch
+        holds only its accumulators, so its memory is ``d_out x k`` per matrix, not ``A`` as well."""
+        _, d_in, k = self.widths[name]
+        return draw_a(name, k, d_in, self.seed)
 
     def add(self, name: str, x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add one call's ``g^T (x A^T)`` (= ``G A^T`` of this call's gradient) for matrix ``name``.
@@ -86,7 +85,7 @@ class GradientSketch:
         g = g.reshape(-1, g.shape[-1]).float()
         if x.shape[0] == 0:
             return
-        projected = x @ self._a(name, x.device).T  # (tokens, k)
+        projected = x @ self.a(name).to(x.device).T  # (tokens, k); A drawn anew, never kept
         total = self.sums[name]
         total += (g.T @ projected).to(total.device)
 
