@@ -101,20 +101,24 @@ def new_sketch(targets, rows: Mapping[str, int], seed: int, accumulate_on: str, 
     return GradientSketch(widths, seed, where)
 
 
-def config_ranks(model: nn.Module, config) -> dict[str, int]:
-    """The rank PEFT will give each target module of ``config`` (``rank_pattern`` keys match the
-    end of a module name, first match wins, as in PEFT; otherwise ``config.r``)."""
-    import re
-
+def _config_targets(model: nn.Module, config):
+    """The target matrices of a ``LoraConfig`` (its ``target_modules``: a regex or names)."""
     from .targets import find_targets
 
     targets = config.target_modules
-    spec = targets if isinstance(targets, str) else list(targets)
-    ranks = {}
-    for t in find_targets(model, spec):
-        key = next((k for k in config.rank_pattern or {} if re.match(rf"(.*\.)?(?:{k})$", t.name)), None)
-        ranks[t.name] = int(config.rank_pattern[key]) if key is not None else int(config.r)
-    return ranks
+    return find_targets(model, targets if isinstance(targets, str) else list(targets))
+
+
+def config_ranks(model: nn.Module, config) -> dict[str, int]:
+    """The rank PEFT will give each target module of ``config``: PEFT's own ``rank_pattern``
+    lookup (``get_pattern_key``), else ``config.r``."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.rank_pattern or {}
+    return {
+        t.name: int(pattern.get(get_pattern_key(pattern.keys(), t.name), config.r))
+        for t in _config_targets(model, config)
+    }
 
 
 # -------------------------------------------------------------------------------- PEFT wrapping
@@ -149,14 +153,17 @@ def _wrap(model: nn.Module, config, **kwargs):
         return get_peft_model(model, config, **kwargs)
 
 
-def _lora_layer(peft_model, name: str):
-    return peft_model.base_model.model.get_submodule(name)
+def set_factors(peft_model, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy ``(A, B)`` into the ``default`` adapter's ``lora_A`` / ``lora_B`` of each named module."""
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            layer = peft_model.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
 
 
 def _check_weights_present(model: nn.Module, config, init: str) -> None:
-    from .targets import find_targets
-
-    for t in find_targets(model, list(config.target_modules)):
+    for t in _config_targets(model, config):
         if t.module.weight.device.type == "meta":
             raise SensloraError(
                 f"--init {init} needs the weights of every target, and {t.name} is offloaded; "
@@ -430,10 +437,6 @@ def _apply_gradient(peft_model, sketch: GradientSketch, step: float, record: dic
     if missing:
         raise SensloraError(f"the gradient sketch has no columns for {missing[0]} at rank {ranks[missing[0]]}")
     factors = gradient_factors(sketch.mean(sketch.num_examples), {n: sketch.a(n) for n in ranks}, ranks, scalings, step)
-    with torch.no_grad():
-        for name, (a, b) in factors.items():
-            layer = _lora_layer(peft_model, name)
-            layer.lora_A["default"].weight.copy_(a)
-            layer.lora_B["default"].weight.copy_(b)
+    set_factors(peft_model, factors)
     record["init_step"] = step
     record["init_examples"] = sketch.num_examples

@@ -596,8 +596,6 @@ def allocate(
         sketch = gradient_sketch(model, batches, targets, rank_of, seed=config.seed, device=device, **run)
         sync_device(device)
         timings["init"], init_pass = time.perf_counter() - start, "extra"
-    if shared is not None:
-        shared.num_examples = int(sum(len(b["input_ids"]) for b in batches))
     timings["total"] = timings["estimation"] + timings["metrics"] + timings["allocation"] + timings.get("init", 0.0)
     if "forward" in timings and timings["forward"] > 0:
         timings["ratio_to_forward"] = timings["total"] / timings["forward"]
@@ -605,6 +603,8 @@ def allocate(
     by_score = _figure3(scores, config, recipe, names, budget)
     matrices = _matrices(targets, scores, theta, ranks, by_score, diagonals)
     alloc = _record(config, recipe, matrices, ranks, weights, budget, batches, timings, model_name)
+    if shared is not None:  # the Fisher pass saw every calibration example (summed over processes)
+        shared.num_examples = alloc.calibration["examples"]
     alloc.sketch, alloc.init_pass = sketch, init_pass
     note = concentration_warning(names, [m.params for m in matrices], budget.costs * config.avg_rank)
     if note is not None:

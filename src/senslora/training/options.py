@@ -88,11 +88,9 @@ def check_options(options: dict[str, Any], method: Any) -> None:
             f"method {method.name} has its own adapter initialisation; --init {init} applies to lora and "
             "senslora (and methods built on them) only"
         )
-    if init != "zero" and options.get("preset") == "paper":
-        raise SensloraError(
-            f"--preset paper is Sensitivity-LoRA as published, with PEFT's zero init; --init {init} "
-            "changes the method: use --preset robust (or no preset) with --init"
-        )
+    from ..core.inits import check_init
+
+    check_init(init, options.get("preset"))  # the same rule as AllocationConfig's
 
 
 def parse_option(item: str) -> tuple[str, Any]:

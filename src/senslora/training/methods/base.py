@@ -157,21 +157,13 @@ def initialise(method: Method, model: nn.Module, config: Any, init: str, ctx: Me
 
     from ...core.inits import MUTATES_BASE, init_peft_model, save_initial_adapter
 
-    with peft_wrapping():
-        peft_model = init_peft_model(
-            model,
-            config,
-            init,
-            batches=ctx.calibration_batches,
-            device=ctx.device,
-            seed=ctx.seed,
-            record=method.record,
-            **kwargs,
-        )
-        if init in MUTATES_BASE:
-            method._initial_tmp = tempfile.TemporaryDirectory(prefix="senslora-initial-")
-            method.initial_adapter = Path(method._initial_tmp.name) / "initial"
-            save_initial_adapter(peft_model, method.initial_adapter)
+    peft_model = init_peft_model(
+        model, config, init, batches=ctx.calibration_batches, device=ctx.device, seed=ctx.seed, record=method.record, **kwargs
+    )
+    if init in MUTATES_BASE:
+        method._initial_tmp = tempfile.TemporaryDirectory(prefix="senslora-initial-")
+        method.initial_adapter = Path(method._initial_tmp.name) / "initial"
+        save_initial_adapter(peft_model, method.initial_adapter)
     return peft_model
 
 

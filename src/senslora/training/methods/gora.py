@@ -27,13 +27,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from ...core.allocation import allocate_params
 from ...core.errors import SensloraError
 from ...core.estimators.base import _as_linear
-from ...core.inits import mean_gradients
+from ...core.inits import mean_gradients, set_factors
 from ...core.peft_bridge import peft_scalings, ranks_to_lora_config
 from ...core.sketch import draw_a, least_squares_b
 from ._shared import method_targets, uniform_rank
@@ -74,13 +73,11 @@ class GoRA(Method):
         config = ranks_to_lora_config({t.name: int(r) for t, r in zip(targets, ranks, strict=True)}, base)
         peft_model = wrap_peft(model, config)
         scalings = peft_scalings(peft_model)
-        with torch.no_grad():
-            for t, r in zip(targets, ranks, strict=True):
-                a = draw_a(t.name, int(r), t.shape[1], ctx.seed)
-                b = least_squares_b(grads[t.name] @ a.T, a) * (-gamma / (scalings[t.name] * rank))
-                layer = peft_model.base_model.model.get_submodule(t.name)
-                layer.lora_A["default"].weight.copy_(a)
-                layer.lora_B["default"].weight.copy_(b)
+        factors = {}
+        for t, r in zip(targets, ranks, strict=True):
+            a = draw_a(t.name, int(r), t.shape[1], ctx.seed)
+            factors[t.name] = (a, least_squares_b(grads[t.name] @ a.T, a) * (-gamma / (scalings[t.name] * rank)))
+        set_factors(peft_model, factors)
         self.record.update(
             gora_gamma=gamma,
             gora_seconds=time.perf_counter() - start,
