@@ -94,7 +94,9 @@ def allocation_probe(
         seed=seed,
         max_length=max_length,
         batch_size=batch_size,
-        estimator="fisher" if init in NEEDS_LABELS or any(p in NEEDS_LABELS for p in peers) else estimator,
+        estimator=estimator,
+        # the labels of whichever init (ours or a peer's) needs the task loss
+        init=next((i for i in (init, *peers) if i in NEEDS_LABELS), init),
     )
     dev = next(net.parameters()).device
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())

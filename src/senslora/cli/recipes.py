@@ -124,20 +124,16 @@ def parse_max_memory(text: str) -> dict:
 def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> list[dict]:
     """Seeded calibration sample from the --calib flags, tokenised into padded batches (labelled
     where the estimator or the --init needs the task loss)."""
-    from ..core.inits import NEEDS_LABELS
     from ..data.examples import calibration_batches
 
-    same = ("seed", "max_length", "batch_size", "text_column", "text_pair_column", "label_column")
+    same = ("seed", "max_length", "batch_size", "estimator", "text_column", "text_pair_column", "label_column")
     same += ("data_format",)
-    init = getattr(args, "init", "zero")
-    # The init's task loss needs labels as a gradient estimator's does: ask as fisher would.
-    estimator = "fisher" if init in NEEDS_LABELS else args.estimator
     return calibration_batches(
         args.calib,
         tokenizer,
         kind,
         samples=args.calib_samples,
-        estimator=estimator,
+        init=getattr(args, "init", "zero"),
         **{k: getattr(args, k) for k in same},
     )
 

@@ -485,11 +485,13 @@ def calibration_batches(
     text_pair_column: str | None = None,
     label_column: str | None = None,
     data_format: str = "auto",
+    init: str = "zero",
 ) -> list[dict[str, Any]]:
     """Seeded calibration sample of ``calib`` (``samples`` examples), tokenised into padded batches.
 
     For a classification or regression model, an estimator that needs the task loss (its
-    ``needs_labels``: all but ``activation``) needs every example labelled. The messages name the ``senslora allocate`` flags (``--max-length``, ``--label-column``,
+    ``needs_labels``: all but ``activation``), or an ``init`` that does (``gradient``, ``lora-ga``),
+    needs every example labelled. The messages name the ``senslora allocate`` flags (``--max-length``, ``--label-column``,
     ``--estimator``) that set these values.
     """
     if max_length < 8:
@@ -503,11 +505,17 @@ def calibration_batches(
     )
     examples = sample_examples(examples, samples, seed)
     from ..core.estimators import ESTIMATORS  # imports torch: not at module level
+    from ..core.inits import NEEDS_LABELS
 
-    needs_labels = estimator not in ESTIMATORS or ESTIMATORS[estimator].needs_labels
-    if kind in ("classification", "regression") and needs_labels:
+    if estimator not in ESTIMATORS or ESTIMATORS[estimator].needs_labels:
+        who, fix = f"estimator {estimator}", "use --estimator activation"
+    elif init in NEEDS_LABELS:
+        who, fix = f"--init {init}", "use another --init"
+    else:
+        who = None
+    if kind in ("classification", "regression") and who is not None:
         if any(e.label is None for e in examples):
             raise SensloraError(
-                f"estimator {estimator} needs labelled calibration data for a {kind} model; pass --label-column or use --estimator activation"
+                f"{who} needs labelled calibration data for a {kind} model; pass --label-column or {fix}"
             )
     return make_batches(examples, tokenizer, kind=kind, max_length=max_length, batch_size=batch_size)
