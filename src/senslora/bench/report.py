@@ -27,8 +27,10 @@ from .costs import (  # noqa: F401  (re-exported: the report's public names)
     targets_section,
 )
 from .forest import FOREST_PNG, POOLED, ForestGroup, ForestRow, forest_plot, pooled_rows
+from .budget import budget_section
+from .sweeps import sweep_section
 from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
-from .tables import _fmt, _label, _row_key, _table
+from .tables import _fmt, _label, _matches, _row_key, _table
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -198,10 +200,6 @@ def allocation_shape_section(ok: list[dict]) -> list[str]:
         *_table(header, rows),
         "",
     ]
-
-
-def _matches(run: dict, setting: dict) -> bool:
-    return all(run["_meta"]["grid"].get(k, run["_meta"]["params"].get(k)) == v for k, v in setting.items())
 
 
 def paired_diffs(ok: list[dict], baseline: dict, metric: str) -> dict[tuple, list[float]]:
@@ -708,9 +706,12 @@ def _report_lines(
     if groups:
         forest_plot(groups, plots / FOREST_PNG, baseline=baseline)
     lines += headline_section(by_exp, hidden=hidden, figure=f"plots/{FOREST_PNG}")
+    lines += sweep_section(runs)
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]
         lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)
+        if kind == "train":
+            lines += budget_section(name, [r for r in members if r["status"] == "ok"], plots)
         failed = [r for r in members if r["status"] != "ok"]
         if failed:
             lines += (

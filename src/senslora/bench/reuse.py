@@ -12,6 +12,7 @@ from typing import Any
 from ..core.cache import atomic_write_text
 from ..core.errors import SensloraError
 from .grid import BEST_OF, RESULT_NAME, STALE, Run, train_config
+from .sweeps import sweep_winner
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -49,8 +50,11 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
                 scores.setdefault(json.dumps(result["config"][key]), []).append(metric)
         if not scores:
             raise SensloraError(f"{key}: {value} needs finished runs of experiment {experiment!r} first")
-        best = max(scores, key=lambda v: (sum(scores[v]) / len(scores[v]), v))
-        resolved[key] = json.loads(best)
+        values = {k: json.loads(k) for k in scores}
+        if all(isinstance(v, (int, float)) for v in values.values()):  # ties go to the larger number
+            resolved[key] = sweep_winner({values[k]: s for k, s in scores.items()})
+        else:
+            resolved[key] = values[sweep_winner(scores)]
     return resolved
 
 

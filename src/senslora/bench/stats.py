@@ -58,3 +58,13 @@ def seeds_for_half_width(sd: float, half_width: float, *, at_least: int = 2) -> 
     while stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) > half_width:
         n += 1
     return n
+
+
+def one_sided_lower(diffs: list[float], *, level: float = 0.95) -> float:
+    """The one-sided ``level`` lower confidence bound of the mean of paired differences (SciPy's t
+    quantile); nan for fewer than two pairs. A non-inferiority test at margin M passes when it is > -M."""
+    from scipy import stats
+
+    if len(diffs) < 2:
+        return math.nan
+    return statistics.fmean(diffs) - stats.t.ppf(level, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))

@@ -19,6 +19,11 @@ def _row_key(run: dict, drop: tuple[str, ...] = ("seed",)) -> tuple:
     return tuple((k, json.dumps(v, sort_keys=True)) for k, v in run["_meta"]["grid"].items() if k not in drop)
 
 
+def _matches(run: dict, setting: dict) -> bool:
+    """Whether a run's grid point (or, for keys not in its grid, its params) holds ``setting``."""
+    return all(run["_meta"]["grid"].get(k, run["_meta"]["params"].get(k)) == v for k, v in setting.items())
+
+
 def _label(key: tuple) -> str:
     return ", ".join(f"{k}={json.loads(v)}" for k, v in key) or "(single setting)"
 

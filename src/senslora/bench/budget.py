@@ -1,0 +1,127 @@
+"""The budget curve in a benchmark report: quality against trainable adapter parameters per setting
+(one PNG per experiment, i.e. per task), and whether a setting at half the baseline's average rank
+is non-inferior to the baseline at the full rank (issue 27: margin 0.5 point, one-sided 95%).
+
+An experiment is a budget curve when its grid varies ``avg_rank`` over two or more values and names
+a ``baseline`` setting. Pairs are formed by seed and the other grid values, as in the paired
+tables; the statistics are :func:`senslora.bench.stats.one_sided_lower`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from ..data.guard import path_component
+from .stats import mean_std, one_sided_lower, paired_interval
+from .tables import _label, _matches, _row_key, _table
+
+RANK = "avg_rank"
+MARGIN_POINTS = 0.5  # the non-inferiority margin, in points of the primary metric
+PERCENT_METRICS = frozenset({"bleu", "mean(bleu,rouge1,rougeL)"})  # already in points (0-100)
+
+
+def margin_for(metric: str) -> float:
+    """0.5 point on the metric's own scale: 0.5 for a metric in percent, 0.005 for one in [0, 1]."""
+    return MARGIN_POINTS if metric in PERCENT_METRICS else MARGIN_POINTS / 100
+
+
+def is_budget_curve(ok: list[dict]) -> bool:
+    grids = [r["_meta"]["grid"] for r in ok]
+    return bool(ok) and bool(ok[0]["_meta"].get("baseline")) and len({g.get(RANK) for g in grids if RANK in g}) >= 2
+
+
+def curve_points(ok: list[dict], metric: str) -> dict[tuple, list[tuple[float, list[float]]]]:
+    """Setting (grid point without seed and rank) -> [(mean trainable params, per-seed metric)] by rank."""
+    by: dict[tuple, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in ok:
+        if isinstance(r["metrics"].get(metric), (int, float)):
+            by[_row_key(r, ("seed", RANK))][r["_meta"]["grid"][RANK]].append(r)
+    return {
+        key: [
+            (statistics.fmean(m["trainable_params"] for m in runs), [m["metrics"][metric] for m in runs])
+            for _, runs in sorted(ranks.items())
+        ]
+        for key, ranks in by.items()
+    }
+
+
+def half_budget_pairs(ok: list[dict], baseline: dict, metric: str) -> dict[tuple[tuple, int], list[float]]:
+    """(setting, baseline rank r) -> per-seed differences: the setting at rank r/2 minus the
+    baseline at rank r, same seed and other grid values."""
+    drop = ("seed", RANK, *baseline)
+    base = {
+        (_row_key(r, drop), r["seed"], r["_meta"]["grid"][RANK]): r["metrics"].get(metric)
+        for r in ok
+        if _matches(r, baseline)
+    }
+    diffs: dict[tuple[tuple, int], list[float]] = defaultdict(list)
+    for r in ok:
+        rank = r["_meta"]["grid"][RANK]
+        if _matches(r, baseline) or not isinstance(rank, int):
+            continue
+        b = base.get((_row_key(r, drop), r["seed"], 2 * rank))
+        if b is not None and r["metrics"].get(metric) is not None:
+            diffs[(_row_key(r, ("seed", RANK)), 2 * rank)].append(r["metrics"][metric] - b)
+    return diffs
+
+
+def budget_section(name: str, ok: list[dict], plots: Path) -> list[str]:
+    """The curve's PNG and the non-inferiority table of one budget experiment ([] when it is not one)."""
+    if not is_budget_curve(ok):
+        return []
+    baseline = ok[0]["_meta"]["baseline"]
+    metric = ok[0]["primary_metric"]
+    margin = margin_for(metric)
+    plot = path_component(f"{name}-budget", "plot", escape=True)
+    budget_plot(name, curve_points(ok, metric), metric, plots / f"{plot}.png")
+    base_label = ", ".join(f"{k}={v}" for k, v in baseline.items())
+    rows = []
+    for (key, rank), d in sorted(half_budget_pairs(ok, baseline, metric).items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        m, lo, hi = paired_interval(d)
+        lower = one_sided_lower(d)
+        verdict = "–" if math.isnan(lower) else ("**non-inferior**" if lower > -margin else "not shown")
+        rows.append(
+            [_label(key), f"{rank // 2} vs {rank}", str(len(d)), f"{m:+.4f}",
+             "–" if math.isnan(lower) else f"{lower:+.4f}", verdict]
+        )
+    lines = [f"Budget curve of `{name}`: {metric} against trainable adapter parameters, mean with its 95% "
+             "t-interval over seeds, per setting.", "", f"![{plot}](plots/{plot}.png)", ""]
+    if rows:
+        lines += [
+            f"Half the budget against {base_label} at the full budget (same seed): the difference in {metric}, "
+            f"its one-sided 95% lower bound, and **non-inferior** when that bound is above -{margin:g} "
+            f"(a {MARGIN_POINTS:g}-point margin).",
+            "",
+        ]
+        lines += _table(["setting", "rank (setting vs baseline)", "pairs", "mean diff", "lower 95%", "verdict"], rows)
+        lines += [""]
+    return lines
+
+
+def budget_plot(name: str, points: dict[tuple, list[tuple[float, list[float]]]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, series in points.items():
+        xs, ms, hw = [], [], []
+        for params, values in series:
+            m, _ = mean_std(values)
+            _, lo, hi = paired_interval(values)
+            xs.append(params)
+            ms.append(m)
+            hw.append(0.0 if math.isnan(lo) else (hi - lo) / 2)
+        ax.errorbar(xs, ms, yerr=hw, marker="o", capsize=3, label=_label(key))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("trainable adapter parameters")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{name}: {metric} by budget (mean, 95% interval)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

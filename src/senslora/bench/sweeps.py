@@ -1,0 +1,149 @@
+"""Validation sweeps in a benchmark report: each setting's score by learning rate, its winner, whether
+that winner sits inside the grid, and the default decision's table (issue 27's rule: the setting
+with the best mean validation score over the tasks, each task at the setting's own best rate).
+
+Pure functions of the loaded runs (:func:`senslora.bench.report.load_runs`); the winner rule is
+:func:`sweep_winner`, the same one ``best-of`` uses to resolve a rate in a later run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from .stats import mean_std
+from .tables import _table
+
+SWEPT = "lr"  # the grid key a validation sweep varies
+
+
+def sweep_winner(scores: dict[Any, list[float]]) -> Any:
+    """The value with the highest mean score; ties go to the larger value (the same rule everywhere
+    a sweep is read: ``best-of`` in a run, the sweep and decision tables in the report)."""
+    if not scores:
+        raise ValueError("a sweep with no scores has no winner")
+    return max(scores, key=lambda v: (statistics.fmean(scores[v]), v))
+
+
+def setting_key(run: dict) -> str:
+    """What a validation run compares, without its task, model, seed and rate: the method and its
+    options, e.g. ``"senslora, init=gradient"``."""
+    config = run.get("config") or {}
+    options = config.get("options") or {}
+    parts = [str(config.get("method", run.get("method", "?")))]
+    parts += [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in sorted(options.items())]
+    if config.get("avg_rank") is not None:
+        parts.append(f"rank {config['avg_rank']}")
+    return ", ".join(parts)
+
+
+def task_key(run: dict) -> str:
+    """The column a validation run belongs to: ``"movie-polarity (minilm)"``."""
+    config = run.get("config") or {}
+    return f"{config.get('task', run.get('task', '?'))} ({config.get('model', run.get('model', '?'))})"
+
+
+def validation_runs(runs: list[dict]) -> list[dict]:
+    """The ok training runs scored on a validation split that vary the swept key."""
+    return [
+        r
+        for r in runs
+        if r["status"] == "ok"
+        and r["_meta"]["kind"] == "train"
+        and r.get("split") == "validation"
+        and SWEPT in r["_meta"]["grid"]
+    ]
+
+
+def sweep_cells(runs: list[dict]) -> dict[tuple[str, str], dict[float, list[float]]]:
+    """(setting, task) -> rate -> the primary validation metric of each seed."""
+    cells: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        value = r["metrics"].get(r["primary_metric"])
+        if isinstance(value, (int, float)):
+            cells[(setting_key(r), task_key(r))][r["config"][SWEPT]].append(float(value))
+    return cells
+
+
+def winner_summary(by_rate: dict[float, list[float]]) -> dict[str, Any]:
+    """The winner of one sweep, its mean, its seeds, and where it sits in the grid."""
+    best = sweep_winner(by_rate)
+    rates = sorted(by_rate)
+    edge = "top" if best == rates[-1] else ("bottom" if best == rates[0] else "")
+    seeds = min(len(v) for v in by_rate.values())
+    return {"rate": best, "mean": statistics.fmean(by_rate[best]), "edge": edge, "seeds": seeds, "rates": len(rates)}
+
+
+def decision_rows(cells: dict[tuple[str, str], dict[float, list[float]]]) -> tuple[list[str], list[dict]]:
+    """Tasks, and one row per setting: its winner per task and the mean of the winners' scores over
+    the tasks it has (``complete`` only when it has all of them), best first."""
+    tasks = sorted({t for _, t in cells})
+    rows = []
+    for setting in sorted({s for s, _ in cells}):
+        per_task = {t: winner_summary(cells[(setting, t)]) for t in tasks if (setting, t) in cells}
+        rows.append(
+            {
+                "setting": setting,
+                "per_task": per_task,
+                "mean": statistics.fmean(w["mean"] for w in per_task.values()),
+                "complete": len(per_task) == len(tasks),
+            }
+        )
+    rows.sort(key=lambda row: (not row["complete"], -row["mean"], row["setting"]))
+    return tasks, rows
+
+
+def sweep_section(runs: list[dict]) -> list[str]:
+    """The report's validation-sweep tables: one per task (setting x rate), then the decision table."""
+    cells = sweep_cells(validation_runs(runs))
+    if not cells:
+        return []
+    lines = [
+        "## Validation sweeps",
+        "",
+        f"Primary validation metric by learning rate, mean ± sample std over seeds (n). The winner (**bold**) "
+        "has the highest mean, ties to the larger rate (the rule `best-of` uses); `edge` marks a winner at the "
+        "top or bottom of its grid, which needs the next rate before it decides anything.",
+        "",
+    ]
+    tasks, rows = decision_rows(cells)
+    for task in tasks:
+        settings = sorted(s for s, t in cells if t == task)
+        rates = sorted({rate for s in settings for rate in cells[(s, task)]})
+        body = []
+        for s in settings:
+            by_rate = cells[(s, task)]
+            win = winner_summary(by_rate)
+            row = [s]
+            for rate in rates:
+                if rate not in by_rate:
+                    row.append("–")
+                    continue
+                m, sd = mean_std(by_rate[rate])
+                cell = f"{m:.4f} ± {sd:.4f} ({len(by_rate[rate])})"
+                row.append(f"**{cell}**" if rate == win["rate"] else cell)
+            row.append(win["edge"] or "inside")
+            body.append(row)
+        lines += [f"### {task}", ""] + _table(["setting", *(f"lr {r:g}" for r in rates), "winner"], body) + [""]
+    body = []
+    for row in rows:
+        cells_ = []
+        for t in tasks:
+            w = row["per_task"].get(t)
+            cells_.append(
+                "–" if w is None else f"{w['mean']:.4f} @ {w['rate']:g} ({w['seeds']}x{w['rates']}{', ' + w['edge'] if w['edge'] else ''})"
+            )
+        body.append([row["setting"], *cells_, f"{row['mean']:.4f}" + ("" if row["complete"] else " (partial)")])
+    lines += [
+        "### Default decision table",
+        "",
+        "Each setting's best mean validation score per task (at its own best rate; seeds x rates, and `edge` "
+        "when the winner is at the grid's edge), and their mean over the tasks: the decision rule of "
+        "issue 27 ranks settings by that mean. A setting without every task is marked partial and ranked "
+        "after the complete ones.",
+        "",
+    ]
+    lines += _table(["setting", *tasks, "mean over tasks"], body) + [""]
+    return lines

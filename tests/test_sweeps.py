@@ -1,0 +1,88 @@
+"""Validation sweeps in the report: the winner rule, the edge flag, the decision table."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from senslora.bench.harness import resolve_params
+from senslora.bench.report import build_report
+from senslora.bench.sweeps import decision_rows, sweep_cells, sweep_winner, validation_runs, winner_summary
+
+
+def _val_run(out: Path, experiment: str, method: str, seed: int, lr: float, acc: float, *, model="minilm",
+             init=None, split="validation"):
+    folder = out / "runs" / experiment / f"seed={seed},lr={lr:g}"
+    folder.mkdir(parents=True)
+    options = {"init": init} if init else {}
+    result = {
+        "status": "ok", "method": method, "seed": seed, "primary_metric": "accuracy", "split": split,
+        "metrics": {"accuracy": acc}, "trainable_params": 10, "budget_params": 10,
+        "config": {"method": method, "model": model, "task": "movie-polarity", "lr": lr, "avg_rank": 4,
+                   "options": options},
+    }
+    (folder / "result.json").write_text(json.dumps(result))
+    grid = {"seed": seed, "lr": lr}
+    (folder / "bench.json").write_text(json.dumps({"experiment": experiment, "kind": "train", "grid": grid,
+                                                   "params": grid, "baseline": {}}))
+
+
+def test_winner_is_the_best_mean_and_ties_go_to_the_larger_value():
+    assert sweep_winner({0.001: [0.7, 0.9], 0.002: [0.8, 0.79]}) == 0.001
+    assert sweep_winner({0.001: [0.8], 0.002: [0.8]}) == 0.002
+    with pytest.raises(ValueError):
+        sweep_winner({})
+
+
+def test_winner_summary_flags_a_winner_at_either_edge():
+    assert winner_summary({1: [0.1], 2: [0.5], 4: [0.2]})["edge"] == ""
+    assert winner_summary({1: [0.1], 2: [0.2], 4: [0.5]})["edge"] == "top"
+    assert winner_summary({1: [0.6, 0.6], 2: [0.2], 4: [0.5]}) | {"mean": 0} == {
+        "rate": 1, "mean": 0, "edge": "bottom", "seeds": 1, "rates": 3}
+
+
+def test_best_of_and_the_report_pick_the_same_rate(tmp_path):
+    # equal means at 0.001 and 0.002: both choose the larger rate (a string comparison of the JSON
+    # values would rank "0.001" above "0.0005" but "0.01" below "0.002")
+    for seed, (a, b, c) in enumerate([(0.5, 0.7, 0.7), (0.5, 0.7, 0.7)]):
+        _val_run(tmp_path, "val", "lora", seed, 0.0005, a)
+        _val_run(tmp_path, "val", "lora", seed, 0.001, b)
+        _val_run(tmp_path, "val", "lora", seed, 0.002, c)
+    from senslora.bench.report import load_runs
+
+    cells = sweep_cells(validation_runs(load_runs(tmp_path)))
+    (by_rate,) = cells.values()
+    # resolve_params reads history or a validation split's metrics
+    assert resolve_params({"lr": "best-of:val"}, tmp_path)["lr"] == winner_summary(by_rate)["rate"] == 0.002
+
+
+def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its_own_rate(tmp_path):
+    # lora: best 0.80 on the encoder (at 0.002), 0.70 on the decoder (at 0.001) -> 0.75
+    # senslora+gradient: 0.78 (at 0.001) and 0.76 (at 0.0005) -> 0.77, ranked first although it
+    # loses on the encoder; gora only has the encoder: partial, ranked last despite its 0.9
+    for seed in (0, 1):
+        for lr, acc in ((0.001, 0.7), (0.002, 0.8)):
+            _val_run(tmp_path, "val-movie-lora", "lora", seed, lr, acc)
+        for lr, acc in ((0.001, 0.70), (0.002, 0.6)):
+            _val_run(tmp_path, "val-dec-lora", "lora", seed, lr, acc, model="smollm2")
+        for lr, acc in ((0.001, 0.78), (0.002, 0.7)):
+            _val_run(tmp_path, "val-movie-sg", "senslora", seed, lr, acc, init="gradient")
+        for lr, acc in ((0.0005, 0.76), (0.001, 0.7)):
+            _val_run(tmp_path, "val-dec-sg", "senslora", seed, lr, acc, model="smollm2", init="gradient")
+        _val_run(tmp_path, "val-movie-gora", "gora", seed, 0.001, 0.9)
+        # a test-split run never enters a sweep
+        _val_run(tmp_path, "test-lora", "lora", seed, 0.004, 0.99, split="test")
+    from senslora.bench.report import load_runs
+
+    tasks, rows = decision_rows(sweep_cells(validation_runs(load_runs(tmp_path))))
+    assert tasks == ["movie-polarity (minilm)", "movie-polarity (smollm2)"]
+    assert [r["setting"] for r in rows] == ["senslora, init=gradient, rank 4", "lora, rank 4", "gora, rank 4"]
+    assert [round(r["mean"], 4) for r in rows] == [0.77, 0.75, 0.9]
+    assert [r["complete"] for r in rows] == [True, True, False]
+    assert rows[0]["per_task"]["movie-polarity (smollm2)"]["rate"] == 0.0005
+    assert rows[0]["per_task"]["movie-polarity (smollm2)"]["edge"] == "bottom"
+
+    text = build_report(tmp_path).read_text()
+    section = text[text.index("## Validation sweeps"):text.index("## Experiment")]
+    assert "0.7700" in section and "0.7600 @ 0.0005 (2x2, bottom)" in section
+    assert "0.9000 (partial)" in section and "0.99" not in section
