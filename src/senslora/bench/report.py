@@ -17,6 +17,7 @@ from typing import Any
 from ..core.cache import atomic_dir, atomic_write_text
 from ..core.errors import SensloraError
 from ..data.guard import path_component
+from .budget import budget_section
 from .costs import (  # noqa: F401  (re-exported: the report's public names)
     TARGET_ALLOC_OVER_FORWARD,
     TARGET_MEMORY,
@@ -27,9 +28,8 @@ from .costs import (  # noqa: F401  (re-exported: the report's public names)
     targets_section,
 )
 from .forest import FOREST_PNG, POOLED, ForestGroup, ForestRow, forest_plot, pooled_rows
-from .budget import budget_section
-from .sweeps import sweep_section
 from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
+from .sweeps import sweep_section
 from .tables import _fmt, _label, _matches, _row_key, _table
 
 

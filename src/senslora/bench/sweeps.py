@@ -103,7 +103,7 @@ def sweep_section(runs: list[dict]) -> list[str]:
     lines = [
         "## Validation sweeps",
         "",
-        f"Primary validation metric by learning rate, mean ± sample std over seeds (n). The winner (**bold**) "
+        "Primary validation metric by learning rate, mean ± sample std over seeds (n). The winner (**bold**) "
         "has the highest mean, ties to the larger rate (the rule `best-of` uses); `edge` marks a winner at the "
         "top or bottom of its grid, which needs the next rate before it decides anything.",
         "",
