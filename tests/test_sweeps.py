@@ -86,3 +86,20 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
     section = text[text.index("## Validation sweeps"):text.index("## Experiment")]
     assert "0.7700" in section and "0.7600 @ 0.0005 (2x2, bottom)" in section
     assert "0.9000 (partial)" in section and "0.99" not in section
+
+
+def test_headline_names_the_sweep_each_setting_took_its_rate_from():
+    from senslora.bench.report import _setting_name, _tuned_note
+
+    def run(variant, lr):
+        grid = {"seed": 0, "task": "movie-polarity", "variant": variant}
+        return {"_meta": {"grid": grid, "params": {**variant, "lr": lr}}}
+
+    exps = [("main", [run({"method": "lora"}, "best-of:val-lora"),
+                      run({"method": "cka"}, "best-of:val-lora"),
+                      run({"method": "eva"}, 0.001)], [])]
+    (line, _) = _tuned_note(exps)
+    assert "cka: lr from `val-lora`; lora: lr from `val-lora`" in line and "eva" not in line
+    assert _tuned_note([("main", [run({"method": "eva"}, 0.001)], [])]) == []
+    assert _setting_name({"variant": {"method": "senslora", "options.init": "gradient",
+                                      "lr": "best-of:val-x"}}) == "senslora, init=gradient"

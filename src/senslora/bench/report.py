@@ -28,6 +28,7 @@ from .costs import (  # noqa: F401  (re-exported: the report's public names)
     targets_section,
 )
 from .forest import FOREST_PNG, POOLED, ForestGroup, ForestRow, forest_plot, pooled_rows
+from .grid import BEST_OF
 from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
 from .sweeps import sweep_section
 from .tables import _fmt, _label, _matches, _row_key, _table
@@ -263,7 +264,13 @@ def _setting_name(setting: dict) -> str:
     parts = []
     for k, v in setting.items():
         items = v.items() if isinstance(v, dict) else [(k, v)]
-        parts += [str(b) if a == "method" else f"{a.removeprefix('options.')}={b}" for a, b in items]
+        # a rate taken from a validation sweep ("best-of:EXPERIMENT") is every setting's own tuned
+        # rate: the page says so once instead of naming the sweep in every label
+        parts += [
+            str(b) if a == "method" else f"{a.removeprefix('options.')}={b}"
+            for a, b in items
+            if not (isinstance(b, str) and b.startswith(BEST_OF))
+        ]
     return ", ".join(parts) or "default"
 
 
@@ -457,6 +464,7 @@ def headline_section(
         if figure and groups
         else []
     )
+    figure_lines += _tuned_note(exps)
     if short:
         return [
             "## Headline",
@@ -483,6 +491,23 @@ def headline_section(
         *_warned_runs([r for _, ok, _ in exps for r in ok]),
         *cost,
     ]
+
+
+def _tuned_note(exps: list[tuple]) -> list[str]:
+    """One line naming, per setting, the validation sweeps its ``best-of`` values came from (so a
+    setting that borrowed another method's rate shows it)."""
+    sources: dict[str, set[str]] = defaultdict(set)
+    for _, ok, _ in exps:
+        for r in ok:
+            for key, value in r["_meta"]["params"].items():
+                if isinstance(value, str) and value.startswith(BEST_OF):
+                    sources[_setting_name(_setting_of(_row_key(r, ("seed", "task"))))].add(
+                        f"{key} from `{value[len(BEST_OF):]}`"
+                    )
+    if not sources:
+        return []
+    parts = [f"{name}: {', '.join(sorted(v))}" for name, v in sorted(sources.items())]
+    return [f"Values chosen on validation splits (`best-of`), by setting: {'; '.join(parts)}.", ""]
 
 
 def _headline_row(key: tuple, columns: list[tuple], repeated: set[str], verdicts: dict) -> list[str]:
