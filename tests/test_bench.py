@@ -18,6 +18,7 @@ from senslora.bench.report import (
 )
 from senslora.cli.main import main
 from senslora.core.errors import SensloraError
+from senslora.core.pipeline import package_versions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -486,6 +487,7 @@ def test_reuse_from_copies_a_run_with_the_identical_config_and_trains_the_rest(t
     pilot = _train_result("eva", 0, acc=0.7, val=0.6)
     pilot["config"] = TrainConfig(**params, lr=0.001).to_dict()
     del pilot["config"]["data_format"]  # recorded before the field existed: its default is what ran
+    pilot["versions"] = package_versions()  # made in this environment
     _fake_run(out, "pilot", "lr=0.001", {"lr": 0.001}, pilot)
     (out / "runs" / "pilot" / "lr=0.001" / "adapter.bin").write_text("weights")
     config = write(
@@ -608,3 +610,41 @@ def test_changed_runs_are_set_aside_before_any_run_starts(tmp_path, monkeypatch)
         (json.loads(spec)["params"]["seed"], (out / "runs" / "main" / "seed=1").exists())) or "not run")
     assert run_benchmark(config, out)["stale"] == 1
     assert seen == [(0, False), (1, False)]  # seed 1 was set aside before seed 0 started
+
+
+def test_runs_of_other_library_versions_are_neither_reused_nor_mixed_into_an_experiment(tmp_path, monkeypatch):
+    import senslora.bench.harness as harness
+    from senslora.training.config import TrainConfig
+
+    params = {"model": "minilm", "task": "movie-polarity", "method": "lora", "epochs": 1, "seed": 0}
+    out = tmp_path / "out"
+    old = _train_result("lora", 0, acc=0.7, val=0.6)
+    old["config"] = TrainConfig(**params, lr=0.001).to_dict()
+    old["versions"] = {**package_versions(), "transformers": "0.0.1"}
+    _fake_run(out, "pilot", "lr=0.001", {"lr": 0.001}, old)
+    trained = []
+    monkeypatch.setattr(harness, "_run_worker", lambda spec, timeout: trained.append(json.loads(spec)) or "not run")
+    main_only = write(tmp_path / "m.yaml", f"""
+experiments:
+  - name: pilot
+    grid: {{lr: [0.001]}}
+    params: {json.dumps(params)}
+  - name: main
+    grid: {{lr: [0.001]}}
+    params: {json.dumps(params)}
+    reuse_from: [pilot]
+""")
+    # the pilot is finished (nothing to add to it); main's run is not copied from another version
+    counts = run_benchmark(main_only, out)
+    assert counts["reused"] == 0 and [s["params"]["lr"] for s in trained] == [0.001]
+    # adding a run to the pilot itself would mix versions in one experiment: refused before any run
+    grown = write(tmp_path / "g.yaml", f"""
+experiments:
+  - name: pilot
+    grid: {{lr: [0.001, 0.002]}}
+    params: {json.dumps(params)}
+""")
+    trained.clear()
+    with pytest.raises(SensloraError, match=r"'pilot'.*transformers 0\.0\.1 \(here .*new --out"):
+        run_benchmark(grown, out)
+    assert trained == []

@@ -39,7 +39,10 @@ folder is copied and its ``bench.json`` records ``reused_from``. The report coun
 A finished ``train`` run whose recorded TrainConfig differs from the one it would get now (the
 config file changed, or a ``best-of`` sweep now picks another value) is not skipped: it is moved
 to ``runs/<experiment>/.stale/`` (out of the report's reach) and run again, so that one table
-never mixes two settings.
+never mixes two settings. Nor does it mix library versions: a run is copied only from one made on
+the same torch / transformers / peft / accelerate, and a benchmark that would add runs to an
+experiment whose finished runs recorded other versions stops before its first run
+(``scripts/constraints.txt`` pins the versions the committed runs used).
 
 Layout: :mod:`.grid` reads the config and expands it into runs, :mod:`.reuse` decides what a run
 takes from finished ones (``best-of``, ``reuse_from``, stale runs); this module runs them, one
@@ -76,7 +79,16 @@ from .grid import (
     load_config,
     train_config,
 )
-from .reuse import _config_change, _copy_run, _set_aside, resolve_params, reusable_run, write_json
+from .reuse import (
+    _config_change,
+    _copy_run,
+    _set_aside,
+    check_one_version,
+    library_versions,
+    resolve_params,
+    reusable_run,
+    write_json,
+)
 
 __all__ = [
     "BEST_OF", "CONFIG_KEYS", "EXPERIMENT_KEYS", "KINDS", "RESULT_NAME", "Run", "check_runs", "expand",
@@ -192,6 +204,7 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             shutil.rmtree(out, ignore_errors=True)
         raise
     print(grid_summary(runs, out), flush=True)
+    check_one_version({r.experiment for r in runs if status(r.folder(out)) != "ok"}, out, library_versions())
     counts = {"ok": 0, "failed": 0, "skipped": 0, "reused": 0, "stale": 0}
     # First set aside every finished run whose config has changed since, so that the folder never
     # holds runs of two settings side by side while the others run. A run whose best-of sweep has

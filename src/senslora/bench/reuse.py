@@ -106,13 +106,18 @@ def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
     if run.kind != "train" or not run.reuse_from:
         return None
     wanted = _config_record(params)
+    here = library_versions()
     for experiment in run.reuse_from:
         for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
             try:
                 result = json.loads(result_path.read_text())
             except (OSError, ValueError):
                 continue
-            if result.get("status") == "ok" and _same_config(result.get("config"), wanted):
+            if (
+                result.get("status") == "ok"
+                and _same_config(result.get("config"), wanted)
+                and library_versions(result.get("versions") or {}) == here
+            ):
                 return result_path.parent
     return None
 
@@ -139,3 +144,41 @@ def _copy_run(source: Path, folder: Path, meta: dict[str, Any]) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
+
+
+# The libraries whose version changes a run's numbers; python, senslora's own version and its git
+# revision are recorded too but do not decide (a commit that changes training semantics is handled
+# by the config record and by rerunning, see the harness docs).
+LIBRARIES = ("torch", "transformers", "peft", "accelerate")
+
+
+def library_versions(versions: dict[str, Any] | None = None) -> dict[str, str]:
+    """{library: version} of a result's ``versions`` record, or of this environment when None."""
+    if versions is None:
+        from ..core.pipeline import package_versions
+
+        versions = package_versions()
+    return {k: str(versions.get(k)) for k in LIBRARIES}
+
+
+def check_one_version(experiments: set[str], out: Path, current: dict[str, str]) -> None:
+    """Refuse to add runs to an experiment (``experiments``: those with runs still to do) whose
+    finished runs ran on other library versions: one experiment's table must not mix, e.g.,
+    transformers 5.24 and 5.25 (issue 27). Called before any run starts; the message names the
+    experiment, the versions, and the two ways out."""
+    for experiment in sorted(experiments):
+        for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
+            try:
+                result = json.loads(result_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if result.get("status") != "ok" or not result.get("versions"):
+                continue
+            before = library_versions(result["versions"])
+            if before != current:
+                diff = ", ".join(f"{k} {before[k]} (here {current[k]})" for k in LIBRARIES if before[k] != current[k])
+                raise SensloraError(
+                    f"experiment {experiment!r} in {out} holds runs made with {diff}; run the rest in an "
+                    "environment with those versions (scripts/setup.sh pins them) or write into a new --out"
+                )
+            break  # one ok run tells the experiment's versions: this check keeps them all equal
