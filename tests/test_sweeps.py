@@ -103,3 +103,26 @@ def test_headline_names_the_sweep_each_setting_took_its_rate_from():
     assert _tuned_note([("main", [run({"method": "eva"}, 0.001)], [])]) == []
     assert _setting_name({"variant": {"method": "senslora", "options.init": "gradient",
                                       "lr": "best-of:val-x"}}) == "senslora, init=gradient"
+
+
+def test_init_cost_targets_use_issue_26s_rule_not_the_papers():
+    from senslora.bench.costs import _init_cost_lines, _init_target_rows, targets_section
+
+    meta = {"_meta": {"experiment": "init-cost", "kind": "allocation-probe", "grid": {}}, "status": "ok",
+            "model": "m", "examples": 8, "params": {}}
+    shared = {**meta, "estimator": "fisher", "init": "gradient", "init_pass": "shared",
+              "ratio_to_forward_backward": 1.6, "sketch_over_adapter": 0.9, "allocation_s": 1.0, "forward_s": 0.2}
+    extra = {**meta, "estimator": "activation", "init": "gradient", "init_pass": "extra", "init_s": 0.5,
+             "allocation_s": 3.0, "forward_s": 1.0, "forward_backward_s": 2.0, "ratio_to_forward": 3.0,
+             "sketch_over_adapter": 1.6, "peer_init_s": {"eva": 6.0}, "allocation_over_peer_init": {"eva": 0.5}}
+    zero = {**meta, "estimator": "activation", "init": "zero", "allocation_s": 1.0, "forward_s": 1.0,
+            "ratio_to_forward": 1.0}
+    assert _init_target_rows(zero) == []
+    (fb, mem) = _init_target_rows(shared)
+    assert fb[1:] == ["1.60", "≤ 1.5", "**FAIL**"] and mem[-1] == "pass"
+    (passes, mem) = _init_target_rows(extra)
+    assert passes[1] == "0.75" and passes[-1] == "pass" and mem[-1] == "**FAIL**"  # 3 / (1 + 1.5 x 2)
+    text = "\n".join(targets_section([shared, extra, zero]))
+    # the paper's allocation / forward target is checked on the zero init only
+    assert text.count("allocation / forward (") == 1
+    assert "eva 6.00 s (0.50x)" in "\n".join(_init_cost_lines([extra, zero]))
