@@ -109,6 +109,16 @@ def assert_one_error_line(code: int, err: str, message: str) -> None:
     assert re.search(message, lines[0]), lines[0]
 
 
+def assert_model_refused(c: Ctx, model: Path, message: str, capsys) -> None:
+    """``allocate`` and ``train`` on ``model`` each end in one error line matching ``message`` and
+    leave every file under ``c.tmp`` as it was."""
+    for command in ("allocate", "train"):
+        before = tree(c.tmp)
+        code, _, err = run_cli([*base_args(command, c), "--model", model], capsys)
+        assert_one_error_line(code, err, message)
+        assert tree(c.tmp) == before
+
+
 # ------------------------------------------------------------------------------ bad input table
 @dataclass
 class Case:

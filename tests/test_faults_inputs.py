@@ -18,7 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_faults
-from test_faults import GOOD_YAML, Ctx, _senslora, _wait_for, assert_one_error_line, base_args, run_cli, tree
+from test_faults import (
+    GOOD_YAML,
+    Ctx,
+    _senslora,
+    _wait_for,
+    assert_model_refused,
+    assert_one_error_line,
+    base_args,
+    run_cli,
+    tree,
+)
 
 from senslora.core.errors import SensloraError
 from senslora.data.guard import lock_path, output_lock
@@ -230,12 +240,7 @@ def _damaged_model(c: Ctx, how: str) -> Path:
 )
 def test_a_damaged_model_folder_is_one_line(how, message, assets, tmp_path, capsys):
     c = Ctx(assets, tmp_path)
-    model = _damaged_model(c, how)
-    for command in ("allocate", "train"):
-        before = tree(tmp_path)
-        code, _, err = run_cli([*base_args(command, c), "--model", model], capsys)
-        assert_one_error_line(code, err, message)
-        assert tree(tmp_path) == before
+    assert_model_refused(c, _damaged_model(c, how), message, capsys)
 
 
 def test_device_map_naming_no_module(assets, tmp_path, capsys):
