@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..data.guard import path_component
-from .stats import mean_std, one_sided_lower, paired_interval
+from .stats import one_sided_lower, paired_interval
 from .tables import _label, _matches, _row_key, _table
 
 RANK = "avg_rank"
@@ -80,7 +80,7 @@ def budget_section(name: str, ok: list[dict], plots: Path) -> list[str]:
     base_label = ", ".join(f"{k}={v}" for k, v in baseline.items())
     rows = []
     for (key, rank), d in sorted(half_budget_pairs(ok, baseline, metric).items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        m, lo, hi = paired_interval(d)
+        m = statistics.fmean(d)
         lower = one_sided_lower(d)
         verdict = "–" if math.isnan(lower) else ("**non-inferior**" if lower > -margin else "not shown")
         rows.append(
@@ -111,8 +111,7 @@ def budget_plot(name: str, points: dict[tuple, list[tuple[float, list[float]]]],
     for key, series in points.items():
         xs, ms, hw = [], [], []
         for params, values in series:
-            m, _ = mean_std(values)
-            _, lo, hi = paired_interval(values)
+            m, lo, hi = paired_interval(values)  # the t-interval of the mean over seeds
             xs.append(params)
             ms.append(m)
             hw.append(0.0 if math.isnan(lo) else (hi - lo) / 2)

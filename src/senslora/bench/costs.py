@@ -114,7 +114,7 @@ def probe_section(name: str, runs: list[dict]) -> list[str]:
             [
                 r["model"],
                 r["estimator"],
-                str(r.get("init") or "zero"),
+                _init_of(r),
                 str(r.get("recipe") or "–"),
                 str(r["examples"]),
                 str(r["tokens"]),
@@ -174,13 +174,18 @@ def probe_section(name: str, runs: list[dict]) -> list[str]:
     return lines
 
 
+def _init_of(probe: dict) -> str:
+    """A probe's init; probes written before inits existed ran PEFT's zero init."""
+    return str(probe.get("init") or "zero")
+
+
 def _init_cost_lines(ok: list[dict]) -> list[str]:
     """Probes with a non-zero init: its time, whether it shared the estimator's pass, the sketch's
     memory against the adapter's, and allocation + init against each peer's initialisation (PEFT's
     EVA / LoRA-GA on the same calibration batches)."""
     rows = []
     for r in ok:
-        if (r.get("init") or "zero") == "zero":
+        if _init_of(r) == "zero":
             continue
         peers = r.get("allocation_over_peer_init") or {}
         rows.append(
@@ -229,14 +234,10 @@ def targets_section(runs: list[dict]) -> list[str]:
     """The paper's claims as ratios from one benchmark run, each with pass / fail."""
     rows = []
     for r in runs:
-        if r["status"] == "ok" and r["_meta"]["kind"] == "allocation-probe":
-            rows += _init_target_rows(r)
-        if (
-            r["status"] == "ok"
-            and r["_meta"]["kind"] == "allocation-probe"
-            and r["estimator"] == "activation"
-            and (r.get("init") or "zero") == "zero"  # the paper's target is its own allocation's
-        ):
+        if r["status"] != "ok" or r["_meta"]["kind"] != "allocation-probe":
+            continue
+        rows += _init_target_rows(r)
+        if r["estimator"] == "activation" and _init_of(r) == "zero":  # the paper's target: its own allocation
             v = _alloc_ratio(r)
             rows.append(
                 [
@@ -272,7 +273,7 @@ def targets_section(runs: list[dict]) -> list[str]:
 
 def _init_target_rows(r: dict) -> list[list[str]]:
     """Issue 26's cost targets for one probe with a non-zero init (none for a zero init)."""
-    if (r.get("init") or "zero") == "zero":
+    if _init_of(r) == "zero":
         return []
     where = f"{r['_meta']['experiment']}: {r['model']}, {r['estimator']} + {r['init']}"
     rows = []

@@ -307,6 +307,11 @@ def _setting_of(key: tuple) -> dict:
     return {k: json.loads(v) for k, v in key}
 
 
+def _run_setting_name(run: dict) -> str:
+    """The headline's name of a run's setting: its grid point without seed and task."""
+    return _setting_name(_setting_of(_row_key(run, ("seed", "task"))))
+
+
 def _method_of(setting: dict) -> str | None:
     inner = setting.get("variant") if isinstance(setting.get("variant"), dict) else setting
     return inner.get("method")
@@ -501,7 +506,7 @@ def _tuned_note(exps: list[tuple]) -> list[str]:
         for r in ok:
             for key, value in r["_meta"]["params"].items():
                 if isinstance(value, str) and value.startswith(BEST_OF):
-                    sources[_setting_name(_setting_of(_row_key(r, ("seed", "task"))))].add(
+                    sources[_run_setting_name(r)].add(
                         f"{key} from `{value[len(BEST_OF):]}`"
                     )
     if not sources:
@@ -557,8 +562,7 @@ def _warned_runs(ok: list[dict]) -> list[str]:
     warned: dict[str, list[str]] = defaultdict(list)
     for r in ok:
         if r.get("warnings"):
-            key = _setting_name(_setting_of(_row_key(r, ("seed", "task"))))
-            warned[f"{key} on {r['task']}"].append(str(r["seed"]))
+            warned[f"{_run_setting_name(r)} on {r['task']}"].append(str(r["seed"]))
     if not warned:
         return []
     cells = "; ".join(f"{k}: seed {', '.join(sorted(v, key=int))}" for k, v in sorted(warned.items()))

@@ -108,18 +108,21 @@ def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
     wanted = _config_record(params)
     here = library_versions()
     for experiment in run.reuse_from:
-        for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
-            try:
-                result = json.loads(result_path.read_text())
-            except (OSError, ValueError):
-                continue
-            if (
-                result.get("status") == "ok"
-                and _same_config(result.get("config"), wanted)
-                and library_versions(result.get("versions") or {}) == here
-            ):
-                return result_path.parent
+        for folder, result in _ok_results(out, experiment):
+            if _same_config(result.get("config"), wanted) and library_versions(result.get("versions") or {}) == here:
+                return folder
     return None
+
+
+def _ok_results(out: Path, experiment: str):
+    """(folder, result) of each readable ok run of ``experiment`` under ``out``, in folder order."""
+    for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and result.get("status") == "ok":
+            yield result_path.parent, result
 
 
 def _same_config(before: Any, now: dict[str, Any]) -> bool:
@@ -167,12 +170,8 @@ def check_one_version(experiments: set[str], out: Path, current: dict[str, str])
     transformers 5.24 and 5.25 (issue 27). Called before any run starts; the message names the
     experiment, the versions, and the two ways out."""
     for experiment in sorted(experiments):
-        for result_path in sorted((out / "runs" / experiment).glob(f"*/{RESULT_NAME}")):
-            try:
-                result = json.loads(result_path.read_text())
-            except (OSError, ValueError):
-                continue
-            if result.get("status") != "ok" or not result.get("versions"):
+        for _, result in _ok_results(out, experiment):
+            if not result.get("versions"):
                 continue
             before = library_versions(result["versions"])
             if before != current:

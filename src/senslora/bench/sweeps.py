@@ -109,13 +109,14 @@ def sweep_section(runs: list[dict]) -> list[str]:
         "",
     ]
     tasks, rows = decision_rows(cells)
+    winners = {(row["setting"], t): w for row in rows for t, w in row["per_task"].items()}
     for task in tasks:
         settings = sorted(s for s, t in cells if t == task)
         rates = sorted({rate for s in settings for rate in cells[(s, task)]})
         body = []
         for s in settings:
             by_rate = cells[(s, task)]
-            win = winner_summary(by_rate)
+            win = winners[(s, task)]
             row = [s]
             for rate in rates:
                 if rate not in by_rate:
