@@ -467,5 +467,21 @@ def test_bench_says_how_many_runs_and_how_long_before_starting(assets, tmp_path,
     (finished / "result.json").write_text(json.dumps({"status": "ok", "wall_time_s": 600.0}))
     code, out, err = run_cli(["bench", config, "--out", c.out, "--dry-run"], capsys)
     assert code == 0, err
-    assert "6 runs, 1 already done, 5 to run; the 1 finished runs took 10 min each (median), so about 50 min" in out
+    assert (
+        "6 runs, 1 already done, 5 to run; the 1 finished runs took 10 min each (median); by the "
+        "finished runs of the same experiment, else model, about 50 min for the rest" in out
+    )
     assert out.index("6 runs") < out.index("would run")  # said before the runs
+    # A second experiment on another model: its runs are estimated from runs of that model, not
+    # from the first experiment's (a decoder run takes several times an encoder run).
+    config = c.yaml(
+        "experiments:\n  - {name: e, kind: train, grid: {seed: [0, 1, 2], lr: [0.1, 0.2]}}\n"
+        "  - {name: d, kind: train, grid: {seed: [0, 1]}, params: {model: big}}\n"
+    )
+    other = c.out / "runs" / "old" / "seed=0"
+    other.mkdir(parents=True)
+    (other / "result.json").write_text(json.dumps({"status": "ok", "wall_time_s": 3600.0, "model": "big"}))
+    code, out, err = run_cli(["bench", config, "--out", c.out, "--dry-run"], capsys)
+    assert code == 0, err
+    assert "8 runs, 1 already done, 7 to run; the 2 finished runs took 35 min each (median)" in out
+    assert "about 2.8 h for the rest" in out  # 5 x 10 min + 2 x 60 min

@@ -287,30 +287,44 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def measured_seconds(out: Path) -> list[float]:
-    """The wall times of the finished train runs under ``out`` (their ``result.json``)."""
+def measured_seconds(out: Path) -> list[tuple[str, str | None, float]]:
+    """The finished train runs under ``out`` (their ``result.json``): ``(experiment, model, wall
+    time in seconds)`` each."""
     times = []
     for path in out.glob(f"runs/*/*/{RESULT_NAME}"):
         try:
-            seconds = json.loads(path.read_text()).get("wall_time_s")
+            result = json.loads(path.read_text())
+            seconds, model = result.get("wall_time_s"), result.get("model")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
-            times.append(float(seconds))
+            times.append((path.parent.parent.name, model if isinstance(model, str) else None, float(seconds)))
     return times
+
+
+def _expected_seconds(run: Run, times: list[tuple[str, str | None, float]]) -> float:
+    """A pending run's time: the median of the finished runs of its experiment, else of those of
+    its model (a decoder run takes several times an encoder run), else of all."""
+    for same in (lambda e, m: e == run.experiment, lambda e, m: m == run.params.get("model")):
+        pool = [s for e, m, s in times if same(e, m)]
+        if pool:
+            return statistics.median(pool)
+    return statistics.median(s for _, _, s in times)
 
 
 def grid_summary(runs: list[Run], out: Path) -> str:
     """Said before the first run: how many runs the grid has, how many are left, and how long the
-    finished runs under ``out`` suggest the rest takes (one run at a time)."""
-    pending = sum(status(run.folder(out)) != "ok" for run in runs)
-    line = f"{len(runs)} runs, {len(runs) - pending} already done, {pending} to run"
+    finished runs under ``out`` suggest the rest takes (one run at a time), each pending run
+    estimated from the finished runs of its experiment, else of its model, else of all."""
+    pending = [run for run in runs if status(run.folder(out)) != "ok"]
+    line = f"{len(runs)} runs, {len(runs) - len(pending)} already done, {len(pending)} to run"
     times = measured_seconds(out)
     if pending and times:
-        each = statistics.median(times)
+        rest = sum(_expected_seconds(run, times) for run in pending)
         line += (
-            f"; the {len(times)} finished runs took {_duration(each)} each (median), so about "
-            f"{_duration(each * pending)} for the rest"
+            f"; the {len(times)} finished runs took {_duration(statistics.median(s for _, _, s in times))} "
+            f"each (median); by the finished runs of the same experiment, else model, about "
+            f"{_duration(rest)} for the rest"
         )
     elif pending:
         line += " (no finished run to estimate the time from yet)"
