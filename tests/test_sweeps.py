@@ -7,7 +7,14 @@ import pytest
 
 from senslora.bench.harness import resolve_params
 from senslora.bench.report import build_report
-from senslora.bench.sweeps import decision_rows, sweep_cells, sweep_winner, validation_runs, winner_summary
+from senslora.bench.sweeps import (
+    decision_rows,
+    decision_verdict,
+    sweep_cells,
+    sweep_winner,
+    validation_runs,
+    winner_summary,
+)
 
 
 def _val_run(out: Path, experiment: str, method: str, seed: int, lr: float, acc: float, *, model="minilm",
@@ -86,6 +93,34 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
     section = text[text.index("## Validation sweeps"):text.index("## Experiment")]
     assert "0.7700" in section and "0.7600 @ 0.0005 (2x2, bottom)" in section
     assert "0.9000 (partial)" in section and "0.99" not in section
+    assert "The decision rule applied to this table: **Not decided yet**: 3 of 3 settings" in section
+
+
+def _row(setting, means, *, seeds=3, rates=4, edge=""):
+    per_task = {t: {"rate": 0.001, "mean": m, "edge": edge, "seeds": seeds, "rates": rates} for t, m in means.items()}
+    return {"setting": setting, "per_task": per_task, "mean": sum(means.values()) / len(means),
+            "complete": True}
+
+
+def test_the_verdict_applies_the_rule_only_once_every_sweep_can_decide():
+    tasks = ["enc", "dec"]
+    zero = _row("senslora, rank 4", {"enc": 0.77, "dec": 0.85})
+    grad = _row("senslora, init=gradient, rank 4", {"enc": 0.78, "dec": 0.86})
+    gora = _row("gora, rank 4", {"enc": 0.79, "dec": 0.87})
+    verdict = decision_verdict(tasks, [gora, grad, zero])
+    assert verdict.startswith("**By the rule, the default becomes `senslora, init=gradient, rank 4`**")
+    assert "against 0.8100 for zero init (+0.0100)" in verdict and "Ranked above it: gora, rank 4 (0.8300)" in verdict
+    # no senslora init beats zero init: zero init stays
+    assert decision_verdict(tasks, [zero, grad]).startswith("**By the rule, zero init stays**: `senslora, rank 4`")
+    assert decision_verdict(tasks, [zero, grad]).endswith("No setting ranks above it.")
+    # a winner at an edge, too few rates, a missing task: nothing is decided, and it says why
+    edge = _row("senslora, init=pissa, rank 4", {"enc": 0.7, "dec": 0.7}, edge="top")
+    thin = _row("lora, rank 4", {"enc": 0.7, "dec": 0.7}, seeds=2, rates=4)
+    half = {**_row("eva, rank 4", {"enc": 0.7}), "complete": False}
+    verdict = decision_verdict(tasks, [zero, grad, edge, thin, half])
+    assert verdict.startswith("**Not decided yet**: 3 of 5 settings cannot decide")
+    assert "enc winner at the top of the grid" in verdict and "enc has 2 seeds x 4 rates" in verdict
+    assert "eva, rank 4: no dec sweep" in verdict
 
 
 def test_headline_names_the_sweep_each_setting_took_its_rate_from():

@@ -95,6 +95,47 @@ def decision_rows(cells: dict[tuple[str, str], dict[float, list[float]]]) -> tup
     return tasks, rows
 
 
+MIN_SEEDS, MIN_RATES = 3, 4  # issue 27's least sweep: >= 3 seeds x >= 4 rates, winner inside
+OURS = "senslora"  # the method whose init the decision chooses (``--preset robust``'s)
+
+
+def _not_ready(row: dict, tasks: list[str]) -> list[str]:
+    """Why one setting's sweeps cannot decide yet (empty when they can)."""
+    why = [f"no {t} sweep" for t in tasks if t not in row["per_task"]]
+    for t, w in row["per_task"].items():
+        if w["seeds"] < MIN_SEEDS or w["rates"] < MIN_RATES:
+            why.append(f"{t} has {w['seeds']} seeds x {w['rates']} rates")
+        if w["edge"]:
+            why.append(f"{t} winner at the {w['edge']} of the grid")
+    return why
+
+
+def decision_verdict(tasks: list[str], rows: list[dict]) -> str:
+    """The rule applied to the decision table, in one paragraph: which senslora setting becomes the
+    default (zero init unless a senslora init has a higher mean), which settings rank above it,
+    or, until every setting has every task at >= 3 seeds x >= 4 rates with an interior winner,
+    why nothing is decided yet."""
+    pending = {row["setting"]: _not_ready(row, tasks) for row in rows}
+    pending = {k: v for k, v in pending.items() if v}
+    if pending:
+        shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(pending.items())[:4])
+        more = f"; and {len(pending) - 4} more" if len(pending) > 4 else ""
+        return f"**Not decided yet**: {len(pending)} of {len(rows)} settings cannot decide ({shown}{more})."
+    ours = [row for row in rows if row["setting"].split(",")[0] == OURS]
+    if not ours:
+        return f"**No decision**: no `{OURS}` setting in the sweeps."
+    best = ours[0]
+    # zero init: senslora with no option but its rank (the robust preset, as `--preset robust` runs it)
+    zero = next((row for row in ours if all(p.startswith("rank ") for p in row["setting"].split(", ")[1:])), None)
+    if best is zero:
+        text = f"**By the rule, zero init stays**: `{best['setting']}` has the best mean of the {OURS} settings ({best['mean']:.4f})"
+    else:
+        against = "" if zero is None else f" against {zero['mean']:.4f} for zero init ({best['mean'] - zero['mean']:+.4f})"
+        text = f"**By the rule, the default becomes `{best['setting']}`**: mean {best['mean']:.4f} over the tasks{against}"
+    above = [f"{row['setting']} ({row['mean']:.4f})" for row in rows[: rows.index(best)]]
+    return text + (". Ranked above it: " + ", ".join(above) + "." if above else ". No setting ranks above it.")
+
+
 def sweep_section(runs: list[dict]) -> list[str]:
     """The report's validation-sweep tables: one per task (setting x rate), then the decision table."""
     cells = sweep_cells(validation_runs(runs))
@@ -146,5 +187,6 @@ def sweep_section(runs: list[dict]) -> list[str]:
         "after the complete ones.",
         "",
     ]
-    lines += _table(["setting", *tasks, "mean over tasks"], body) + [""]
+    verdict = "The decision rule applied to this table: " + decision_verdict(tasks, rows)
+    lines += _table(["setting", *tasks, "mean over tasks"], body) + ["", verdict, ""]
     return lines
