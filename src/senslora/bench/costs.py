@@ -238,15 +238,9 @@ def targets_section(runs: list[dict]) -> list[str]:
             continue
         rows += _init_target_rows(r)
         if r["estimator"] == "activation" and _init_of(r) == "zero":  # the paper's target: its own allocation
-            v = _alloc_ratio(r)
-            rows.append(
-                [
-                    f"allocation / forward ({r['_meta']['experiment']}: {r['model']}, {r['examples']} examples, seed {r.get('params', {}).get('seed', 0)})",
-                    f"{v:.2f}",
-                    f"≤ {TARGET_ALLOC_OVER_FORWARD}",
-                    "pass" if v <= TARGET_ALLOC_OVER_FORWARD else "**FAIL**",
-                ]
-            )
+            seed = r.get("params", {}).get("seed", 0)
+            where = f"{r['_meta']['experiment']}: {r['model']}, {r['examples']} examples, seed {seed}"
+            rows.append(_target_row(f"allocation / forward ({where})", _alloc_ratio(r), TARGET_ALLOC_OVER_FORWARD))
     pairs = _method_pairs(runs)
     for num, den, what, target in [
         ("senslora", "lora", "step_time_median_s", TARGET_STEP_TIME),
@@ -259,8 +253,7 @@ def targets_section(runs: list[dict]) -> list[str]:
             label = (
                 f"{num} / {den} {'per-step time' if what.startswith('step') else 'peak memory'} ({setting})"
             )
-            verdict = "report" if target is None else ("pass" if ratio <= target else "**FAIL**")
-            rows.append([label, f"{ratio:.3f}", "–" if target is None else f"≤ {target}", verdict])
+            rows.append(_target_row(label, ratio, target, digits=3))
     rows += _selection_cost_rows(runs)
     if not rows:
         return []
@@ -271,6 +264,13 @@ def targets_section(runs: list[dict]) -> list[str]:
     )
 
 
+def _target_row(label: str, value: float, target: float | None, *, digits: int = 2) -> list[str]:
+    """One row of the targets table: pass / FAIL against ``value <= target``, or "report" without a target."""
+    if target is None:
+        return [label, f"{value:.{digits}f}", "–", "report"]
+    return [label, f"{value:.{digits}f}", f"≤ {target}", "pass" if value <= target else "**FAIL**"]
+
+
 def _init_target_rows(r: dict) -> list[list[str]]:
     """Issue 26's cost targets for one probe with a non-zero init (none for a zero init)."""
     if _init_of(r) == "zero":
@@ -278,17 +278,13 @@ def _init_target_rows(r: dict) -> list[list[str]]:
     where = f"{r['_meta']['experiment']}: {r['model']}, {r['estimator']} + {r['init']}"
     rows = []
     if r["estimator"] == "fisher" and r.get("ratio_to_forward_backward") is not None:
-        v = r["ratio_to_forward_backward"]
-        rows.append([f"allocation + init / (forward+backward) ({where})", f"{v:.2f}",
-                     f"≤ {TARGET_SHARED_OVER_FWD_BWD}", "pass" if v <= TARGET_SHARED_OVER_FWD_BWD else "**FAIL**"])
+        rows.append(_target_row(f"allocation + init / (forward+backward) ({where})",
+                                r["ratio_to_forward_backward"], TARGET_SHARED_OVER_FWD_BWD))
     elif r.get("forward_backward_s"):
         v = r["allocation_s"] / (r["forward_s"] + TARGET_EXTRA_PASS * r["forward_backward_s"])
-        rows.append([f"allocation + init / (forward + {TARGET_EXTRA_PASS} forward+backward) ({where})", f"{v:.2f}",
-                     "≤ 1", "pass" if v <= 1 else "**FAIL**"])
+        rows.append(_target_row(f"allocation + init / (forward + {TARGET_EXTRA_PASS} forward+backward) ({where})", v, 1))
     if r.get("sketch_over_adapter") is not None:
-        v = r["sketch_over_adapter"]
-        rows.append([f"sketch memory / adapter ({where})", f"{v:.2f}", f"≤ {TARGET_SKETCH_MEMORY}",
-                     "pass" if v <= TARGET_SKETCH_MEMORY else "**FAIL**"])
+        rows.append(_target_row(f"sketch memory / adapter ({where})", r["sketch_over_adapter"], TARGET_SKETCH_MEMORY))
     return rows
 
 

@@ -302,14 +302,20 @@ def measured_seconds(out: Path) -> list[tuple[str, str | None, float]]:
     return times
 
 
-def _expected_seconds(run: Run, times: list[tuple[str, str | None, float]]) -> float:
-    """A pending run's time: the median of the finished runs of its experiment, else of those of
-    its model (a decoder run takes several times an encoder run), else of all."""
-    for same in (lambda e, m: e == run.experiment, lambda e, m: m == run.params.get("model")):
-        pool = [s for e, m, s in times if same(e, m)]
-        if pool:
-            return statistics.median(pool)
-    return statistics.median(s for _, _, s in times)
+def _expected_seconds(pending: list[Run], times: list[tuple[str, str | None, float]]) -> float:
+    """The pending runs' total time: each run the median of the finished runs of its experiment,
+    else of those of its model (a decoder run takes several times an encoder run), else of all."""
+    by_experiment: dict[str, list[float]] = {}
+    by_model: dict[str | None, list[float]] = {}
+    for experiment, model, seconds in times:
+        by_experiment.setdefault(experiment, []).append(seconds)
+        by_model.setdefault(model, []).append(seconds)
+    overall = statistics.median(s for _, _, s in times)
+    total = 0.0
+    for run in pending:
+        pool = by_experiment.get(run.experiment) or by_model.get(run.params.get("model"))
+        total += statistics.median(pool) if pool else overall
+    return total
 
 
 def grid_summary(runs: list[Run], out: Path) -> str:
@@ -320,11 +326,10 @@ def grid_summary(runs: list[Run], out: Path) -> str:
     line = f"{len(runs)} runs, {len(runs) - len(pending)} already done, {len(pending)} to run"
     times = measured_seconds(out)
     if pending and times:
-        rest = sum(_expected_seconds(run, times) for run in pending)
         line += (
             f"; the {len(times)} finished runs took {_duration(statistics.median(s for _, _, s in times))} "
             f"each (median); by the finished runs of the same experiment, else model, about "
-            f"{_duration(rest)} for the rest"
+            f"{_duration(_expected_seconds(pending, times))} for the rest"
         )
     elif pending:
         line += " (no finished run to estimate the time from yet)"
