@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from senslora.bench.harness import expand, load_config, resolve_params, run_benc
 from senslora.bench.report import (
     build_report,
     detectable_effect,
+    environment_section,
     load_runs,
     paired_interval,
     rank_agreement,
@@ -200,6 +202,41 @@ def test_report_tables_paired_differences_and_targets(tmp_path):
     assert "| allocation / forward (cost: m, 8 examples, seed 0) | 1.10 | ≤ 1.25 | pass |" in text
     assert "senslora / lora per-step time (main: (single setting)) | 1.100 | ≤ 1.03 | **FAIL** |" in text
     assert (tmp_path / "plots" / "main.png").exists()
+
+
+def test_report_checks_the_paired_half_width_an_experiment_declares(tmp_path):
+    diffs = [0.02, -0.01, 0.04]
+    for seed, d in enumerate(diffs):
+        for method, acc in (("lora", 0.80), ("senslora", 0.80 + d)):
+            _fake_run(tmp_path, "main", f"method={method},seed={seed}", {"method": method, "seed": seed},
+                      _train_result(method, seed, acc, 0.5), {"method": "lora"})
+    assert "target_half_width" not in build_report(tmp_path).read_text()  # nothing declared, nothing said
+    _, lo, hi = paired_interval(diffs)
+    write(tmp_path / "benchmark.yaml", "experiments: [{name: main, target_half_width: 0.1}]")
+    text = build_report(tmp_path).read_text()
+    assert f"Target half-width (`target_half_width`) 0.1 accuracy: **met** by every setting; the widest is {(hi - lo) / 2:.4f} (method=senslora)." in text
+    write(tmp_path / "benchmark.yaml", "experiments: [{name: main, target_half_width: 0.015}]")
+    text = build_report(tmp_path).read_text()
+    pairs = seeds_for_half_width(statistics.stdev(diffs), 0.015)
+    assert pairs > 3
+    assert (f"Target half-width (`target_half_width`) 0.015 accuracy: **not met** by 1 of 1 settings "
+            f"(method=senslora: {(hi - lo) / 2:.4f}, about {pairs} pairs at its sd).") in text
+    for bad in ("0", "-0.01", "yes", "true"):
+        with pytest.raises(SensloraError, match="target_half_width.*positive number"):
+            load_config(write(tmp_path / "b.yaml", f"experiments: [{{name: a, target_half_width: {bad}}}]"))
+
+
+def test_environment_section_shows_every_version_set_the_runs_recorded():
+    same = {"torch": "2.13.0", "peft": "0.21.2"}
+    runs = [{"versions": {**same, "git": "a" * 40}}, {"versions": {**same, "git": "b" * 40}}, {}]
+    assert environment_section(runs) == [
+        "## Environment", "", "torch 2.13.0, peft 0.21.2 (all 2 runs).", "",
+        "Commits the runs were made from (runs): aaaaaaa (1), bbbbbbb (1).", ""]
+    runs.append({"versions": {**same, "peft": "0.22.0", "git": "a" * 40}})
+    text = "\n".join(environment_section(runs))
+    assert "different library versions" in text and "- 2 runs: torch 2.13.0, peft 0.21.2" in text
+    assert "- 1 run: torch 2.13.0, peft 0.22.0" in text and "aaaaaaa (2), bbbbbbb (1)" in text
+    assert environment_section([{}]) == []
 
 
 def test_report_marks_a_setting_whose_ranks_equal_the_baselines_as_no_evidence(tmp_path):

@@ -10,6 +10,7 @@ from senslora.bench.report import build_report
 from senslora.bench.sweeps import (
     decision_rows,
     decision_verdict,
+    setting_identities,
     sweep_cells,
     sweep_winner,
     validation_runs,
@@ -81,11 +82,13 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
         _val_run(tmp_path, "test-lora", "lora", seed, 0.004, 0.99, split="test")
     from senslora.bench.report import load_runs
 
-    tasks, rows = decision_rows(sweep_cells(validation_runs(load_runs(tmp_path))))
+    runs = validation_runs(load_runs(tmp_path))
+    tasks, rows = decision_rows(sweep_cells(runs), setting_identities(runs))
     assert tasks == ["movie-polarity (minilm)", "movie-polarity (smollm2)"]
     assert [r["setting"] for r in rows] == ["senslora, init=gradient, rank 4", "lora, rank 4", "gora, rank 4"]
     assert [round(r["mean"], 4) for r in rows] == [0.77, 0.75, 0.9]
     assert [r["complete"] for r in rows] == [True, True, False]
+    assert (rows[0]["method"], rows[0]["options"]) == ("senslora", {"init": "gradient"})
     assert rows[0]["per_task"]["movie-polarity (smollm2)"]["rate"] == 0.0005
     assert rows[0]["per_task"]["movie-polarity (smollm2)"]["edge"] == "bottom"
 
@@ -98,8 +101,9 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
 
 def _row(setting, means, *, seeds=3, rates=4, edge=""):
     per_task = {t: {"rate": 0.001, "mean": m, "edge": edge, "seeds": seeds, "rates": rates} for t, m in means.items()}
-    return {"setting": setting, "per_task": per_task, "mean": sum(means.values()) / len(means),
-            "complete": True}
+    method, *opts = setting.split(", ")[:-1]  # "senslora, init=gradient, rank 4" -> method, options
+    return {"setting": setting, "method": method, "options": dict(o.split("=") for o in opts),
+            "per_task": per_task, "mean": sum(means.values()) / len(means), "complete": True}
 
 
 def test_the_verdict_applies_the_rule_only_once_every_sweep_can_decide():
@@ -113,6 +117,9 @@ def test_the_verdict_applies_the_rule_only_once_every_sweep_can_decide():
     # no senslora init beats zero init: zero init stays
     assert decision_verdict(tasks, [zero, grad]).startswith("**By the rule, zero init stays**: `senslora, rank 4`")
     assert decision_verdict(tasks, [zero, grad]).endswith("No setting ranks above it.")
+    # the rule reads each row's method and options, not its printed name
+    renamed = {**zero, "setting": "robust preset"}
+    assert decision_verdict(tasks, [renamed, grad]).startswith("**By the rule, zero init stays**: `robust preset`")
     # a winner at an edge, too few rates, a missing task: nothing is decided, and it says why
     edge = _row("senslora, init=pissa, rank 4", {"enc": 0.7, "dec": 0.7}, edge="top")
     thin = _row("lora, rank 4", {"enc": 0.7, "dec": 0.7}, seeds=2, rates=4)

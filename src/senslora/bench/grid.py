@@ -17,7 +17,8 @@ from ..data.guard import check_input_file, path_component
 
 KINDS = ("train", "allocation-probe")
 CONFIG_KEYS = ("defaults", "experiments")
-EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against", "reuse_from", "headline")
+EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against", "reuse_from", "headline",
+                  "target_half_width")
 BEST_OF = "best-of:"  # a value taken from the winner of a validation sweep (reuse.resolve_params)
 RESULT_NAME = "result.json"
 STALE = ".stale"  # runs/<experiment>/.stale/<run id>: finished runs whose config has changed since
@@ -99,6 +100,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
             raise SensloraError(f"experiment name {exp['name']!r} appears twice in {p}")
         if not isinstance(exp.get("headline", True), bool):
             raise SensloraError(f"experiment {exp['name']!r}: `headline:` must be true or false")
+        target = exp.get("target_half_width")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0):
+            raise SensloraError(
+                f"experiment {exp['name']!r}: `target_half_width:` must be a positive number (e.g. 0.015), got {target!r}"
+            )
         reuse = exp.get("reuse_from") or []
         if not isinstance(reuse, list) or not all(isinstance(v, str) and v in names for v in reuse):
             raise SensloraError(

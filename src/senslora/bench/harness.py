@@ -16,6 +16,8 @@ Config format (see ``benchmarks/*.yaml``)::
         reuse_from: [pilot]                       # copy a finished run of these experiments whose
                                                   # resolved TrainConfig is identical, not rerun it
         headline: true                            # report: false leaves it out of the headline
+        target_half_width: 0.015                  # report: whether every paired 95% interval is
+                                                  # at most this wide (the seeds it was sized for)
 
 ``train`` runs are :func:`senslora.training.train.train` with :class:`~senslora.training.train.TrainConfig` fields
 (keys ``options.NAME`` go into ``TrainConfig.options``); ``allocation-probe`` runs are

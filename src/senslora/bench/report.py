@@ -10,7 +10,7 @@ import json
 import math
 import os
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,9 @@ def _add_generation_mean(result: dict) -> None:
         m[GENERATION_MEAN] = (m["bleu"] + 100 * m["rouge1"] + 100 * m["rougeL"]) / 3
 
 
-def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
-    """Mean ± std per grid point, and paired differences against the experiment's baseline."""
+def train_section(name: str, runs: list[dict], plots: Path, *, target_half_width: float | None = None) -> list[str]:
+    """Mean ± std per grid point, and paired differences against the experiment's baseline (each
+    checked against ``target_half_width`` when the experiment declares one)."""
     ok = [r for r in runs if r["status"] == "ok"]
     lines = [f"## Experiment `{name}` (training)", ""]
     if not ok:
@@ -112,7 +113,7 @@ def train_section(name: str, runs: list[dict], plots: Path) -> list[str]:
     against = [baseline, *(ok[0]["_meta"].get("also_against") or [])] if baseline else []
     for primary, members in by_primary.items():
         for setting in against:
-            lines += paired_section(members, setting, primary)
+            lines += paired_section(members, setting, primary, target_half_width=target_half_width)
         # a file name from names read from bench.json / result.json: one safe component
         plot_name = path_component(name if len(by_primary) == 1 else f"{name}-{primary}", "plot", escape=True)
         _bar_plot(
@@ -220,16 +221,19 @@ def paired_diffs(ok: list[dict], baseline: dict, metric: str) -> dict[tuple, lis
     return diffs
 
 
-def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
-    """Per seed, setting − baseline on the primary metric; mean, 95% interval and wins."""
+def paired_section(ok: list[dict], baseline: dict, primary: str, *, target_half_width: float | None = None) -> list[str]:
+    """Per seed, setting − baseline on the primary metric; mean, 95% interval and wins; with
+    ``target_half_width``, one sentence saying whether every interval is that narrow
+    (:func:`half_width_line`)."""
     diffs = paired_diffs(ok, baseline, primary)
     if not diffs:
         return []
     base_label = ", ".join(f"{k}={v}" for k, v in baseline.items())
     unchanged = {k for k, v in ranks_against_baseline(ok, baseline).items() if v == "no change in ranks"}
-    rows = []
+    rows, widths = [], {}
     for key, d in diffs.items():
         m, lo, hi = paired_interval(d)
+        widths[_label(key)] = ((hi - lo) / 2, d)
         wins = sum(x > 0 for x in d)
         sd = statistics.stdev(d) if len(d) > 1 else math.nan
         rows.append(
@@ -255,7 +259,25 @@ def paired_section(ok: list[dict], baseline: dict, primary: str) -> list[str]:
             "paired t-test, at the observed sd).",
             "",
         ]
+        + (half_width_line(widths, target_half_width, primary) if target_half_width else [])
     )
+
+
+def half_width_line(widths: dict[str, tuple[float, list[float]]], target: float, primary: str) -> list[str]:
+    """Whether every setting's 95% half-width (``widths``: label -> (half-width, differences)) is at
+    most ``target``; for those that are not, the pairs that would reach it at the observed sd."""
+    too_wide = {k: v for k, v in widths.items() if not v[0] <= target}  # nan (one pair) is too wide
+    widest = max(widths, key=lambda k: -1.0 if math.isnan(widths[k][0]) else widths[k][0])
+    if not too_wide:
+        return [f"Target half-width (`target_half_width`) {target:g} {primary}: **met** by every setting; "
+                f"the widest is {_fmt(widths[widest][0])} ({widest}).", ""]
+    needs = "; ".join(
+        f"{k}: {_fmt(h)}" + (f", about {seeds_for_half_width(statistics.stdev(d), target)} pairs at its sd"
+                             if len(d) > 1 else ", one pair")
+        for k, (h, d) in too_wide.items()
+    )
+    return [f"Target half-width (`target_half_width`) {target:g} {primary}: **not met** by "
+            f"{len(too_wide)} of {len(widths)} settings ({needs}).", ""]
 
 
 def _setting_name(setting: dict) -> str:
@@ -661,13 +683,15 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
     if readme is not None:
         _readme_block(Path(readme), out)  # refuse before writing anything
     runs = load_runs(out)
-    hidden = _hidden_from_headline(out)
+    declared = _declared_experiments(out)
+    hidden = frozenset(name for name, e in declared.items() if e.get("headline", True) is False)
+    targets = {name: e["target_half_width"] for name, e in declared.items() if e.get("target_half_width")}
     if not runs:
         raise SensloraError(f"{out}/runs holds no result.json; run `senslora bench CONFIG --out {out}` first")
     path = out / "RESULTS.md"
     # All or nothing: a failed write leaves the previous RESULTS.md and plots/ untouched.
     with atomic_dir(out / "plots") as plots:
-        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command, hidden)))
+        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command, hidden, targets)))
     if readme is not None:
         n_ok = sum(r["status"] == "ok" for r in runs)
         here = Path(readme).resolve().parent
@@ -681,15 +705,16 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
     return path
 
 
-def _hidden_from_headline(out: Path) -> frozenset[str]:
-    """Experiments that ``out/benchmark.yaml`` (the config of the last ``senslora bench`` into
-    ``out``) marks ``headline: false``, e.g. a run kept as the record of a superseded choice."""
+def _declared_experiments(out: Path) -> dict[str, dict]:
+    """The experiments of ``out/benchmark.yaml`` (the config of the last ``senslora bench`` into
+    ``out``) by name, for what they declare to the report: ``headline: false`` (e.g. a run kept as the
+    record of a superseded choice) and ``target_half_width``; {} without that file."""
     config = out / "benchmark.yaml"
     if not config.is_file():
-        return frozenset()
+        return {}
     from .grid import load_config
 
-    return frozenset(e["name"] for e in load_config(config)["experiments"] if e.get("headline", True) is False)
+    return {e["name"]: e for e in load_config(config)["experiments"]}
 
 
 def _by_experiment(runs: list[dict]) -> dict[str, list[dict]]:
@@ -712,7 +737,8 @@ def _projection(by_exp: dict[str, list[dict]]) -> list[str]:
 
 
 def _report_lines(
-    out: Path, runs: list[dict], plots: Path, command: str | None, hidden: frozenset[str]
+    out: Path, runs: list[dict], plots: Path, command: str | None, hidden: frozenset[str],
+    targets: dict[str, float],
 ) -> list[str]:
     n_ok = sum(r["status"] == "ok" for r in runs)
     n_reused = sum(bool(r["_meta"].get("reused_from")) for r in runs)
@@ -738,7 +764,8 @@ def _report_lines(
     lines += sweep_section(runs)
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]
-        lines += train_section(name, members, plots) if kind == "train" else probe_section(name, members)
+        lines += (train_section(name, members, plots, target_half_width=targets.get(name)) if kind == "train"
+                  else probe_section(name, members))
         if kind == "train":
             lines += budget_section(name, [r for r in members if r["status"] == "ok"], plots)
         failed = [r for r in members if r["status"] != "ok"]
@@ -747,7 +774,26 @@ def _report_lines(
                 ["Failed runs:", ""] + [f"- `{r['_dir'].name}`: {r.get('error', '?')}" for r in failed] + [""]
             )
     lines += _projection(by_exp)
-    versions = next((r.get("versions") for r in runs if r.get("versions")), {})
-    if versions:
-        lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
-    return lines
+    return lines + environment_section(runs)
+
+
+def environment_section(runs: list[dict]) -> list[str]:
+    """The library versions every run recorded, one line per distinct set with its run count (one
+    line when all agree, as within an experiment they must), and the commits the runs came from."""
+    sets: Counter = Counter()
+    commits: Counter = Counter()
+    for r in runs:
+        versions = dict(r.get("versions") or {})
+        commits[str(versions.pop("git", "unknown"))[:7]] += bool(versions)
+        if versions:
+            sets[tuple(versions.items())] += 1
+    if not sets:
+        return []
+    lines = ["## Environment", ""]
+    if len(sets) == 1:
+        lines += [", ".join(f"{k} {v}" for k, v in next(iter(sets))) + f" (all {sum(sets.values())} runs)."]
+    else:
+        lines += ["The runs recorded different library versions:", ""]
+        lines += [f"- {n} run{'s' * (n != 1)}: " + ", ".join(f"{k} {v}" for k, v in vs) for vs, n in sets.most_common()]
+    shown = ", ".join(f"{c} ({n})" for c, n in commits.most_common() if n)
+    return lines + ["", f"Commits the runs were made from (runs): {shown}.", ""]

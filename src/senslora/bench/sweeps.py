@@ -27,12 +27,20 @@ def sweep_winner(scores: dict[Any, list[float]]) -> Any:
     return max(scores, key=lambda v: (statistics.fmean(scores[v]), v))
 
 
+def setting_identity(run: dict) -> dict[str, Any]:
+    """What a validation run compares, as data: its method and its options (what the decision rule
+    reads; :func:`setting_key` is its printed name)."""
+    config = run.get("config") or {}
+    return {"method": str(config.get("method", run.get("method", "?"))), "options": dict(config.get("options") or {})}
+
+
 def setting_key(run: dict) -> str:
     """What a validation run compares, without its task, model, seed and rate: the method and its
     options, e.g. ``"senslora, init=gradient"``."""
     config = run.get("config") or {}
-    options = config.get("options") or {}
-    parts = [str(config.get("method", run.get("method", "?")))]
+    identity = setting_identity(run)
+    options = identity["options"]
+    parts = [identity["method"]]
     parts += [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in sorted(options.items())]
     if config.get("avg_rank") is not None:
         parts.append(f"rank {config['avg_rank']}")
@@ -76,9 +84,17 @@ def winner_summary(by_rate: dict[float, list[float]]) -> dict[str, Any]:
     return {"rate": best, "mean": statistics.fmean(by_rate[best]), "edge": edge, "seeds": seeds, "rates": len(rates)}
 
 
-def decision_rows(cells: dict[tuple[str, str], dict[float, list[float]]]) -> tuple[list[str], list[dict]]:
-    """Tasks, and one row per setting: its winner per task and the mean of the winners' scores over
-    the tasks it has (``complete`` only when it has all of them), best first."""
+def setting_identities(runs: list[dict]) -> dict[str, dict[str, Any]]:
+    """Each setting's printed name (:func:`setting_key`) -> its :func:`setting_identity`."""
+    return {setting_key(r): setting_identity(r) for r in runs}
+
+
+def decision_rows(
+    cells: dict[tuple[str, str], dict[float, list[float]]], identities: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[dict]]:
+    """Tasks, and one row per setting: its method and options (``identities``, from
+    :func:`setting_identities`), its winner per task and the mean of the winners' scores over the
+    tasks it has (``complete`` only when it has all of them), best first."""
     tasks = sorted({t for _, t in cells})
     rows = []
     for setting in sorted({s for s, _ in cells}):
@@ -86,6 +102,7 @@ def decision_rows(cells: dict[tuple[str, str], dict[float, list[float]]]) -> tup
         rows.append(
             {
                 "setting": setting,
+                **identities[setting],
                 "per_task": per_task,
                 "mean": statistics.fmean(w["mean"] for w in per_task.values()),
                 "complete": len(per_task) == len(tasks),
@@ -121,12 +138,12 @@ def decision_verdict(tasks: list[str], rows: list[dict]) -> str:
         shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(pending.items())[:4])
         more = f"; and {len(pending) - 4} more" if len(pending) > 4 else ""
         return f"**Not decided yet**: {len(pending)} of {len(rows)} settings cannot decide ({shown}{more})."
-    ours = [row for row in rows if row["setting"].split(",")[0] == OURS]
+    ours = [row for row in rows if row["method"] == OURS]
     if not ours:
         return f"**No decision**: no `{OURS}` setting in the sweeps."
     best = ours[0]
-    # zero init: senslora with no option but its rank (the robust preset, as `--preset robust` runs it)
-    zero = next((row for row in ours if all(p.startswith("rank ") for p in row["setting"].split(", ")[1:])), None)
+    # zero init: senslora with no option (the robust preset, as `--preset robust` runs it)
+    zero = next((row for row in ours if not row["options"]), None)
     if best is zero:
         text = f"**By the rule, zero init stays**: `{best['setting']}` has the best mean of the {OURS} settings ({best['mean']:.4f})"
     else:
@@ -138,7 +155,8 @@ def decision_verdict(tasks: list[str], rows: list[dict]) -> str:
 
 def sweep_section(runs: list[dict]) -> list[str]:
     """The report's validation-sweep tables: one per task (setting x rate), then the decision table."""
-    cells = sweep_cells(validation_runs(runs))
+    chosen = validation_runs(runs)
+    cells = sweep_cells(chosen)
     if not cells:
         return []
     lines = [
@@ -149,7 +167,7 @@ def sweep_section(runs: list[dict]) -> list[str]:
         "top or bottom of its grid, which needs the next rate before it decides anything.",
         "",
     ]
-    tasks, rows = decision_rows(cells)
+    tasks, rows = decision_rows(cells, setting_identities(chosen))
     winners = {(row["setting"], t): w for row in rows for t, w in row["per_task"].items()}
     for task in tasks:
         settings = sorted(s for s, t in cells if t == task)
