@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from senslora.bench.harness import expand, load_config, resolve_params, run_benchmark
+from senslora.bench.harness import check_runs, expand, load_config, resolve_params, run_benchmark
 from senslora.bench.report import (
     build_report,
     detectable_effect,
@@ -115,6 +115,25 @@ def test_best_of_picks_the_validation_winner_not_the_test_winner(tmp_path):
     assert resolve_params({"lr": "best-of:sweep", "x": 1}, tmp_path) == {"lr": 0.002, "x": 1}
     with pytest.raises(SensloraError, match="needs finished runs"):
         resolve_params({"lr": "best-of:missing"}, tmp_path)
+
+
+def test_best_of_fills_placeholders_from_the_runs_own_parameters(tmp_path):
+    """Each budget of a grid over avg_rank takes the rate its own sweep chose."""
+    for rank, winner in ((1, 0.004), (8, 0.001)):
+        for lr in (0.001, 0.004):
+            _fake_run(tmp_path, f"val-r{rank}", f"lr={lr}", {"lr": lr},
+                      _train_result("lora", 0, acc=0.5, val=0.9 if lr == winner else 0.6, lr=lr))
+    for rank, winner in ((1, 0.004), (8, 0.001)):
+        assert resolve_params({"lr": "best-of:val-r{avg_rank}", "avg_rank": rank}, tmp_path)["lr"] == winner
+    with pytest.raises(SensloraError, match="placeholder {avg_rank} names no plain parameter"):
+        resolve_params({"lr": "best-of:val-r{avg_rank}"}, tmp_path)
+    # the whole config is checked before any run: a sweep a placeholder names must come earlier
+    text = ("experiments:\n"
+            "  - {name: val-r1, grid: {lr: [0.001]}, params: {avg_rank: 1}}\n"
+            "  - {name: curve, grid: {avg_rank: [1, 2]}, params: {lr: 'best-of:val-r{avg_rank}'}}\n")
+    cfg = load_config(write(tmp_path / "b.yaml", text))
+    with pytest.raises(SensloraError, match=r"run curve/avg_rank=2: lr: best-of:val-r\{avg_rank\} names no experiment"):
+        check_runs(cfg, expand(cfg))
 
 
 def test_paired_interval_matches_the_t_formula():

@@ -20,6 +20,7 @@ CONFIG_KEYS = ("defaults", "experiments")
 EXPERIMENT_KEYS = ("name", "kind", "grid", "params", "per_method", "baseline", "also_against", "reuse_from", "headline",
                   "target_half_width")
 BEST_OF = "best-of:"  # a value taken from the winner of a validation sweep (reuse.resolve_params)
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 RESULT_NAME = "result.json"
 STALE = ".stale"  # runs/<experiment>/.stale/<run id>: finished runs whose config has changed since
 
@@ -56,6 +57,23 @@ def _short(value: Any) -> str:
     if isinstance(value, list):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
+
+
+def best_of_source(value: str, params: dict[str, Any]) -> str:
+    """The experiment a ``"best-of:EXPERIMENT"`` value names, its ``{KEY}`` placeholders filled from
+    the run's own parameters: ``best-of:val-r{avg_rank}`` in a run with ``avg_rank: 2`` names
+    ``val-r2``, so one grid can take each budget's rate from that budget's own sweep."""
+
+    def fill(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in params or isinstance(params[key], (dict, list)):
+            raise SensloraError(
+                f"{value}: the placeholder {{{key}}} names no plain parameter of this run; "
+                "use a key the run sets (e.g. {avg_rank})"
+            )
+        return _short(params[key])
+
+    return _PLACEHOLDER.sub(fill, value[len(BEST_OF) :])
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -151,7 +169,10 @@ def check_runs(cfg: dict[str, Any], runs: list[Run]) -> None:
         params = {}
         for key, value in run.params.items():
             if isinstance(value, str) and value.startswith(BEST_OF):
-                source = value[len(BEST_OF) :]
+                try:
+                    source = best_of_source(value, run.params)
+                except SensloraError as exc:
+                    raise SensloraError(f"{where}: {key}: {exc}") from None
                 if source not in order or order.index(source) >= order.index(run.experiment):
                     raise SensloraError(
                         f"{where}: {key}: {value} names no experiment before {run.experiment!r}; "

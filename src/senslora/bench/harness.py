@@ -31,7 +31,9 @@ and every run's TrainConfig (or probe keywords) built and validated as its worke
 ``--dry-run`` fails exactly when a real run would fail on its config.
 
 A value ``"best-of:EXPERIMENT"`` is replaced, just before the run starts, by the value of that
-parameter that maximised the validation metric in EXPERIMENT (e.g. a learning-rate sweep).
+parameter that maximised the validation metric in EXPERIMENT (e.g. a learning-rate sweep);
+``{KEY}`` in EXPERIMENT is filled from the run's own parameters (``"best-of:val-r{avg_rank}"``: each
+budget of a grid over ``avg_rank`` takes the rate of its own sweep).
 
 ``reuse_from`` lists earlier experiments of the same config. A ``train`` run whose resolved
 :class:`~senslora.training.config.TrainConfig` (after ``best-of``) equals that of an ok run of one

@@ -28,7 +28,7 @@ from .costs import (  # noqa: F401  (re-exported: the report's public names)
     targets_section,
 )
 from .forest import FOREST_PNG, POOLED, ForestGroup, ForestRow, forest_plot, pooled_rows
-from .grid import BEST_OF
+from .grid import BEST_OF, best_of_source
 from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
 from .sweeps import sweep_section
 from .tables import _fmt, _label, _matches, _row_key, _table
@@ -528,9 +528,7 @@ def _tuned_note(exps: list[tuple]) -> list[str]:
         for r in ok:
             for key, value in r["_meta"]["params"].items():
                 if isinstance(value, str) and value.startswith(BEST_OF):
-                    sources[_run_setting_name(r)].add(
-                        f"{key} from `{value[len(BEST_OF):]}`"
-                    )
+                    sources[_run_setting_name(r)].add(f"{key} from `{best_of_source(value, r['_meta']['params'])}`")
     if not sources:
         return []
     parts = [f"{name}: {', '.join(sorted(v))}" for name, v in sorted(sources.items())]

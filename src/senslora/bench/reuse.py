@@ -11,7 +11,7 @@ from typing import Any
 
 from ..core.cache import atomic_write_text
 from ..core.errors import SensloraError
-from .grid import BEST_OF, RESULT_NAME, STALE, Run, train_config
+from .grid import BEST_OF, RESULT_NAME, STALE, Run, best_of_source, train_config
 from .sweeps import sweep_winner
 
 
@@ -20,7 +20,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Replace ``KEY: "best-of:EXPERIMENT"`` by the KEY value that won EXPERIMENT on validation.
+    """Replace ``KEY: "best-of:EXPERIMENT"`` by the KEY value that won EXPERIMENT on validation
+    (EXPERIMENT's ``{KEY}`` placeholders filled from ``params``: :func:`~senslora.bench.grid.best_of_source`).
 
     The winner maximises the mean over seeds of the final-epoch *validation* value of the runs'
     primary metric (the test split is never used to choose), so e.g. the learning rate of the
@@ -30,7 +31,7 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
     for key, value in params.items():
         if not (isinstance(value, str) and value.startswith(BEST_OF)):
             continue
-        experiment = value[len(BEST_OF) :]
+        experiment = best_of_source(value, params)
         scores: dict[str, list[float]] = {}
         for result_path in sorted((out / "runs" / experiment).glob("*/result.json")):
             result = json.loads(result_path.read_text())
