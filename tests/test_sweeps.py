@@ -19,14 +19,14 @@ from senslora.bench.sweeps import (
 
 
 def _val_run(out: Path, experiment: str, method: str, seed: int, lr: float, acc: float, *, model="minilm",
-             init=None, split="validation"):
+             init=None, split="validation", rank=4):
     folder = out / "runs" / experiment / f"seed={seed},lr={lr:g}"
     folder.mkdir(parents=True)
     options = {"init": init} if init else {}
     result = {
         "status": "ok", "method": method, "seed": seed, "primary_metric": "accuracy", "split": split,
         "metrics": {"accuracy": acc}, "trainable_params": 10, "budget_params": 10,
-        "config": {"method": method, "model": model, "task": "movie-polarity", "lr": lr, "avg_rank": 4,
+        "config": {"method": method, "model": model, "task": "movie-polarity", "lr": lr, "avg_rank": rank,
                    "options": options},
     }
     (folder / "result.json").write_text(json.dumps(result))
@@ -80,14 +80,17 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
         _val_run(tmp_path, "val-movie-gora", "gora", seed, 0.001, 0.9)
         # a test-split run never enters a sweep
         _val_run(tmp_path, "test-lora", "lora", seed, 0.004, 0.99, split="test")
+        # a budget curve's sweep at rank 1: in the sweep tables, not in the decision
+        _val_run(tmp_path, "val-budget-r1-lora", "lora", seed, 0.004, 0.95, rank=1)
     from senslora.bench.report import load_runs
 
     runs = validation_runs(load_runs(tmp_path))
     tasks, rows = decision_rows(sweep_cells(runs), setting_identities(runs))
     assert tasks == ["movie-polarity (minilm)", "movie-polarity (smollm2)"]
-    assert [r["setting"] for r in rows] == ["senslora, init=gradient, rank 4", "lora, rank 4", "gora, rank 4"]
-    assert [round(r["mean"], 4) for r in rows] == [0.77, 0.75, 0.9]
-    assert [r["complete"] for r in rows] == [True, True, False]
+    assert [r["setting"] for r in rows] == ["senslora, init=gradient, rank 4", "lora, rank 4", "lora, rank 1",
+                                            "gora, rank 4"]
+    assert [round(r["mean"], 4) for r in rows] == [0.77, 0.75, 0.95, 0.9]
+    assert [r["complete"] for r in rows] == [True, True, False, False]
     assert (rows[0]["method"], rows[0]["options"]) == ("senslora", {"init": "gradient"})
     assert rows[0]["per_task"]["movie-polarity (smollm2)"]["rate"] == 0.0005
     assert rows[0]["per_task"]["movie-polarity (smollm2)"]["edge"] == "bottom"
@@ -97,6 +100,9 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
     assert "0.7700" in section and "0.7600 @ 0.0005 (2x2, bottom)" in section
     assert "0.9000 (partial)" in section and "0.99" not in section
     assert "The decision rule applied to this table: **Not decided yet**: 3 of 3 settings" in section
+    assert "| lora, rank 1 | – | – | **0.9500 ± 0.0000 (2)** | top |" in section  # in its sweep table
+    assert "Sweeps at other budgets (lora, rank 1) choose rates for those budgets only" in section
+    assert "| lora, rank 1 | 0.9500" not in section  # not in the decision table
 
 
 def _row(setting, means, *, seeds=3, rates=4, edge=""):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from .stats import mean_std
@@ -31,7 +31,11 @@ def setting_identity(run: dict) -> dict[str, Any]:
     """What a validation run compares, as data: its method and its options (what the decision rule
     reads; :func:`setting_key` is its printed name)."""
     config = run.get("config") or {}
-    return {"method": str(config.get("method", run.get("method", "?"))), "options": dict(config.get("options") or {})}
+    return {
+        "method": str(config.get("method", run.get("method", "?"))),
+        "options": dict(config.get("options") or {}),
+        "rank": config.get("avg_rank"),
+    }
 
 
 def setting_key(run: dict) -> str:
@@ -187,6 +191,8 @@ def sweep_section(runs: list[dict]) -> list[str]:
             row.append(win["edge"] or "inside")
             body.append(row)
         lines += [f"### {task}", ""] + _table(["setting", *(f"lr {r:g}" for r in rates), "winner"], body) + [""]
+    rows, others = decision_budget(rows)
+    tasks = [t for t in tasks if any(t in row["per_task"] for row in rows)]
     body = []
     for row in rows:
         cells_ = []
@@ -207,4 +213,15 @@ def sweep_section(runs: list[dict]) -> list[str]:
     ]
     verdict = "The decision rule applied to this table: " + decision_verdict(tasks, rows)
     lines += _table(["setting", *tasks, "mean over tasks"], body) + ["", verdict, ""]
+    if others:
+        lines += [f"Sweeps at other budgets ({', '.join(others)}) choose rates for those budgets only (a budget "
+                  "curve's `best-of`); they are in the tables above and take no part in the decision.", ""]
     return lines
+
+
+def decision_budget(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The decision compares settings at one budget: the rank most settings were swept at (ties to
+    the larger). Returns those rows and the names of the other settings (swept at other ranks)."""
+    counts = Counter(row["rank"] for row in rows)
+    main = max(counts, key=lambda r: (counts[r], -1 if r is None else r))
+    return [row for row in rows if row["rank"] == main], [row["setting"] for row in rows if row["rank"] != main]
