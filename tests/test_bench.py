@@ -367,6 +367,59 @@ def _headline_runs(out: Path) -> None:
                 (folder / "bench.json").write_text(json.dumps(meta))
 
 
+def _write_run(folder: Path, result: dict, meta: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"status": "ok", **result}))
+    (folder / "bench.json").write_text(json.dumps(meta))
+
+
+def test_the_readme_speaks_for_the_default_the_validation_sweeps_decided(tmp_path):
+    settings = {"lora": ("lora", {}), "sens": ("senslora", {}), "sg": ("senslora", {"init": "gradient"})}
+    for seed in range(3):
+        for name, (method, options) in settings.items():
+            variant = {"method": method, **{f"options.{k}": v for k, v in options.items()}}
+            test = {"lora": 0.70, "sens": 0.72, "sg": 0.75}[name] + 0.01 * (seed % 2)
+            grid = {"seed": seed, "task": "t1", "variant": variant}
+            _write_run(tmp_path / "runs" / "main" / f"{name}-{seed}",
+                       {**_train_result(method, seed, test, test), "task": "t1",
+                        "config": {"method": method, "options": options, "lr": 0.001}},
+                       {"experiment": "main", "kind": "train", "grid": grid, "params": grid,
+                        "baseline": {"variant": {"method": "lora"}}, "also_against": [{"variant": {"method": "eva"}}]})
+            if seed == 2 and name == "sg":
+                continue  # the gradient init's sweep is one seed short: nothing is decided yet
+            for lr in (0.0005, 0.001, 0.002, 0.004):
+                val = {"lora": 0.80, "sens": 0.81, "sg": 0.83}[name] - (0.0 if lr == 0.001 else 0.05)
+                result = {**_train_result(method, seed, val, val, lr=lr), "split": "validation",
+                          "config": {"method": method, "options": options, "lr": lr, "avg_rank": 4,
+                                     "task": "movie-polarity", "model": "minilm"}}
+                grid = {"seed": seed, "lr": lr}
+                _write_run(tmp_path / "runs" / f"val-{name}" / f"seed={seed},lr={lr}", result,
+                           {"experiment": f"val-{name}", "kind": "train", "grid": grid, "params": grid})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"<!-- senslora report {tmp_path} -->\n<!-- /senslora report -->\n")
+    build_report(tmp_path, readme=readme)
+    lines = [line for line in readme.read_text().splitlines() if line.startswith("- **senslora")]
+    assert {line.split("**")[1] for line in lines} == {"senslora", "senslora, init=gradient"}
+    assert "The default, chosen" not in readme.read_text()
+
+    # the gradient init's third seed: every sweep has 3 seeds x 4 rates, and the rule decides
+    for lr in (0.0005, 0.001, 0.002, 0.004):
+        val = 0.83 - (0.0 if lr == 0.001 else 0.05)
+        result = {**_train_result("senslora", 2, val, val, lr=lr), "split": "validation",
+                  "config": {"method": "senslora", "options": {"init": "gradient"}, "lr": lr, "avg_rank": 4,
+                             "task": "movie-polarity", "model": "minilm"}}
+        _write_run(tmp_path / "runs" / "val-sg" / f"seed=2,lr={lr}", result,
+                   {"experiment": "val-sg", "kind": "train", "grid": {"seed": 2, "lr": lr}, "params": {"seed": 2, "lr": lr}})
+    text = build_report(tmp_path, readme=readme).read_text()
+    named = ("The default, chosen by the decision rule on the validation sweeps before these runs "
+             "(`senslora, init=gradient, rank 4`, mean validation score 0.8300): **senslora, init=gradient** in this table.")
+    assert "**By the rule, the default becomes `senslora, init=gradient, rank 4`**" in text and named in text
+    block = readme.read_text()
+    lines = [line for line in block.splitlines() if line.startswith("- **senslora")]
+    assert named in block and lines and all(line.startswith("- **senslora, init=gradient**") for line in lines)
+    assert "- **senslora** against" in text  # RESULTS.md keeps every senslora setting's sentences
+
+
 def test_headline_pairs_every_method_with_lora_and_eva_and_names_wins_and_losses(tmp_path):
     _headline_runs(tmp_path)
     readme = tmp_path / "README.md"

@@ -101,7 +101,8 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
     assert "0.9000 (partial)" in section and "0.99" not in section
     assert "The decision rule applied to this table: **Not decided yet**: 3 of 3 settings" in section
     assert "| lora, rank 1 | – | – | **0.9500 ± 0.0000 (2)** | top |" in section  # in its sweep table
-    assert "Sweeps at other budgets (lora, rank 1) choose rates for those budgets only" in section
+    assert ("The decision compares settings at rank 4, where most were swept; the sweeps at other budgets "
+            "(lora, rank 1) are in the tables above and take no part in it.") in section
     assert "| lora, rank 1 | 0.9500" not in section  # not in the decision table
 
 

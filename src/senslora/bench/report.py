@@ -30,7 +30,7 @@ from .costs import (  # noqa: F401  (re-exported: the report's public names)
 from .forest import FOREST_PNG, POOLED, ForestGroup, ForestRow, forest_plot, pooled_rows
 from .grid import BEST_OF, best_of_source
 from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
-from .sweeps import sweep_section
+from .sweeps import decided_default, setting_identity, sweep_section
 from .tables import _fmt, _label, _matches, _row_key, _table
 
 
@@ -459,6 +459,7 @@ def headline_section(
     *,
     figure: str | None = None,
     short: bool = False,
+    default: dict | None = None,
 ) -> list[str]:
     """One table, setting x task, over every experiment that declares `also_against` (except those
     in ``hidden``, whose quality tables stay in their own sections; their costs still count): per
@@ -469,7 +470,8 @@ def headline_section(
     on which tasks it wins, ties and loses; then the cost tables. ``figure``: the link to the
     forest plot (:func:`forest_groups`), shown with its caption above the table. ``short`` (the
     README's form): the figure, the short table (:func:`short_table`) instead of the full one, the
-    sentences; no cost tables."""
+    sentences of the ``default`` alone when one was decided (:func:`~senslora.bench.sweeps.decided_default`,
+    otherwise every senslora setting's); no cost tables. ``default`` also gets a sentence naming it."""
     exps = _headline_experiments(by_exp, hidden)
     cost = [] if short else cost_lines(by_exp)
     if not exps:
@@ -492,6 +494,14 @@ def headline_section(
         else []
     )
     figure_lines += _tuned_note(exps)
+    chosen = _default_settings(exps, default)
+    if chosen:
+        figure_lines += [
+            f"The default, chosen by the decision rule on the validation sweeps before these runs "
+            f"(`{default['setting']}`, mean validation score {default['mean']:.4f}): "
+            + ", ".join(f"**{_setting_name(_setting_of(k))}**" for k in chosen) + " in this table.",
+            "",
+        ]
     if short:
         return [
             "## Headline",
@@ -500,7 +510,7 @@ def headline_section(
             "",
             *figure_lines,
             *short_table(groups, baseline),
-            *_verdict_lines(settings, verdicts),
+            *_verdict_lines(chosen or settings, verdicts),
             *_warned_runs([r for _, ok, _ in exps for r in ok]),
         ]
     return [
@@ -559,6 +569,18 @@ def _headline_row(key: tuple, columns: list[tuple], repeated: set[str], verdicts
                 label = task + (f" (`{name}`)" if task in repeated else "")
                 verdicts[key][_setting_name(a)][verdict.strip("*")].append(label)
     return row
+
+
+def _default_settings(exps: list[tuple], default: dict | None) -> list[tuple]:
+    """The headline settings that run the decided ``default`` (same method and options; any budget)."""
+    if default is None:
+        return []
+    keys = {}
+    for _, ok, _ in exps:
+        for r in ok:
+            keys.setdefault(_row_key(r, ("seed", "task")), setting_identity(r))
+    return [k for k, ident in keys.items()
+            if (ident["method"], ident["options"]) == (default["method"], default["options"])]
 
 
 def _verdict_lines(settings: list[tuple], verdicts: dict) -> list[str]:
@@ -695,7 +717,8 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
         here = Path(readme).resolve().parent
         figure = Path(os.path.relpath((out / "plots" / FOREST_PNG).resolve(), here)).as_posix()
         results = Path(os.path.relpath((out / "RESULTS.md").resolve(), here)).as_posix()
-        head = headline_section(_by_experiment(runs), hidden=hidden, figure=figure, short=True)
+        head = headline_section(_by_experiment(runs), hidden=hidden, figure=figure, short=True,
+                                default=decided_default(runs))
         note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
                 f"{len(runs)} result files; every table, and the training and allocation costs, in "
                 f"[{results}]({results}).")
@@ -758,7 +781,7 @@ def _report_lines(
     groups, baseline = forest_groups(_headline_experiments(by_exp, hidden))
     if groups:
         forest_plot(groups, plots / FOREST_PNG, baseline=baseline)
-    lines += headline_section(by_exp, hidden=hidden, figure=f"plots/{FOREST_PNG}")
+    lines += headline_section(by_exp, hidden=hidden, figure=f"plots/{FOREST_PNG}", default=decided_default(runs))
     lines += sweep_section(runs)
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]

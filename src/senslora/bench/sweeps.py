@@ -131,23 +131,33 @@ def _not_ready(row: dict, tasks: list[str]) -> list[str]:
     return why
 
 
+def decide(tasks: list[str], rows: list[dict]) -> dict[str, Any]:
+    """The decision rule on the decision table: ``pending`` (setting -> why it cannot decide yet;
+    the rule waits while any is), the ``ours`` rows, the ``best`` of them (the default) and the
+    ``zero`` init row (senslora with no option: the robust preset as `--preset robust` runs it)."""
+    pending = {row["setting"]: _not_ready(row, tasks) for row in rows}
+    ours = [row for row in rows if row["method"] == OURS]
+    return {
+        "pending": {k: v for k, v in pending.items() if v},
+        "ours": ours,
+        "best": ours[0] if ours else None,
+        "zero": next((row for row in ours if not row["options"]), None),
+    }
+
+
 def decision_verdict(tasks: list[str], rows: list[dict]) -> str:
     """The rule applied to the decision table, in one paragraph: which senslora setting becomes the
     default (zero init unless a senslora init has a higher mean), which settings rank above it,
     or, until every setting has every task at >= 3 seeds x >= 4 rates with an interior winner,
     why nothing is decided yet."""
-    pending = {row["setting"]: _not_ready(row, tasks) for row in rows}
-    pending = {k: v for k, v in pending.items() if v}
-    if pending:
-        shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(pending.items())[:4])
-        more = f"; and {len(pending) - 4} more" if len(pending) > 4 else ""
-        return f"**Not decided yet**: {len(pending)} of {len(rows)} settings cannot decide ({shown}{more})."
-    ours = [row for row in rows if row["method"] == OURS]
-    if not ours:
+    d = decide(tasks, rows)
+    if d["pending"]:
+        shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(d["pending"].items())[:4])
+        more = f"; and {len(d['pending']) - 4} more" if len(d["pending"]) > 4 else ""
+        return f"**Not decided yet**: {len(d['pending'])} of {len(rows)} settings cannot decide ({shown}{more})."
+    best, zero = d["best"], d["zero"]
+    if best is None:
         return f"**No decision**: no `{OURS}` setting in the sweeps."
-    best = ours[0]
-    # zero init: senslora with no option (the robust preset, as `--preset robust` runs it)
-    zero = next((row for row in ours if not row["options"]), None)
     if best is zero:
         text = f"**By the rule, zero init stays**: `{best['setting']}` has the best mean of the {OURS} settings ({best['mean']:.4f})"
     else:
@@ -155,6 +165,27 @@ def decision_verdict(tasks: list[str], rows: list[dict]) -> str:
         text = f"**By the rule, the default becomes `{best['setting']}`**: mean {best['mean']:.4f} over the tasks{against}"
     above = [f"{row['setting']} ({row['mean']:.4f})" for row in rows[: rows.index(best)]]
     return text + (". Ranked above it: " + ", ".join(above) + "." if above else ". No setting ranks above it.")
+
+
+def _decision_table(runs: list[dict]) -> tuple[list[str], list[dict], list[str]] | None:
+    """(tasks, decision rows, settings swept at other budgets) of the runs' validation sweeps."""
+    chosen = validation_runs(runs)
+    cells = sweep_cells(chosen)
+    if not cells:
+        return None
+    tasks, rows = decision_rows(cells, setting_identities(chosen))
+    rows, others = decision_budget(rows)
+    return [t for t in tasks if any(t in row["per_task"] for row in rows)], rows, others
+
+
+def decided_default(runs: list[dict]) -> dict[str, Any] | None:
+    """The default the validation sweeps decided (its row: ``setting``, ``method``, ``options``,
+    ``mean``), or None while the rule waits (or there is no sweep)."""
+    table = _decision_table(runs)
+    if table is None:
+        return None
+    d = decide(*table[:2])
+    return None if d["pending"] else d["best"]
 
 
 def sweep_section(runs: list[dict]) -> list[str]:
@@ -191,8 +222,7 @@ def sweep_section(runs: list[dict]) -> list[str]:
             row.append(win["edge"] or "inside")
             body.append(row)
         lines += [f"### {task}", ""] + _table(["setting", *(f"lr {r:g}" for r in rates), "winner"], body) + [""]
-    rows, others = decision_budget(rows)
-    tasks = [t for t in tasks if any(t in row["per_task"] for row in rows)]
+    tasks, rows, others = _decision_table(runs)
     body = []
     for row in rows:
         cells_ = []
@@ -214,8 +244,9 @@ def sweep_section(runs: list[dict]) -> list[str]:
     verdict = "The decision rule applied to this table: " + decision_verdict(tasks, rows)
     lines += _table(["setting", *tasks, "mean over tasks"], body) + ["", verdict, ""]
     if others:
-        lines += [f"Sweeps at other budgets ({', '.join(others)}) choose rates for those budgets only (a budget "
-                  "curve's `best-of`); they are in the tables above and take no part in the decision.", ""]
+        rank = rows[0]["rank"] if rows else None
+        lines += [f"The decision compares settings at rank {rank}, where most were swept; the sweeps at other "
+                  f"budgets ({'; '.join(others)}) are in the tables above and take no part in it.", ""]
     return lines
 
 
