@@ -10,7 +10,10 @@ from senslora.bench.report import build_report
 from senslora.bench.sweeps import (
     decision_rows,
     decision_verdict,
+    is_zero_init,
     setting_identities,
+    setting_identity,
+    setting_key,
     sweep_cells,
     sweep_winner,
     validation_runs,
@@ -104,6 +107,22 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
     assert ("The decision compares settings at rank 4, where most were swept; the sweeps at other budgets "
             "(lora, rank 1) are in the tables above and take no part in it.") in section
     assert "| lora, rank 1 | 0.9500" not in section  # not in the decision table
+
+
+def test_a_setting_is_what_ran_so_a_changed_default_init_never_mixes_two_settings():
+    """Runs that left the init to the default are named by the init they recorded: zero init stays
+    "senslora, rank 4" whether it was asked for or defaulted; a default that became gradient joins
+    the explicit gradient runs."""
+    def run(options, recorded):
+        return {"config": {"method": "senslora", "avg_rank": 4, "options": options},
+                "method_record": {"init": recorded}}
+
+    assert setting_key(run({}, "zero")) == setting_key(run({"init": "zero"}, "zero")) == "senslora, rank 4"
+    assert setting_key(run({}, "gradient")) == setting_key(run({"init": "gradient"}, "gradient"))
+    assert setting_identity(run({}, "gradient"))["options"] == {"init": "gradient"}
+    assert is_zero_init(setting_identity(run({}, "zero"))["options"]) and is_zero_init({})
+    assert not is_zero_init({"init": "gradient"}) and not is_zero_init({"init": "zero", "rho": 2})
+    assert setting_key({"config": {"method": "gora", "options": {}}}) == "gora"  # no init recorded
 
 
 def _row(setting, means, *, seeds=3, rates=4, edge=""):

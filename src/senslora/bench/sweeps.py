@@ -28,26 +28,34 @@ def sweep_winner(scores: dict[Any, list[float]]) -> Any:
 
 
 def setting_identity(run: dict) -> dict[str, Any]:
-    """What a validation run compares, as data: its method and its options (what the decision rule
-    reads; :func:`setting_key` is its printed name)."""
+    """What a validation run compares, as data: its method, its options and its rank (what the
+    decision rule reads; :func:`setting_key` is its printed name). The options hold the init the run
+    recorded having used (``method_record.init``) where they left it to the default, so a setting
+    is the same before and after the default init changes."""
     config = run.get("config") or {}
-    return {
-        "method": str(config.get("method", run.get("method", "?"))),
-        "options": dict(config.get("options") or {}),
-        "rank": config.get("avg_rank"),
-    }
+    options = dict(config.get("options") or {})
+    recorded = (run.get("method_record") or {}).get("init")
+    if recorded is not None:
+        options.setdefault("init", recorded)
+    return {"method": str(config.get("method", run.get("method", "?"))), "options": options, "rank": config.get("avg_rank")}
+
+
+def is_zero_init(options: dict[str, Any]) -> bool:
+    """Whether a setting's options are senslora's zero init and nothing else (the robust preset as
+    ``--preset robust`` ran it before any init existed)."""
+    return all(k == "init" and v == "zero" for k, v in options.items())
 
 
 def setting_key(run: dict) -> str:
     """What a validation run compares, without its task, model, seed and rate: the method and its
-    options, e.g. ``"senslora, init=gradient"``."""
-    config = run.get("config") or {}
+    options as they ran (:func:`setting_identity`; zero init, the default before any init existed,
+    goes unnamed), e.g. ``"senslora, init=gradient, rank 4"``."""
     identity = setting_identity(run)
-    options = identity["options"]
     parts = [identity["method"]]
-    parts += [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in sorted(options.items())]
-    if config.get("avg_rank") is not None:
-        parts.append(f"rank {config['avg_rank']}")
+    parts += [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
+              for k, v in sorted(identity["options"].items()) if not (k == "init" and v == "zero")]
+    if identity["rank"] is not None:
+        parts.append(f"rank {identity['rank']}")
     return ", ".join(parts)
 
 
@@ -141,7 +149,7 @@ def decide(tasks: list[str], rows: list[dict]) -> dict[str, Any]:
         "pending": {k: v for k, v in pending.items() if v},
         "ours": ours,
         "best": ours[0] if ours else None,
-        "zero": next((row for row in ours if not row["options"]), None),
+        "zero": next((row for row in ours if is_zero_init(row["options"])), None),
     }
 
 
