@@ -314,12 +314,12 @@ def _expected_seconds(pending: list[Run], times: list[tuple[str, str | None, flo
     for experiment, model, seconds in times:
         by_experiment.setdefault(experiment, []).append(seconds)
         by_model.setdefault(model, []).append(seconds)
+    experiment_median = {k: statistics.median(v) for k, v in by_experiment.items()}
+    model_median = {k: statistics.median(v) for k, v in by_model.items()}
     overall = statistics.median(s for _, _, s in times)
-    total = 0.0
-    for run in pending:
-        pool = by_experiment.get(run.experiment) or by_model.get(run.params.get("model"))
-        total += statistics.median(pool) if pool else overall
-    return total
+    return sum(
+        experiment_median.get(run.experiment, model_median.get(run.params.get("model"), overall)) for run in pending
+    )
 
 
 def grid_summary(runs: list[Run], out: Path) -> str:

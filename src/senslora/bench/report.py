@@ -710,15 +710,15 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
         raise SensloraError(f"{out}/runs holds no result.json; run `senslora bench CONFIG --out {out}` first")
     path = out / "RESULTS.md"
     # All or nothing: a failed write leaves the previous RESULTS.md and plots/ untouched.
+    default = decided_default(runs)
     with atomic_dir(out / "plots") as plots:
-        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command, hidden, targets)))
+        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command, hidden, targets, default)))
     if readme is not None:
         n_ok = sum(r["status"] == "ok" for r in runs)
         here = Path(readme).resolve().parent
         figure = Path(os.path.relpath((out / "plots" / FOREST_PNG).resolve(), here)).as_posix()
         results = Path(os.path.relpath((out / "RESULTS.md").resolve(), here)).as_posix()
-        head = headline_section(_by_experiment(runs), hidden=hidden, figure=figure, short=True,
-                                default=decided_default(runs))
+        head = headline_section(_by_experiment(runs), hidden=hidden, figure=figure, short=True, default=default)
         note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
                 f"{len(runs)} result files; every table, and the training and allocation costs, in "
                 f"[{results}]({results}).")
@@ -759,7 +759,7 @@ def _projection(by_exp: dict[str, list[dict]]) -> list[str]:
 
 def _report_lines(
     out: Path, runs: list[dict], plots: Path, command: str | None, hidden: frozenset[str],
-    targets: dict[str, float],
+    targets: dict[str, float], default: dict | None,
 ) -> list[str]:
     n_ok = sum(r["status"] == "ok" for r in runs)
     n_reused = sum(bool(r["_meta"].get("reused_from")) for r in runs)
@@ -781,7 +781,7 @@ def _report_lines(
     groups, baseline = forest_groups(_headline_experiments(by_exp, hidden))
     if groups:
         forest_plot(groups, plots / FOREST_PNG, baseline=baseline)
-    lines += headline_section(by_exp, hidden=hidden, figure=f"plots/{FOREST_PNG}", default=decided_default(runs))
+    lines += headline_section(by_exp, hidden=hidden, figure=f"plots/{FOREST_PNG}", default=default)
     lines += sweep_section(runs)
     for name, members in by_exp.items():
         kind = members[0]["_meta"]["kind"]
@@ -805,8 +805,9 @@ def environment_section(runs: list[dict]) -> list[str]:
     commits: Counter = Counter()
     for r in runs:
         versions = dict(r.get("versions") or {})
-        commits[str(versions.pop("git", "unknown"))[:7]] += bool(versions)
+        commit = str(versions.pop("git", "unknown"))[:7]
         if versions:
+            commits[commit] += 1
             sets[tuple(versions.items())] += 1
     if not sets:
         return []
@@ -816,5 +817,5 @@ def environment_section(runs: list[dict]) -> list[str]:
     else:
         lines += ["The runs recorded different library versions:", ""]
         lines += [f"- {n} run{'s' * (n != 1)}: " + ", ".join(f"{k} {v}" for k, v in vs) for vs, n in sets.most_common()]
-    shown = ", ".join(f"{c} ({n})" for c, n in commits.most_common() if n)
+    shown = ", ".join(f"{c} ({n})" for c, n in commits.most_common())
     return lines + ["", f"Commits the runs were made from (runs): {shown}.", ""]

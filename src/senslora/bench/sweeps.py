@@ -142,7 +142,7 @@ def _not_ready(row: dict, tasks: list[str]) -> list[str]:
 def decide(tasks: list[str], rows: list[dict]) -> dict[str, Any]:
     """The decision rule on the decision table: ``pending`` (setting -> why it cannot decide yet;
     the rule waits while any is), the ``ours`` rows, the ``best`` of them (the default) and the
-    ``zero`` init row (senslora with no option: the robust preset as `--preset robust` runs it)."""
+    ``zero`` init row (:func:`is_zero_init`)."""
     pending = {row["setting"]: _not_ready(row, tasks) for row in rows}
     ours = [row for row in rows if row["method"] == OURS]
     return {
@@ -181,7 +181,11 @@ def _decision_table(runs: list[dict]) -> tuple[list[str], list[dict], list[str]]
     cells = sweep_cells(chosen)
     if not cells:
         return None
-    tasks, rows = decision_rows(cells, setting_identities(chosen))
+    return _at_decision_budget(*decision_rows(cells, setting_identities(chosen)))
+
+
+def _at_decision_budget(tasks: list[str], rows: list[dict]) -> tuple[list[str], list[dict], list[str]]:
+    """The decision's share of every setting's rows (:func:`decision_budget`), with the tasks they have."""
     rows, others = decision_budget(rows)
     return [t for t in tasks if any(t in row["per_task"] for row in rows)], rows, others
 
@@ -230,7 +234,7 @@ def sweep_section(runs: list[dict]) -> list[str]:
             row.append(win["edge"] or "inside")
             body.append(row)
         lines += [f"### {task}", ""] + _table(["setting", *(f"lr {r:g}" for r in rates), "winner"], body) + [""]
-    tasks, rows, others = _decision_table(runs)
+    tasks, rows, others = _at_decision_budget(tasks, rows)
     body = []
     for row in rows:
         cells_ = []
