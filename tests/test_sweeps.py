@@ -8,6 +8,7 @@ import pytest
 from senslora.bench.harness import resolve_params
 from senslora.bench.report import build_report
 from senslora.bench.sweeps import (
+    decide,
     decision_rows,
     decision_verdict,
     is_zero_init,
@@ -102,7 +103,7 @@ def test_decision_table_ranks_settings_by_their_mean_best_over_tasks_each_at_its
     section = text[text.index("## Validation sweeps"):text.index("## Experiment")]
     assert "0.7700" in section and "0.7600 @ 0.0005 (2x2, bottom)" in section
     assert "0.9000 (partial)" in section and "0.99" not in section
-    assert "The decision rule applied to this table: **Not decided yet**: 3 of 3 settings" in section
+    assert "The decision rule applied to this table: **Not decided yet**: 1 of 1 senslora settings" in section
     assert "| lora, rank 1 | – | – | **0.9500 ± 0.0000 (2)** | top |" in section  # in its sweep table
     assert ("The decision compares settings at rank 4, where most were swept; the sweeps at other budgets "
             "(lora, rank 1) are in the tables above and take no part in it.") in section
@@ -132,7 +133,7 @@ def _row(setting, means, *, seeds=3, rates=4, edge=""):
             "per_task": per_task, "mean": sum(means.values()) / len(means), "complete": True}
 
 
-def test_the_verdict_applies_the_rule_only_once_every_sweep_can_decide():
+def test_the_verdict_applies_the_rule_once_every_senslora_sweep_can_decide():
     tasks = ["enc", "dec"]
     zero = _row("senslora, rank 4", {"enc": 0.77, "dec": 0.85})
     grad = _row("senslora, init=gradient, rank 4", {"enc": 0.78, "dec": 0.86})
@@ -142,18 +143,27 @@ def test_the_verdict_applies_the_rule_only_once_every_sweep_can_decide():
     assert "against 0.8100 for zero init (+0.0100)" in verdict and "Ranked above it: gora, rank 4 (0.8300)" in verdict
     # no senslora init beats zero init: zero init stays
     assert decision_verdict(tasks, [zero, grad]).startswith("**By the rule, zero init stays**: `senslora, rank 4`")
-    assert decision_verdict(tasks, [zero, grad]).endswith("No setting ranks above it.")
+    assert decision_verdict(tasks, [zero, grad]).endswith("No finished setting ranks above it.")
     # the rule reads each row's method and options, not its printed name
     renamed = {**zero, "setting": "robust preset"}
     assert decision_verdict(tasks, [renamed, grad]).startswith("**By the rule, zero init stays**: `robust preset`")
-    # a winner at an edge, too few rates, a missing task: nothing is decided, and it says why
+    # a senslora winner at an edge: nothing is decided, and it says why
     edge = _row("senslora, init=pissa, rank 4", {"enc": 0.7, "dec": 0.7}, edge="top")
-    thin = _row("lora, rank 4", {"enc": 0.7, "dec": 0.7}, seeds=2, rates=4)
+    thin = _row("lora, rank 4", {"enc": 0.9, "dec": 0.9}, seeds=2, rates=4)
     half = {**_row("eva, rank 4", {"enc": 0.7}), "complete": False}
     verdict = decision_verdict(tasks, [zero, grad, edge, thin, half])
-    assert verdict.startswith("**Not decided yet**: 3 of 5 settings cannot decide")
-    assert "enc winner at the top of the grid" in verdict and "enc has 2 seeds x 4 rates" in verdict
-    assert "eva, rank 4: no dec sweep" in verdict
+    assert verdict.startswith("**Not decided yet**: 1 of 3 senslora settings cannot decide")
+    assert "senslora, init=pissa, rank 4: enc winner at the top of the grid" in verdict
+    assert "lora, rank 4" not in verdict and "eva" not in verdict
+    # unfinished sweeps of other methods (too few seeds, a missing task) cannot change the default:
+    # the rule decides, names them, and ranks only finished settings above the default
+    verdict = decision_verdict(tasks, [thin, grad, zero, half])
+    assert verdict.startswith("**By the rule, the default becomes `senslora, init=gradient, rank 4`**")
+    assert "No finished setting ranks above it." in verdict and "(0.9000)" not in verdict
+    assert "Still sweeping, which cannot change the default" in verdict
+    assert "lora, rank 4: enc has 2 seeds x 4 rates" in verdict and "eva, rank 4: no dec sweep" in verdict
+    assert decide(tasks, [thin, grad, zero, half])["best"] is grad
+    assert set(decide(tasks, [thin, grad, zero, half])["others"]) == {"lora, rank 4", "eva, rank 4"}
 
 
 def test_headline_names_the_sweep_each_setting_took_its_rate_from():

@@ -140,29 +140,38 @@ def _not_ready(row: dict, tasks: list[str]) -> list[str]:
 
 
 def decide(tasks: list[str], rows: list[dict]) -> dict[str, Any]:
-    """The decision rule on the decision table: ``pending`` (setting -> why it cannot decide yet;
-    the rule waits while any is), the ``ours`` rows, the ``best`` of them (the default) and the
-    ``zero`` init row (:func:`is_zero_init`)."""
-    pending = {row["setting"]: _not_ready(row, tasks) for row in rows}
+    """The decision rule on the decision table: ``pending`` (``senslora`` setting -> why it cannot
+    decide yet; the rule waits while any is), ``others`` (any other setting -> why its sweep is not
+    finished: it cannot change which ``senslora`` setting is best, only what ranks above it), the
+    ``ours`` rows, the ``best`` of them (the default) and the ``zero`` init row (:func:`is_zero_init`)."""
+    why = {row["setting"]: _not_ready(row, tasks) for row in rows}
     ours = [row for row in rows if row["method"] == OURS]
+    mine = {row["setting"] for row in ours}
     return {
-        "pending": {k: v for k, v in pending.items() if v},
+        "pending": {k: v for k, v in why.items() if v and k in mine},
+        "others": {k: v for k, v in why.items() if v and k not in mine},
         "ours": ours,
         "best": ours[0] if ours else None,
         "zero": next((row for row in ours if is_zero_init(row["options"])), None),
     }
 
 
+def _reasons(pending: dict[str, list[str]], shown: int = 4) -> str:
+    text = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(pending.items())[:shown])
+    return text + (f"; and {len(pending) - shown} more" if len(pending) > shown else "")
+
+
 def decision_verdict(tasks: list[str], rows: list[dict]) -> str:
     """The rule applied to the decision table, in one paragraph: which senslora setting becomes the
     default (zero init unless a senslora init has a higher mean), which settings rank above it,
-    or, until every setting has every task at >= 3 seeds x >= 4 rates with an interior winner,
-    why nothing is decided yet."""
+    or, until every senslora setting has every task at >= 3 seeds x >= 4 rates with an interior
+    winner, why nothing is decided yet. Other settings' unfinished sweeps are named, not waited for:
+    they cannot change the default."""
     d = decide(tasks, rows)
+    ours = len(d["ours"])
     if d["pending"]:
-        shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(d["pending"].items())[:4])
-        more = f"; and {len(d['pending']) - 4} more" if len(d["pending"]) > 4 else ""
-        return f"**Not decided yet**: {len(d['pending'])} of {len(rows)} settings cannot decide ({shown}{more})."
+        return (f"**Not decided yet**: {len(d['pending'])} of {ours} {OURS} settings cannot decide "
+                f"({_reasons(d['pending'])}).")
     best, zero = d["best"], d["zero"]
     if best is None:
         return f"**No decision**: no `{OURS}` setting in the sweeps."
@@ -171,8 +180,12 @@ def decision_verdict(tasks: list[str], rows: list[dict]) -> str:
     else:
         against = "" if zero is None else f" against {zero['mean']:.4f} for zero init ({best['mean'] - zero['mean']:+.4f})"
         text = f"**By the rule, the default becomes `{best['setting']}`**: mean {best['mean']:.4f} over the tasks{against}"
-    above = [f"{row['setting']} ({row['mean']:.4f})" for row in rows[: rows.index(best)]]
-    return text + (". Ranked above it: " + ", ".join(above) + "." if above else ". No setting ranks above it.")
+    above = [f"{row['setting']} ({row['mean']:.4f})" for row in rows[: rows.index(best)] if row["setting"] not in d["others"]]
+    text += ". Ranked above it: " + ", ".join(above) + "." if above else ". No finished setting ranks above it."
+    if d["others"]:
+        text += (f" Still sweeping, which cannot change the default, only what ranks above it: "
+                 f"{_reasons(d['others'])}.")
+    return text
 
 
 def _decision_table(runs: list[dict]) -> tuple[list[str], list[dict], list[str]] | None:
