@@ -757,3 +757,18 @@ experiments:
     with pytest.raises(SensloraError, match=r"'pilot'.*transformers 0\.0\.1 \(here .*new --out"):
         run_benchmark(grown, out)
     assert trained == []
+
+
+def test_best_of_waits_for_every_grid_point_of_the_sweep_the_config_declares(tmp_path):
+    """A sweep with runs still to go (say a later experiment was run first with --only) gives no
+    value: the winner of part of a grid could differ from the winner of the whole."""
+    (tmp_path / "benchmark.yaml").write_text(
+        "experiments:\n"
+        "  - name: sweep\n    kind: train\n    grid:\n      lr: [0.001, 0.002]\n"
+        "    params: {method: lora, task: movie-polarity, eval_split: validation}\n"
+    )
+    _fake_run(tmp_path, "sweep", "lr=0.001", {"lr": 0.001}, _train_result("lora", 0, acc=0.9, val=0.6, lr=0.001))
+    with pytest.raises(SensloraError, match=r"1 have not run yet \(e.g. lr=0.002\)"):
+        resolve_params({"lr": "best-of:sweep"}, tmp_path)
+    _fake_run(tmp_path, "sweep", "lr=0.002", {"lr": 0.002}, _train_result("lora", 0, acc=0.5, val=0.7, lr=0.002))
+    assert resolve_params({"lr": "best-of:sweep"}, tmp_path)["lr"] == 0.002

@@ -4,6 +4,7 @@ run whose config has changed since (see :mod:`senslora.bench.harness`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from ..core.cache import atomic_write_text
 from ..core.errors import SensloraError
-from .grid import BEST_OF, RESULT_NAME, STALE, Run, best_of_source, train_config
+from .grid import BEST_OF, RESULT_NAME, STALE, Run, best_of_source, expand, load_config, train_config
 from .sweeps import sweep_winner
 
 
@@ -32,6 +33,14 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
         if not (isinstance(value, str) and value.startswith(BEST_OF)):
             continue
         experiment = best_of_source(value, params)
+        missing = _not_run(experiment, out)
+        if missing:
+            # Choosing from a sweep that has not run every grid point (e.g. a later experiment run
+            # first with --only) would give this run another value than the finished sweep will.
+            raise SensloraError(
+                f"{key}: {value} needs every run of {experiment!r} to finish; {len(missing)} have not run "
+                f"yet (e.g. {missing[0]}): run that experiment first"
+            )
         scores: dict[str, list[float]] = {}
         for result_path in sorted((out / "runs" / experiment).glob("*/result.json")):
             result = json.loads(result_path.read_text())
@@ -57,6 +66,25 @@ def resolve_params(params: dict[str, Any], out: Path) -> dict[str, Any]:
         else:
             resolved[key] = values[sweep_winner(scores)]
     return resolved
+
+
+def _not_run(experiment: str, out: Path) -> list[str]:
+    """The run ids of ``experiment`` in the config the harness saved in ``out`` (``benchmark.yaml``)
+    that have no result yet; empty when there is no saved config or it has no such experiment."""
+    saved = out / "benchmark.yaml"
+    if not saved.is_file():
+        return []
+    folders = _saved_runs(str(saved), saved.stat().st_mtime_ns).get(experiment, [])
+    return [run_id for run_id in folders if not (out / "runs" / experiment / run_id / RESULT_NAME).is_file()]
+
+
+@functools.lru_cache(maxsize=4)
+def _saved_runs(path: str, mtime_ns: int) -> dict[str, list[str]]:
+    """Experiment -> run ids of a saved config (cached per file version: the harness asks once a run)."""
+    runs: dict[str, list[str]] = {}
+    for run in expand(load_config(path)):
+        runs.setdefault(run.experiment, []).append(run.run_id)
+    return runs
 
 
 def _set_aside(folder: Path, out: Path, label: str, change: str, counts: dict[str, int], dry_run: bool) -> None:
