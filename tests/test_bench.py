@@ -772,3 +772,40 @@ def test_best_of_waits_for_every_grid_point_of_the_sweep_the_config_declares(tmp
         resolve_params({"lr": "best-of:sweep"}, tmp_path)
     _fake_run(tmp_path, "sweep", "lr=0.002", {"lr": 0.002}, _train_result("lora", 0, acc=0.5, val=0.7, lr=0.002))
     assert resolve_params({"lr": "best-of:sweep"}, tmp_path)["lr"] == 0.002
+
+
+def test_a_changed_default_init_makes_runs_that_left_it_to_the_default_stale_but_not_explicit_ones(
+    tmp_path, monkeypatch
+):
+    """A run records the init it got (``method_record.init``); when --preset robust's init changes,
+    a finished run that left the init to the default is another setting now, one that named it is not."""
+    import senslora.core.presets as presets
+    from senslora.bench.harness import Run, _config_change, reusable_run
+    from senslora.training.config import TrainConfig
+    from senslora.training.train import recorded_config
+
+    params = {"model": "minilm", "task": "movie-polarity", "method": "senslora", "lr": 0.002}
+    for name, extra in (("default", {}), ("explicit", {"options": {"init": "zero"}})):
+        done = _train_result("senslora", 0, acc=0.7, val=0.6)
+        done["config"] = recorded_config(TrainConfig(**params, **extra)).to_dict()
+        done["method_record"] = {"init": "zero"}
+        done["versions"] = package_versions()  # made in this environment: reusable
+        _fake_run(tmp_path, "main", name, {}, done)
+    default, explicit = (tmp_path / "runs" / "main" / n for n in ("default", "explicit"))
+    run = Run("main", "train", params, {})
+    named = Run("main", "train", {**params, "options.init": "zero"}, {})
+    assert _config_change(run, default, tmp_path) == "" and _config_change(named, explicit, tmp_path) == ""
+    assert _config_change(run, explicit, tmp_path) == ""  # the same setting, spelled two ways
+
+    monkeypatch.setitem(presets.PRESET_INITS, "robust", "gradient")
+    assert _config_change(run, default, tmp_path) == "options {'init': 'zero'} (now {'init': 'gradient'})"
+    assert _config_change(named, explicit, tmp_path) == "" and _config_change(named, default, tmp_path) == ""
+    copier = Run("copy", "train", params, {}, reuse_from=["main"])
+    assert reusable_run(copier, params, tmp_path) is None  # no zero-init run passes for the new default
+    copier = Run("copy", "train", {**params, "options.init": "zero"}, {}, reuse_from=["main"])
+    assert reusable_run(copier, copier.params, tmp_path) is not None
+    # a run made before inits existed recorded none: it is compared as it was then
+    old = json.loads((default / "result.json").read_text())
+    del old["method_record"]
+    (default / "result.json").write_text(json.dumps(old))
+    assert _config_change(run, default, tmp_path) == ""

@@ -23,13 +23,16 @@ import pytest
 import torch
 from tiny import tiny_bert, tiny_llama, token_batches
 
+from senslora.core.inits import INITS
 from senslora.core.losses import model_inputs, per_example_loss
+from senslora.core.presets import DEFAULT_PRESET, PRESET_INITS
 from senslora.core.targets import find_targets
 from senslora.training.checkpoint import TrainState, checkpoints
 from senslora.training.config import TrainConfig
 from senslora.training.loop import build_loop, make_accelerator
 from senslora.training.methods import METHODS, MethodContext, load_all
 from senslora.training.methods.base import adapter_parameter_count, head_parameter_names
+from senslora.training.methods.lora import SensLoRA
 
 load_all()
 METHOD_NAMES = sorted(METHODS)
@@ -487,3 +490,23 @@ def test_eva_initialises_a_from_the_data_within_the_rank_budget():
     ranks = record["eva_ranks"]
     assert sum(ranks.values()) == record["eva_rank_budget"] == 4 * len(find_targets(tiny_bert()))
     assert max(ranks.values()) <= 2 * 4  # rho = 2
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_init_for_names_the_init_a_run_uses_and_only_for_methods_that_read_one(name):
+    """The contract the benchmark compares runs by: what ``method_record.init`` will say."""
+    method = METHODS[name]()
+    options = {**method.implied_options}
+    if not method.reads_init:
+        assert method.init_for(options) is None
+        return
+    default = method.init_for(options)
+    assert default in INITS
+    if "init" in method.implied_options:  # pissa, lora-ga: uniform LoRA with that init
+        assert default == method.implied_options["init"]
+    elif isinstance(method, SensLoRA):  # the preset's init
+        assert default == PRESET_INITS[DEFAULT_PRESET] and method.init_for({"preset": "paper"}) == "zero"
+    else:
+        assert default == "zero"  # uniform LoRA: PEFT's
+    if "init" not in method.implied_options:
+        assert method.init_for({**options, "init": "olora"}) == "olora"  # an explicit init wins

@@ -358,3 +358,16 @@ def test_bad_recipe_values_fail_before_any_estimation(bad, match, monkeypatch):
     monkeypatch.setattr(est, "estimate_diagonals", lambda *a, **k: pytest.fail("estimated before checking"))
     with pytest.raises(SensloraError, match=match):
         allocate(tiny_llama(), token_batches(), progress=False, **bad)
+
+
+def test_every_preset_names_the_init_it_starts_from_and_paper_s_is_zero():
+    from senslora.core.config import AllocationConfig
+    from senslora.core.presets import DEFAULT_PRESET, PRESET_INITS, PRESETS, preset_init
+
+    assert set(PRESET_INITS) == set(PRESETS) and PRESET_INITS["paper"] == "zero"
+    assert preset_init(None) == PRESET_INITS[DEFAULT_PRESET]
+    for preset in PRESETS:
+        assert AllocationConfig(preset=preset).init == PRESET_INITS[preset]  # no --init: the preset's
+    assert AllocationConfig(preset="robust", init="olora").init == "olora"
+    with pytest.raises(SensloraError, match="unknown --preset 'fast'"):
+        preset_init("fast")

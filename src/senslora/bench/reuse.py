@@ -112,9 +112,12 @@ def _config_change(run: Run, folder: Path, out: Path) -> str | None:
         return None
     try:
         now = _config_record(params=resolve_params(run.params, out))
-        before = json.loads((folder / RESULT_NAME).read_text()).get("config")
+        result = json.loads((folder / RESULT_NAME).read_text())
     except (SensloraError, OSError, ValueError):
         return None
+    if not isinstance(result, dict):
+        return None
+    before, now = _comparable(result, now)
     if not isinstance(before, dict):
         return None
     keys = sorted(k for k in set(now) & set(before) if now[k] != before[k])
@@ -123,10 +126,36 @@ def _config_change(run: Run, folder: Path, out: Path) -> str | None:
 
 def _config_record(params: dict[str, Any]) -> dict[str, Any]:
     """The TrainConfig of resolved ``params`` as a run records it in result.json (JSON types, the
-    method's implied options added)."""
+    method's implied options added), with ``options.init`` set to the init the run would use (the
+    method's :meth:`~senslora.training.methods.base.Method.init_for`): a run that leaves the init to
+    a default is compared by the init it gets, so a changed default never passes for the old one."""
+    from ..training.methods import get_method
     from ..training.train import recorded_config
 
-    return json.loads(json.dumps(recorded_config(train_config(params)).to_dict(), default=str))
+    config = recorded_config(train_config(params))
+    record = json.loads(json.dumps(config.to_dict(), default=str))
+    init = get_method(config.method).init_for(config.options)
+    if init is not None:
+        record["options"] = {**record.get("options", {}), "init": init}
+    return record
+
+
+def _comparable(result: dict[str, Any], now: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(a finished run's recorded config, ``now``) ready to compare: the recorded ``options.init``
+    set to the init it ran with (``method_record.init``) where its options left it to the default;
+    a run that recorded no init (made before inits existed) is compared without it, as it was then."""
+    before = result.get("config")
+    if not isinstance(before, dict) or not isinstance(before.get("options") or {}, dict):
+        return before, now
+    options = dict(before.get("options") or {})
+    ran = (result.get("method_record") or {}).get("init")
+    if "init" in options:
+        return before, now
+    if ran is not None:
+        return {**before, "options": {**options, "init": ran}}, now
+    if isinstance(now.get("options"), dict):
+        now = {**now, "options": {k: v for k, v in now["options"].items() if k != "init"}}
+    return before, now
 
 
 def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
@@ -138,7 +167,7 @@ def reusable_run(run: Run, params: dict[str, Any], out: Path) -> Path | None:
     here = library_versions()
     for experiment in run.reuse_from:
         for folder, result in _ok_results(out, experiment):
-            if _same_config(result.get("config"), wanted) and library_versions(result.get("versions") or {}) == here:
+            if _same_config(*_comparable(result, wanted)) and library_versions(result.get("versions") or {}) == here:
                 return folder
     return None
 

@@ -221,7 +221,7 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
     from ..core.metrics import FUSIONS, SCORES
     from ..core.peft_bridge import ALPHA_MODES
     from ..core.pipeline import BUDGET_MODES, allocate
-    from ..core.presets import DEFAULT_PRESET, PRESETS, check_value
+    from ..core.presets import DEFAULT_PRESET, PRESET_INITS, PRESETS, check_value
     from ..core.shaping import NORMALIZE
 
     keyword = {k: p.default for k, p in inspect.signature(allocate).parameters.items()}
@@ -267,8 +267,9 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
         own("alpha_mode", "how per-matrix alpha follows the rank", choices=ALPHA_MODES),
         own("num_probes", "hutchinson: Rademacher probes per batch", int),
         own("accumulate_on", "where fp32 accumulators live", choices=ACCUMULATE_ON),
-        own("init", "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient "
+        own("init", "adapter initialisation on the allocated ranks: zero (PEFT's, B = 0), gradient "
             "(ours: B from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, "
-            "lora-ga (docs/METHOD-NOTES.md)", choices=INITS),
+            "lora-ga (docs/METHOD-NOTES.md); default: the --preset's ("
+            + ", ".join(f"{p}: {i}" for p, i in PRESET_INITS.items()) + ")", choices=INITS),
         own("init_step", "gradient init: entry size of the initial update (a normalised gradient step), > 0", float),
     ]  # fmt: skip

@@ -133,9 +133,17 @@ def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> l
         tokenizer,
         kind,
         samples=args.calib_samples,
-        init=getattr(args, "init", "zero"),
+        init=chosen_init(args),
         **{k: getattr(args, k) for k in same},
     )
+
+
+def chosen_init(args: argparse.Namespace) -> str:
+    """The adapter init a command uses: --init, else its --preset's (core/presets.py PRESET_INITS)."""
+    from ..core.presets import preset_init
+
+    init = getattr(args, "init", None)
+    return init if init is not None else preset_init(getattr(args, "preset", None))
 
 
 def target_spec(args: argparse.Namespace):
@@ -245,9 +253,9 @@ def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) 
             f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
             "(cpu/disk) blocks do not support; use --estimator activation or a --device-map on GPUs only"
         )
-    if offloaded(model) and args.init != "zero":
+    if offloaded(model) and chosen_init(args) != "zero":
         raise SensloraError(
-            f"--init {args.init} needs the weights (and for gradient / lora-ga a backward pass) of every "
+            f"--init {chosen_init(args)} needs the weights (and for gradient / lora-ga a backward pass) of every "
             "target, which offloaded (cpu/disk) blocks do not have; use --init zero or a --device-map on GPUs only"
         )
     kind = model_kind(model)

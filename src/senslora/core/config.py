@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import SensloraError
-from .presets import RECIPE_KEYS, check_recipe, is_number, resolve
+from .presets import RECIPE_KEYS, check_recipe, is_number, preset_init, resolve
 from .ranges import COUNT, SEED, Range, check_fields
 
 BUDGET_MODES = ("rank", "params")
@@ -59,7 +59,8 @@ class AllocationConfig:
             per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
         seed, num_probes: the ``hutchinson`` probes (``seed`` also draws the gradient init's ``A``).
         init, init_step: the adapter initialisation on the allocated ranks
-            (:mod:`senslora.core.inits`); ``paper`` always means ``zero``.
+            (:mod:`senslora.core.inits`); None takes the preset's (``PRESET_INITS``); ``paper``
+            always means ``zero``.
     """
 
     avg_rank: float = _f(
@@ -113,17 +114,19 @@ class AllocationConfig:
     alpha_mode: str = _f("proportional", "how per-matrix alpha follows the rank")
     seed: int = _f(0, "seed of the hutchinson probes and of the gradient init's random A", range=SEED)
     num_probes: int = _f(1, "hutchinson: Rademacher probes per batch", range=COUNT)
-    init: str = _f(
-        "zero",
-        "adapter initialisation on the allocated ranks: zero (PEFT's default, B = 0), gradient (ours: B "
+    init: str | None = _f(
+        None,
+        "adapter initialisation on the allocated ranks: zero (PEFT's, B = 0), gradient (ours: B "
         "from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, lora-ga "
-        "(docs/METHOD-NOTES.md)",
+        "(docs/METHOD-NOTES.md); default: the preset's",
     )
     init_step: float = _f(
         1e-4, "gradient init: entry size of the initial update (a normalised gradient step), > 0", range=POSITIVE
     )
 
     def __post_init__(self) -> None:
+        if self.init is None:  # the preset's init (core/presets.py PRESET_INITS)
+            self.init = preset_init(self.preset)
         self.validate()
 
     def recipe(self) -> dict[str, Any]:

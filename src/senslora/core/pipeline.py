@@ -530,7 +530,7 @@ def allocate(
     measure_forward: bool = False,
     model_name: str = "",
     distributed: bool | None = None,
-    init: str = "zero",
+    init: str | None = None,
     init_step: float = DEFAULT_STEP,
 ) -> Allocation:
     """Allocate per-matrix LoRA ranks from Hessian-diagonal sensitivity (paper sections 3-4).
@@ -553,7 +553,7 @@ def allocate(
         distributed: ``None`` (default): with several processes, shard the calibration batches and
             the forward-pass reference over them (every process must call ``allocate`` with the
             same batches); ``False``: this process does everything alone.
-        init, init_step: the adapter initialisation (config fields). ``gradient`` fills the
+        init, init_step: the adapter initialisation (config fields; ``init`` None: the preset's). ``gradient`` fills the
             gradient sketch here: in the ``fisher`` estimator's pass when every rank is capped
             (``rho`` or ``r_max``), else in one more forward and backward pass at the allocated
             ranks; :meth:`Allocation.to_peft_model` then builds the initialised adapter.

@@ -54,6 +54,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Chosen on validation only (benchmarks/robust.yaml sweep-chat / sweep-movie; docs/METHOD-NOTES.md).
 PRESETS["robust"] = {**PRESETS["paper"], "rho": 2.0}
 DEFAULT_PRESET = "robust"
+#: The adapter initialisation each preset starts from when --init is not given (core/inits.py).
+#: ``paper`` is always PEFT's zero init; ``robust``'s is the one benchmarks/v3.yaml's validation stage
+#: chose (docs/METHOD-NOTES.md, "Adapter initialisation").
+PRESET_INITS: dict[str, str] = {"paper": "zero", "robust": "zero"}
+
+
+def preset_init(preset: str | None) -> str:
+    """The init of ``preset`` (None: the default preset's) when --init is not given; a preset
+    without an entry in :data:`PRESET_INITS` starts from PEFT's ``zero``."""
+    name = DEFAULT_PRESET if preset is None else preset
+    if name not in PRESETS:
+        raise SensloraError(f"unknown --preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESET_INITS.get(name, "zero")
 
 
 def resolve(preset: str | None = None, **choices: Any) -> dict[str, Any]:

@@ -82,15 +82,15 @@ def check_options(options: dict[str, Any], method: Any) -> None:
         ok, accepted = checks[key]
         if not ok(value):
             raise SensloraError(f"option {key} must be {accepted}, got {json.dumps(value)}")
-    init = options.get("init") or "zero"
-    if init != "zero" and not method.reads_init:
+    init = options.get("init")
+    if init not in (None, "zero") and not method.reads_init:
         raise SensloraError(
             f"method {method.name} has its own adapter initialisation; --init {init} applies to lora and "
             "senslora (and methods built on them) only"
         )
     from ..core.inits import check_init
 
-    check_init(init, options.get("preset"))  # the same rule as AllocationConfig's
+    check_init(method.init_for(options) or "zero", options.get("preset"))  # the same rule as AllocationConfig's
 
 
 def parse_option(item: str) -> tuple[str, Any]:

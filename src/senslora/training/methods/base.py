@@ -8,6 +8,7 @@ it trained. One shared test suite (tests/test_methods.py) runs over every regist
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -84,6 +85,12 @@ class Method:
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         """Return the model to train, with exactly the method's parameters trainable."""
         raise NotImplementedError
+
+    def init_for(self, options: Mapping[str, Any]) -> str | None:
+        """The adapter init a run with these ``options`` uses (what it records as
+        ``method_record.init``), or None for a method that reads no ``init`` option. The base rule:
+        the ``init`` option, else PEFT's ``zero``."""
+        return (options.get("init") or "zero") if self.reads_init else None
 
     def on_step_begin(self, model: nn.Module, step: int) -> None:
         """Before the forward pass of optimizer step ``step`` (0-based)."""

@@ -11,11 +11,12 @@ training then is plain PEFT LoRA, so its per-step cost is LoRA's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch.nn as nn
 
-from ...core.presets import RECIPE_KEYS
+from ...core.presets import RECIPE_KEYS, preset_init
 from ...data.models import peft_task_type
 from ._shared import method_targets, uniform_rank
 from .base import Method, MethodContext, initialise, register, wrap_peft
@@ -61,7 +62,7 @@ class LoRA(Method):
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         config = uniform_lora_config(model, ctx, self.name)
-        init = ctx.options.get("init") or "zero"
+        init = self.init_for(ctx.options)
         self.record.update(
             rank=config.r, lora_alpha=config.lora_alpha, target_matrices=len(config.target_modules), init=init
         )
@@ -84,6 +85,10 @@ class SensLoRA(Method):
 
     name = "senslora"
     reads_init = True
+
+    def init_for(self, options: Mapping[str, Any]) -> str | None:
+        """The ``init`` option, else the ``preset``'s (core/presets.py ``PRESET_INITS``)."""
+        return options.get("init") or preset_init(options.get("preset"))
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         from ...core.distributed import current
