@@ -510,7 +510,7 @@ def calibration_batches(
     if estimator not in ESTIMATORS or ESTIMATORS[estimator].needs_labels:
         who, fix = f"estimator {estimator}", "use --estimator activation"
     elif init in NEEDS_LABELS:
-        who, fix = f"--init {init}", "use another --init"
+        who, fix = f"--init {init} (given, or the --preset's)", "use --init zero (PEFT's, no labels needed)"
     else:
         who = None
     if kind in ("classification", "regression") and who is not None:
