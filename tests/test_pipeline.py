@@ -171,11 +171,14 @@ def test_allocation_config_fields_are_allocate_keywords_with_its_defaults_and_fl
 
     from senslora.cli.flags import allocator_flags
     from senslora.core.config import AllocationConfig
+    from senslora.core.presets import preset_init
 
     keyword = inspect.signature(allocate).parameters
     fields = {f.name: f for f in dataclasses.fields(AllocationConfig)}
     assert {name: keyword[name].default for name in fields} == {n: f.default for n, f in fields.items()}
-    assert AllocationConfig().to_dict() == {n: f.default for n, f in fields.items()}
+    # init None is the preset's init, filled in when the config is made
+    assert fields["init"].default is None and AllocationConfig().init == preset_init(None)
+    assert AllocationConfig().to_dict() == {**{n: f.default for n, f in fields.items()}, "init": preset_init(None)}
     assert all(f.metadata["help"] for f in fields.values())
     flags = {{"budget": "budget_mode"}.get(flag.dest, flag.dest): flag for flag in allocator_flags()}
     shared = set(flags) & set(fields)

@@ -118,7 +118,7 @@ class AllocationConfig:
         None,
         "adapter initialisation on the allocated ranks: zero (PEFT's, B = 0), gradient (ours: B "
         "from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, lora-ga "
-        "(docs/METHOD-NOTES.md); default: the preset's",
+        "(docs/METHOD-NOTES.md)",
     )
     init_step: float = _f(
         1e-4, "gradient init: entry size of the initial update (a normalised gradient step), > 0", range=POSITIVE
