@@ -253,9 +253,10 @@ def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) 
             f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
             "(cpu/disk) blocks do not support; use --estimator activation or a --device-map on GPUs only"
         )
-    if offloaded(model) and chosen_init(args) != "zero":
+    init = chosen_init(args)
+    if offloaded(model) and init != "zero":
         raise SensloraError(
-            f"--init {chosen_init(args)} needs the weights (and for gradient / lora-ga a backward pass) of every "
+            f"--init {init} needs the weights (and for gradient / lora-ga a backward pass) of every "
             "target, which offloaded (cpu/disk) blocks do not have; use --init zero or a --device-map on GPUs only"
         )
     kind = model_kind(model)

@@ -55,25 +55,29 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["robust"] = {**PRESETS["paper"], "rho": 2.0}
 DEFAULT_PRESET = "robust"
 #: The adapter initialisation each preset starts from when --init is not given (core/inits.py).
-#: ``paper`` is always PEFT's zero init; ``robust``'s is the one benchmarks/v3.yaml's validation stage
-#: chose (docs/METHOD-NOTES.md, "Adapter initialisation").
+#: ``paper`` is always PEFT's zero init. benchmarks/v3.yaml's validation stage chose ``gradient`` for
+#: ``robust`` (docs/METHOD-NOTES.md, "The default decision"); it stays ``zero`` here until the fallback
+#: for calibration data the gradient init cannot use lands (listed there).
 PRESET_INITS: dict[str, str] = {"paper": "zero", "robust": "zero"}
 
 
 def preset_init(preset: str | None) -> str:
     """The init of ``preset`` (None: the default preset's) when --init is not given; a preset
     without an entry in :data:`PRESET_INITS` starts from PEFT's ``zero``."""
+    return PRESET_INITS.get(_known(preset), "zero")
+
+
+def _known(preset: str | None) -> str:
+    """``preset``'s name (None: the default preset), or a one-line error for an unknown one."""
     name = DEFAULT_PRESET if preset is None else preset
     if name not in PRESETS:
         raise SensloraError(f"unknown --preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESET_INITS.get(name, "zero")
+    return name
 
 
 def resolve(preset: str | None = None, **choices: Any) -> dict[str, Any]:
     """The full recipe: ``preset``'s values, overridden by every choice that is not None."""
-    name = DEFAULT_PRESET if preset is None else preset
-    if name not in PRESETS:
-        raise SensloraError(f"unknown --preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    name = _known(preset)
     unknown = sorted(set(choices) - set(RECIPE_KEYS))
     if unknown:
         raise ValueError(f"not recipe options: {', '.join(unknown)}")
