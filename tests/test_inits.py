@@ -18,7 +18,8 @@ from senslora.core.inits import (
     save_converted,
 )
 from senslora.core.peft_bridge import peft_ranks
-from senslora.core.pipeline import allocate
+from senslora.core.pipeline import Allocation, allocate
+from senslora.core.presets import preset_init
 from senslora.core.sketch import GradientSketch, draw_a, gradient_factors, least_squares_b
 from senslora.core.targets import find_targets
 
@@ -153,7 +154,7 @@ def test_zero_init_is_exactly_the_plain_peft_adapter():
     from senslora.training.methods.base import wrap_peft
 
     model, batches = tiny_bert(), token_batches()
-    alloc = allocate(model, batches, avg_rank=2, progress=False)
+    alloc = allocate(model, batches, avg_rank=2, init="zero", progress=False)
     torch.manual_seed(5)
     plain = wrap_peft(tiny_bert(), alloc.to_lora_config(_base_config("SEQ_CLS")))
     torch.manual_seed(5)
@@ -184,6 +185,26 @@ def test_a_base_changing_init_saves_a_plain_adapter_for_the_original_model(tmp_p
         torch.testing.assert_close(reloaded(**batch).logits, peft_model(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_the_presets_own_init_falls_back_to_zero_where_it_cannot_run_and_says_why():
+    # robust's init is gradient; on unlabelled batches or an offloaded model it cannot run: the
+    # allocation warns, uses PEFT's zero init and records why (a given --init is an error instead).
+    assert preset_init("robust") == "gradient" and preset_init("paper") == "zero"
+    labelled = allocate(tiny_bert(), token_batches(), avg_rank=2, progress=False)
+    assert (labelled.init, labelled.init_fallback, labelled.init_pass) == ("gradient", "", "extra")
+    offload = tiny_bert()
+    offload.hf_device_map = {"bert.embeddings": "cpu", "bert.encoder": "disk"}
+    for model, batches, why in [
+        (tiny_bert(), token_batches(labels=None), "the calibration batches have no labels"),
+        (offload, token_batches(), "the model has offloaded"),
+    ]:
+        with pytest.warns(UserWarning, match=f"robust preset's --init gradient cannot run: {why}.*--init zero"):
+            alloc = allocate(model, batches, avg_rank=2, progress=False)
+        assert alloc.init == "zero" and alloc.init_fallback.startswith(why) and alloc.init_pass == ""
+        saved = Allocation.from_dict(json.loads(json.dumps(alloc.to_dict())))
+        assert saved.init == "zero" and saved.init_fallback == alloc.init_fallback
+        assert alloc.ranks == labelled.ranks  # the init never changes the ranks
+
+
 def test_bad_inits_are_one_line_errors():
     model, batches = tiny_bert(), token_batches()
     with pytest.raises(SensloraError, match="unknown --init 'svd'"):
@@ -192,8 +213,11 @@ def test_bad_inits_are_one_line_errors():
         allocate(model, batches, preset="paper", init="gradient", progress=False)
     with pytest.raises(SensloraError, match="init-step must be a positive"):
         allocate(model, batches, init="gradient", init_step=0, progress=False)
-    with pytest.raises(SensloraError, match="no 'labels'"):
+    with pytest.raises(SensloraError, match="--init gradient cannot run: the calibration batches have no labels"):
         allocate(model, token_batches(labels=None), init="gradient", progress=False)
+    model.hf_device_map = {"bert.embeddings": "cpu", "bert.encoder": "disk"}  # accelerate's offload record
+    with pytest.raises(SensloraError, match="--init gradient cannot run: the model has offloaded"):
+        allocate(model, batches, init="gradient", progress=False)
     alloc = allocate(model, batches, init="corda", progress=False)
     with pytest.raises(SensloraError, match="--init corda needs calibration batches"):
         alloc.to_peft_model(tiny_bert(), _base_config("SEQ_CLS"))

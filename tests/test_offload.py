@@ -10,9 +10,9 @@ from conftest import make_word_tokenizer
 from tiny import tiny_llama, token_batches
 
 from senslora.cli.main import main
-from senslora.core.losses import input_device
+from senslora.core.losses import input_device, offloaded
 from senslora.core.pipeline import allocate
-from senslora.data.models import load_model, offloaded
+from senslora.data.models import load_model
 
 
 @pytest.fixture

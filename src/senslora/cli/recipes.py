@@ -133,17 +133,11 @@ def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> l
         tokenizer,
         kind,
         samples=args.calib_samples,
-        init=chosen_init(args),
+        # Labels are required only by an --init given on the command line: the preset's own init
+        # uses them where the data has them and otherwise falls back to zero (core/pipeline.py).
+        init=getattr(args, "init", None) or "zero",
         **{k: getattr(args, k) for k in same},
     )
-
-
-def chosen_init(args: argparse.Namespace) -> str:
-    """The adapter init a command uses: --init, else its --preset's (core/presets.py PRESET_INITS)."""
-    from ..core.presets import preset_init
-
-    init = getattr(args, "init", None)
-    return init if init is not None else preset_init(getattr(args, "preset", None))
 
 
 def target_spec(args: argparse.Namespace):
@@ -232,8 +226,9 @@ def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) 
     from ..core.distributed import process_device
     from ..core.estimators import estimator_class
     from ..core.inits import MUTATES_BASE
+    from ..core.losses import offloaded
     from ..core.pipeline import ADAPTER_DIR, allocate
-    from ..data.models import PEFT_TASK_TYPES, model_kind, offloaded
+    from ..data.models import PEFT_TASK_TYPES, model_kind
 
     if dist.enabled:
         # One device per process (cuda:<local rank>, or the CPU under gloo).
@@ -253,8 +248,8 @@ def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) 
             f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
             "(cpu/disk) blocks do not support; use --estimator activation or a --device-map on GPUs only"
         )
-    init = chosen_init(args)
-    if offloaded(model) and init != "zero":
+    init = getattr(args, "init", None)  # given; the preset's own falls back to zero here (allocate)
+    if offloaded(model) and init not in (None, "zero"):
         raise SensloraError(
             f"--init {init} needs the weights (and for gradient / lora-ga a backward pass) of every "
             "target, which offloaded (cpu/disk) blocks do not have; use --init zero or a --device-map on GPUs only"

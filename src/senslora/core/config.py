@@ -59,8 +59,9 @@ class AllocationConfig:
             per-matrix alpha follows the rank (``proportional`` keeps alpha/r constant).
         seed, num_probes: the ``hutchinson`` probes (``seed`` also draws the gradient init's ``A``).
         init, init_step: the adapter initialisation on the allocated ranks
-            (:mod:`senslora.core.inits`); None takes the preset's (``PRESET_INITS``); ``paper``
-            always means ``zero``.
+            (:mod:`senslora.core.inits`); None takes the preset's (``PRESET_INITS``; ``robust``:
+            ``gradient``, which falls back to ``zero`` with a warning on calibration batches without
+            labels or a model with offloaded blocks); ``paper`` always means ``zero``.
     """
 
     avg_rank: float = _f(
@@ -125,7 +126,10 @@ class AllocationConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.init is None:  # the preset's init (core/presets.py PRESET_INITS)
+        #: Whether ``init`` is the preset's (not given): only then may :func:`allocate` fall back
+        #: to ``zero`` where it cannot run (core/presets.py ``PRESET_INITS``); a given one is an error.
+        self.init_from_preset = self.init is None
+        if self.init is None:
             self.init = preset_init(self.preset)
         self.validate()
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SensloraError
-from .losses import IGNORE_INDEX, LossFn, model_inputs, move_batch, per_example_loss
+from .losses import IGNORE_INDEX, LossFn, model_inputs, move_batch, offloaded, per_example_loss
 from .sketch import GradientSketch, gradient_factors
 
 INITS = ("zero", "gradient", "pissa", "olora", "corda", "eva", "lora-ga")
@@ -63,6 +63,18 @@ def check_init(init: str, preset: str | None) -> None:
             f"--preset paper is Sensitivity-LoRA as published, with PEFT's zero init; --init {init} "
             "changes the method: use --preset robust (or no preset) with --init"
         )
+
+
+def init_blocker(init: str, model: nn.Module, batches: Sequence[Mapping], loss_fn: LossFn | None) -> str | None:
+    """Why ``init`` cannot run on ``model`` with these calibration ``batches`` (one phrase), or None
+    when it can. Checked before any pass: an init that needs the task loss
+    (:data:`NEEDS_LABELS`) needs ``labels`` in every batch unless the caller gives ``loss_fn``; one
+    that needs a backward pass (:data:`NEEDS_GRAD`) needs every block on an execution device."""
+    if init in NEEDS_LABELS and loss_fn is None and any("labels" not in b for b in batches):
+        return "the calibration batches have no labels (the task loss needs them)"
+    if init in NEEDS_GRAD and offloaded(model):
+        return "the model has offloaded (cpu/disk) blocks, which have no backward pass"
+    return None
 
 
 # ------------------------------------------------------------------------ the gradient sketch pass

@@ -49,6 +49,14 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def offloaded(model: torch.nn.Module) -> bool:
+    """Whether accelerate keeps some of ``model``'s weights off the execution devices (CPU/disk):
+    those blocks visit the device one at a time and have no backward pass."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    devices = {str(d) for d in placement.values()}
+    return "disk" in devices or ("cpu" in devices and len(devices) > 1)
+
+
 def _logits(output: object) -> torch.Tensor:
     # HF ModelOutput / dict with "logits", a tuple whose first item is the logits, or a bare tensor.
     if isinstance(output, torch.Tensor):
@@ -74,6 +82,11 @@ def per_example_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
     if "input_ids" not in batch:
         raise SensloraError("the calibration batch has no 'input_ids'")
     logits = _logits(model(**model_inputs(batch))).float()
+    if logits.dim() == 3 and labels.shape != batch["input_ids"].shape:
+        raise SensloraError(
+            f"the calibration labels have shape {tuple(labels.shape)} but the model predicts every token "
+            f"(logits {tuple(logits.shape)}); a causal LM needs labels shaped like input_ids"
+        )
 
     if labels.shape == batch["input_ids"].shape:
         # Causal LM: position t predicts token t+1.

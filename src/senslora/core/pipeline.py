@@ -33,7 +33,7 @@ from .config import BUDGET_MODES as BUDGET_MODES  # re-exported: flags and optio
 from .config import AllocationConfig
 from .distributed import SINGLE, current
 from .errors import SensloraError
-from .inits import DEFAULT_STEP, gradient_sketch, new_sketch
+from .inits import DEFAULT_STEP, gradient_sketch, init_blocker, new_sketch
 from .losses import input_device
 from .metrics import MatrixScores, fuse, score_matrix
 from .peft_bridge import ranks_to_lora_config
@@ -114,6 +114,8 @@ class Allocation:
     init: str = "zero"
     init_step: float = DEFAULT_STEP
     init_pass: str = ""  # gradient: "shared" with the fisher pass, or "extra" (one more pass)
+    # Why the preset's init could not run and ``init`` is "zero" instead ("" when it ran).
+    init_fallback: str = ""
     format_version: int = 2
     #: The filled gradient sketch of ``init="gradient"`` (not saved: :meth:`to_peft_model`
     #: recomputes it from the calibration batches when it is missing, e.g. after :meth:`load`).
@@ -330,7 +332,26 @@ def _config_from(config: AllocationConfig | None, keywords: dict) -> AllocationC
                 f"allocate() got config with {name}={getattr(config, name)!r} and the keyword "
                 f"{name}={value!r}; set {name} in one place"
             )
-    return replace(config)  # validated again: the caller may have changed fields since
+    copy = replace(config)  # validated again: the caller may have changed fields since
+    copy.init_from_preset = config.init_from_preset
+    return copy
+
+
+def _runnable_init(config: AllocationConfig, model, batches, loss_fn) -> tuple[AllocationConfig, str]:
+    """(the config whose init runs here, why the preset's init could not: "" when it can). The
+    preset's own init (not given) falls back to ``zero`` with a warning where it cannot run
+    (:func:`senslora.core.inits.init_blocker`); an init the caller named is an error there."""
+    reason = init_blocker(config.init, model, batches, loss_fn)
+    if reason is None:
+        return config, ""
+    if not config.init_from_preset:
+        raise SensloraError(f"--init {config.init} cannot run: {reason}; fix that or use --init zero")
+    warnings.warn(
+        f"the {config.preset or DEFAULT_PRESET} preset's --init {config.init} cannot run: {reason}; "
+        "using --init zero (PEFT's) instead, recorded as init_fallback in allocation.json",
+        stacklevel=3,
+    )
+    return replace(config, init="zero"), reason
 
 
 def _budget(config: AllocationConfig, rho, targets) -> _Budget:
@@ -553,7 +574,9 @@ def allocate(
         distributed: ``None`` (default): with several processes, shard the calibration batches and
             the forward-pass reference over them (every process must call ``allocate`` with the
             same batches); ``False``: this process does everything alone.
-        init, init_step: the adapter initialisation (config fields; ``init`` None: the preset's). ``gradient`` fills the
+        init, init_step: the adapter initialisation (config fields; ``init`` None: the preset's,
+            which falls back to ``zero`` with a warning where it cannot run, e.g. on batches
+            without labels; a given ``init`` that cannot run is an error). ``gradient`` fills the
             gradient sketch here: in the ``fisher`` estimator's pass when every rank is capped
             (``rho`` or ``r_max``), else in one more forward and backward pass at the allocated
             ranks; :meth:`Allocation.to_peft_model` then builds the initialised adapter.
@@ -567,6 +590,7 @@ def allocate(
     batches = list(calibration_batches)
     if not batches:
         raise SensloraError("the calibration set is empty; pass --calib with at least one example")
+    config, fallback = _runnable_init(config, model, batches, loss_fn)
     timings: dict[str, float] = {}
     device = device or input_device(model)
     dist = current() if distributed is not False else SINGLE
@@ -605,7 +629,7 @@ def allocate(
     alloc = _record(config, recipe, matrices, ranks, weights, budget, batches, timings, model_name)
     if shared is not None:  # the Fisher pass saw every calibration example (summed over processes)
         shared.num_examples = alloc.calibration["examples"]
-    alloc.sketch, alloc.init_pass = sketch, init_pass
+    alloc.sketch, alloc.init_pass, alloc.init_fallback = sketch, init_pass, fallback
     note = concentration_warning(names, [m.params for m in matrices], budget.costs * config.avg_rank)
     if note is not None:
         warnings.warn(note, stacklevel=2)

@@ -491,7 +491,8 @@ def calibration_batches(
 
     For a classification or regression model, an estimator that needs the task loss (its
     ``needs_labels``: all but ``activation``), or an ``init`` that does (``gradient``, ``lora-ga``),
-    needs every example labelled. The messages name the ``senslora allocate`` flags (``--max-length``, ``--label-column``,
+    needs every example labelled. ``init`` is the one the user named: the preset's own falls back to
+    zero on unlabelled batches instead (:func:`senslora.core.pipeline.allocate`). The messages name the ``senslora allocate`` flags (``--max-length``, ``--label-column``,
     ``--estimator``) that set these values.
     """
     if max_length < 8:
@@ -510,7 +511,7 @@ def calibration_batches(
     if estimator not in ESTIMATORS or ESTIMATORS[estimator].needs_labels:
         who, fix = f"estimator {estimator}", "use --estimator activation"
     elif init in NEEDS_LABELS:
-        who, fix = f"--init {init} (given, or the --preset's)", "use --init zero (PEFT's, no labels needed)"
+        who, fix = f"--init {init}", "use --init zero (PEFT's, no labels needed)"
     else:
         who = None
     if kind in ("classification", "regression") and who is not None:

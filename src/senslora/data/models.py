@@ -607,13 +607,6 @@ def check_device_map(auto_cls: Any, config: Any, device_map: dict, extra: dict) 
         )
 
 
-def offloaded(model: Any) -> bool:
-    """Whether accelerate keeps some of ``model``'s weights off the execution devices (CPU/disk)."""
-    placement = getattr(model, "hf_device_map", None) or {}
-    devices = {str(d) for d in placement.values()}
-    return "disk" in devices or ("cpu" in devices and len(devices) > 1)
-
-
 def is_head_parameter(name: str) -> bool:
     """Whether a parameter (or module) name lies in the task head (:data:`HEAD_MODULES`)."""
     return any(part in HEAD_MODULES for part in name.split("."))
