@@ -36,14 +36,17 @@ DISK_MAP = {
 
 def test_activation_allocation_with_a_block_on_disk_equals_the_in_memory_one(llama_folder, tmp_path):
     plain, _ = load_model(llama_folder, device="cpu")
-    batches = token_batches(3, batch_size=4)
+    batches = token_batches(3, batch_size=4, labels="lm")
     reference = allocate(plain, batches, avg_rank=2, progress=False)
     big, _ = load_model(llama_folder, device_map=DISK_MAP, offload_folder=tmp_path / "offload")
     assert offloaded(big) and not offloaded(plain)
     assert input_device(big) == torch.device("cpu")
     # The offloaded block's weights are not in memory between forward passes.
     assert big.model.layers[1].self_attn.q_proj.weight.device == torch.device("meta")
-    got = allocate(big, batches, avg_rank=2, progress=False)
+    # The default's gradient init needs a backward pass the offloaded block has not: zero instead.
+    with pytest.warns(UserWarning, match="cannot run: the model has offloaded"):
+        got = allocate(big, batches, avg_rank=2, progress=False)
+    assert (reference.init, got.init) == ("gradient", "zero") and got.init_fallback
     assert got.ranks == reference.ranks
     for a, b in zip(got.matrices, reference.matrices, strict=True):
         assert (a.name, a.s_global, a.s_topk) == (
@@ -75,7 +78,11 @@ def test_cli_device_map_offloads_and_refuses_gradient_estimators(llama_folder, t
     ]
     out = tmp_path / "alloc"
     assert main([*common, "--out", str(out)]) == 0
-    assert len(json.loads((out / "allocation.json").read_text())["matrices"]) == 14
+    saved = json.loads((out / "allocation.json").read_text())
+    assert len(saved["matrices"]) == 14 and saved["init"] == "zero" and "offloaded" in saved["init_fallback"]
+    code = main([*common, "--init", "gradient", "--out", str(tmp_path / "alloc3")])
+    assert code == 2 and not (tmp_path / "alloc3").exists()
+    assert "--init gradient needs" in capsys.readouterr().err
     code = main([*common, "--estimator", "fisher", "--out", str(tmp_path / "alloc2")])
     assert code == 2 and not (tmp_path / "alloc2").exists()
     assert "activation" in capsys.readouterr().err
