@@ -784,6 +784,7 @@ def test_a_changed_default_init_makes_runs_that_left_it_to_the_default_stale_but
     from senslora.training.config import TrainConfig
     from senslora.training.train import recorded_config
 
+    monkeypatch.setitem(presets.PRESET_INITS, "robust", "zero")  # the runs were made under a zero default
     params = {"model": "minilm", "task": "movie-polarity", "method": "senslora", "lr": 0.002}
     for name, extra in (("default", {}), ("explicit", {"options": {"init": "zero"}})):
         done = _train_result("senslora", 0, acc=0.7, val=0.6)
