@@ -310,6 +310,18 @@ def _print_summary(alloc) -> None:
         f"{c['top5pct_share']:.1%} of the LoRA parameters, rank Gini {c['rank_gini']:.2f}, "
         f"{c['at_r_min']} at r_min, {c['at_r_max']} at r_max"
     )
+    print(f"adapter init {alloc.init}{_init_detail(alloc)}")
+
+
+def _init_detail(alloc) -> str:
+    """How the init ran: its extra pass and seconds, or why the preset's could not."""
+    if alloc.init_fallback:
+        return f" (PEFT's; the {alloc.preset} preset's init could not run: {alloc.init_fallback})"
+    if alloc.init_pass == "extra":
+        return f" (one more forward and backward pass, {alloc.timings.get('init', 0.0):.2f} s, in the time above)"
+    if alloc.init_pass == "shared":
+        return " (sketched in the estimator's pass)"
+    return ""
 
 
 def run_layers(args: argparse.Namespace) -> Path:
