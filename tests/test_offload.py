@@ -77,9 +77,12 @@ def test_cli_device_map_offloads_and_refuses_gradient_estimators(llama_folder, t
         str(tmp_path / "off"),
     ]
     out = tmp_path / "alloc"
-    assert main([*common, "--out", str(out)]) == 0
+    with pytest.warns(UserWarning, match="cannot run: the model has offloaded"):
+        assert main([*common, "--out", str(out)]) == 0
     saved = json.loads((out / "allocation.json").read_text())
     assert len(saved["matrices"]) == 14 and saved["init"] == "zero" and "offloaded" in saved["init_fallback"]
+    said = capsys.readouterr().out
+    assert "adapter init zero (PEFT's; the robust preset's init could not run: the model has offloaded" in said
     code = main([*common, "--init", "gradient", "--out", str(tmp_path / "alloc3")])
     assert code == 2 and not (tmp_path / "alloc3").exists()
     assert "--init gradient needs" in capsys.readouterr().err
