@@ -270,6 +270,7 @@ def allocator_flags(budget_default: str = "rank") -> list[Flag]:
         own("init", "adapter initialisation on the allocated ranks: zero (PEFT's, B = 0), gradient "
             "(ours: B from the calibration gradient, W unchanged), or PEFT's pissa, olora, corda, eva, "
             "lora-ga (docs/METHOD-NOTES.md); default: the --preset's ("
-            + ", ".join(f"{p}: {i}" for p, i in PRESET_INITS.items()) + ")", choices=INITS),
+            + ", ".join(f"{p}: {i}" for p, i in PRESET_INITS.items())
+            + "; the preset's falls back to zero, with a warning, where it cannot run)", choices=INITS),
         own("init_step", "gradient init: entry size of the initial update (a normalised gradient step), > 0", float),
     ]  # fmt: skip
