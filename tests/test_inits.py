@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny import tiny_bert, tiny_llama, token_batches
 
+from senslora.core.config import AllocationConfig
 from senslora.core.errors import SensloraError
 from senslora.core.estimators.fisher import FisherEstimator
 from senslora.core.inits import (
@@ -203,6 +204,15 @@ def test_the_presets_own_init_falls_back_to_zero_where_it_cannot_run_and_says_wh
         saved = Allocation.from_dict(json.loads(json.dumps(alloc.to_dict())))
         assert saved.init == "zero" and saved.init_fallback == alloc.init_fallback
         assert alloc.ranks == labelled.ranks  # the init never changes the ranks
+    config = AllocationConfig(avg_rank=2)
+    assert config.init == "gradient" and config.init_from_preset
+    with pytest.warns(UserWarning, match="cannot run"):
+        assert allocate(tiny_bert(), token_batches(labels=None), config=config, progress=False).init == "zero"
+    with pytest.raises(SensloraError, match="--init gradient cannot run"):  # named: never replaced
+        allocate(tiny_bert(), token_batches(labels=None), config=AllocationConfig(avg_rank=2, init="gradient"), progress=False)
+    config.init = "lora-ga"  # set on the config after it was made: the caller's, not the preset's
+    with pytest.raises(SensloraError, match="--init lora-ga cannot run"):
+        allocate(tiny_bert(), token_batches(labels=None), config=config, progress=False)
 
 
 def test_bad_inits_are_one_line_errors():

@@ -37,7 +37,7 @@ from .inits import DEFAULT_STEP, gradient_sketch, init_blocker, new_sketch
 from .losses import input_device
 from .metrics import MatrixScores, fuse, score_matrix
 from .peft_bridge import ranks_to_lora_config
-from .presets import DEFAULT_PRESET, recipe_name
+from .presets import DEFAULT_PRESET, preset_init, recipe_name
 from .shaping import (
     concentration,
     concentration_warning,
@@ -333,7 +333,8 @@ def _config_from(config: AllocationConfig | None, keywords: dict) -> AllocationC
                 f"{name}={value!r}; set {name} in one place"
             )
     copy = replace(config)  # validated again: the caller may have changed fields since
-    copy.init_from_preset = config.init_from_preset
+    # Still the preset's init only if no one set another init or preset on the config since.
+    copy.init_from_preset = config.init_from_preset and config.init == preset_init(config.preset)
     return copy
 
 
