@@ -226,9 +226,11 @@ def test_bad_inits_are_one_line_errors():
     with pytest.raises(SensloraError, match="--init gradient cannot run: the calibration batches have no labels"):
         allocate(model, token_batches(labels=None), init="gradient", progress=False)
     model.hf_device_map = {"bert.embeddings": "cpu", "bert.encoder": "disk"}  # accelerate's offload record
-    with pytest.raises(SensloraError, match="--init gradient cannot run: the model has offloaded"):
-        allocate(model, batches, init="gradient", progress=False)
-    alloc = allocate(model, batches, init="corda", progress=False)
+    for init in ("gradient", "pissa", "eva"):  # a backward pass, or the weights, offloaded blocks lack
+        with pytest.raises(SensloraError, match=f"--init {init} cannot run: the model has offloaded"):
+            allocate(model, batches, init=init, progress=False)
+    assert allocate(model, batches, init="zero", progress=False).init == "zero"
+    alloc = allocate(tiny_bert(), batches, init="corda", progress=False)
     with pytest.raises(SensloraError, match="--init corda needs calibration batches"):
         alloc.to_peft_model(tiny_bert(), _base_config("SEQ_CLS"))
 

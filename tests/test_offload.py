@@ -83,9 +83,10 @@ def test_cli_device_map_offloads_and_refuses_gradient_estimators(llama_folder, t
     assert len(saved["matrices"]) == 14 and saved["init"] == "zero" and "offloaded" in saved["init_fallback"]
     said = capsys.readouterr().out
     assert "adapter init zero (PEFT's; the robust preset's init could not run: the model has offloaded" in said
-    code = main([*common, "--init", "gradient", "--out", str(tmp_path / "alloc3")])
-    assert code == 2 and not (tmp_path / "alloc3").exists()
-    assert "--init gradient needs" in capsys.readouterr().err
+    for init, why in [("gradient", "which have no backward pass"), ("pissa", "whose weights it needs")]:
+        code = main([*common, "--init", init, "--out", str(tmp_path / "alloc3")])  # named: an error
+        assert code == 2 and not (tmp_path / "alloc3").exists()
+        assert f"--init {init} cannot run: the model has offloaded (cpu/disk) blocks, {why}" in capsys.readouterr().err
     code = main([*common, "--estimator", "fisher", "--out", str(tmp_path / "alloc2")])
     assert code == 2 and not (tmp_path / "alloc2").exists()
     assert "activation" in capsys.readouterr().err

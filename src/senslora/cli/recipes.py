@@ -248,12 +248,8 @@ def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) 
             f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
             "(cpu/disk) blocks do not support; use --estimator activation or a --device-map on GPUs only"
         )
-    init = getattr(args, "init", None)  # given; the preset's own falls back to zero here (allocate)
-    if offloaded(model) and init not in (None, "zero"):
-        raise SensloraError(
-            f"--init {init} needs the weights (and for gradient / lora-ga a backward pass) of every "
-            "target, which offloaded (cpu/disk) blocks do not have; use --init zero or a --device-map on GPUs only"
-        )
+    # Whether the init can run on this model (offloaded blocks, unlabelled batches) is allocate()'s
+    # check (core.inits.init_blocker): a named init is a one-line error, the preset's own falls back.
     kind = model_kind(model)
     batches = calibration_batches_for(args, tokenizer, kind)
     with step("estimating the sensitivities and allocating the ranks", TARGETS_FIX):

@@ -69,11 +69,14 @@ def init_blocker(init: str, model: nn.Module, batches: Sequence[Mapping], loss_f
     """Why ``init`` cannot run on ``model`` with these calibration ``batches`` (one phrase), or None
     when it can. Checked before any pass: an init that needs the task loss
     (:data:`NEEDS_LABELS`) needs ``labels`` in every batch unless the caller gives ``loss_fn``; one
-    that needs a backward pass (:data:`NEEDS_GRAD`) needs every block on an execution device."""
+    that needs a backward pass (:data:`NEEDS_GRAD`) needs every block on an execution device, and
+    every other non-zero init reads the weights of every target, which offloaded blocks do not hold."""
     if init in NEEDS_LABELS and loss_fn is None and any("labels" not in b for b in batches):
         return "the calibration batches have no labels (the task loss needs them)"
-    if init in NEEDS_GRAD and offloaded(model):
-        return "the model has offloaded (cpu/disk) blocks, which have no backward pass"
+    if init != "zero" and offloaded(model):
+        if init in NEEDS_GRAD:
+            return "the model has offloaded (cpu/disk) blocks, which have no backward pass"
+        return "the model has offloaded (cpu/disk) blocks, whose weights it needs on a device"
     return None
 
 
