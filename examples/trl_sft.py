@@ -11,8 +11,10 @@ Steps (all written into --out):
 2. allocation/: `senslora.allocate` with its default recipe on a calibration sample of that file
    (allocation.json, lora_config/, axolotl.yaml, llamafactory.yaml), as
    `senslora allocate --calib data.jsonl` does.
-3. SFTTrainer(peft_config=allocation.to_lora_config(...)) trains LoRA with those ranks; adapter/ is
-   what trainer.save_model writes.
+3. SFTTrainer trains the PEFT model `allocation.to_peft_model(...)` builds: LoRA with those ranks,
+   its adapter initialised by the allocation's init (the default's `gradient`, from the calibration
+   gradient); adapter/ is what trainer.save_model writes. (`peft_config=allocation.to_lora_config(...)`
+   instead would train the same ranks from PEFT's zero init.)
 4. The adapter is loaded back with PeftModel.from_pretrained and every module's rank compared with
    the allocation.
 """
@@ -120,7 +122,9 @@ def main() -> None:
     ranks = alloc.ranks
     print(f"allocated {len(ranks)} matrices, ranks {min(ranks.values())}..{max(ranks.values())} (recipe {alloc.recipe})")
 
-    # 3. TRL trains LoRA with those ranks.
+    # 3. TRL trains LoRA with those ranks, from the adapter the allocation initialised.
+    peft_model = alloc.to_peft_model(model, base, batches=batches)
+    print(f"adapter init {alloc.init}")
     config = SFTConfig(
         output_dir=str(out / "trainer"),
         max_steps=steps,
@@ -136,11 +140,10 @@ def main() -> None:
         seed=0,
     )
     trainer = SFTTrainer(
-        model=model,
+        model=peft_model,
         args=config,
         train_dataset=datasets.Dataset.from_json(str(out / "data.jsonl")),
         processing_class=tokenizer,
-        peft_config=alloc.to_lora_config(base),
     )
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]

@@ -152,5 +152,6 @@ def test_the_example_runs_the_whole_path_on_tiny_sizes(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "adapter init gradient" in proc.stdout  # TRL trains the default's initialised adapter
     assert "every per-module rank kept" in proc.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
