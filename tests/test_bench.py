@@ -223,6 +223,24 @@ def test_report_tables_paired_differences_and_targets(tmp_path):
     assert (tmp_path / "plots" / "main.png").exists()
 
 
+def test_report_says_it_is_interim_while_the_config_plans_runs_without_an_ok_result(tmp_path):
+    write(tmp_path / "benchmark.yaml",
+          "experiments: [{name: main, grid: {method: [lora, senslora], seed: [0, 1, 2]}}, {name: later, grid: {seed: [0, 1]}}]")
+    for seed in range(3):
+        for method, acc in (("lora", 0.80), ("senslora", 0.81 + seed / 100)):
+            if (method, seed) != ("senslora", 2):
+                _fake_run(tmp_path, "main", f"method={method},seed={seed}", {"method": method, "seed": seed},
+                          _train_result(method, seed, acc, 0.5), {"method": "lora"})
+    text = build_report(tmp_path).read_text()
+    assert ("**Interim report: 5 of the 8 runs that `benchmark.yaml` plans are ok.** Experiments with runs "
+            "left (ok of planned): `main` 5 of 6, `later` 0 of 2.") in text
+    _fake_run(tmp_path, "main", "method=senslora,seed=2", {"method": "senslora", "seed": 2},
+              _train_result("senslora", 2, 0.83, 0.5), {"method": "lora"})
+    for seed in range(2):
+        _fake_run(tmp_path, "later", f"seed={seed}", {"seed": seed}, _train_result("lora", seed, 0.8, 0.5))
+    assert "Interim report" not in build_report(tmp_path).read_text()
+
+
 def test_report_checks_the_paired_half_width_an_experiment_declares(tmp_path):
     diffs = [0.02, -0.01, 0.04]
     for seed, d in enumerate(diffs):

@@ -722,6 +722,9 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
         note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
                 f"{len(runs)} result files; every table, and the training and allocation costs, in "
                 f"[{results}]({results}).")
+        progress = progress_lines(out, runs)
+        if progress:
+            note += " " + progress[0].replace("**", "")
         write_readme_block(readme, out, [note, "", *head[2:]])
     return path
 
@@ -736,6 +739,32 @@ def _declared_experiments(out: Path) -> dict[str, dict]:
     from .grid import load_config
 
     return {e["name"]: e for e in load_config(config)["experiments"]}
+
+
+def progress_lines(out: Path, runs: list[dict]) -> list[str]:
+    """While ``out/benchmark.yaml`` plans runs that have no ok result yet, one paragraph saying so,
+    per experiment with runs left (its ok runs of its planned ones), so that an interim report's
+    tables are not read as final; [] when every planned run is ok, or without that file."""
+    config = out / "benchmark.yaml"
+    if not config.is_file():
+        return []
+    from .grid import expand, load_config
+
+    planned: dict[str, set[str]] = defaultdict(set)
+    for run in expand(load_config(config)):
+        planned[run.experiment].add(run.run_id)
+    done: dict[str, int] = defaultdict(int)
+    for r in runs:
+        exp, run_id = r["_dir"].parent.name, r["_dir"].name
+        if r["status"] == "ok" and run_id in planned.get(exp, ()):
+            done[exp] += 1
+    left = [f"`{exp}` {done[exp]} of {len(ids)}" for exp, ids in planned.items() if done[exp] < len(ids)]
+    if not left:
+        return []
+    total, n_done = sum(len(ids) for ids in planned.values()), sum(done.values())
+    return [f"**Interim report: {n_done} of the {total} runs that `benchmark.yaml` plans are ok.** "
+            f"Experiments with runs left (ok of planned): {', '.join(left)}. Their tables hold the "
+            "seeds finished so far and change as the rest land.", ""]
 
 
 def _by_experiment(runs: list[dict]) -> dict[str, list[dict]]:
@@ -776,6 +805,7 @@ def _report_lines(
         f"written by `{command or f'senslora bench {out}/benchmark.yaml --out {out}'}`. Every figure on this page is computed from those files; the projection's hardware assumptions are constants stated in `senslora.bench.projection`.",
         "",
     ]
+    lines += progress_lines(out, runs)
     lines += targets_section(runs)
     by_exp = _by_experiment(runs)
     groups, baseline = forest_groups(_headline_experiments(by_exp, hidden))
