@@ -711,8 +711,9 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
     path = out / "RESULTS.md"
     # All or nothing: a failed write leaves the previous RESULTS.md and plots/ untouched.
     default = decided_default(runs)
+    progress = progress_lines(out, runs)
     with atomic_dir(out / "plots") as plots:
-        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command, hidden, targets, default)))
+        atomic_write_text(path, "\n".join(_report_lines(out, runs, plots, command, hidden, targets, default, progress)))
     if readme is not None:
         n_ok = sum(r["status"] == "ok" for r in runs)
         here = Path(readme).resolve().parent
@@ -722,7 +723,6 @@ def build_report(out: str | Path, *, command: str | None = None, readme: str | P
         note = (f"Written by `senslora report {out} --readme {readme}` from {n_ok} ok runs of "
                 f"{len(runs)} result files; every table, and the training and allocation costs, in "
                 f"[{results}]({results}).")
-        progress = progress_lines(out, runs)
         if progress:
             note += " " + progress[0].replace("**", "")
         write_readme_block(readme, out, [note, "", *head[2:]])
@@ -788,7 +788,7 @@ def _projection(by_exp: dict[str, list[dict]]) -> list[str]:
 
 def _report_lines(
     out: Path, runs: list[dict], plots: Path, command: str | None, hidden: frozenset[str],
-    targets: dict[str, float], default: dict | None,
+    targets: dict[str, float], default: dict | None, progress: list[str],
 ) -> list[str]:
     n_ok = sum(r["status"] == "ok" for r in runs)
     n_reused = sum(bool(r["_meta"].get("reused_from")) for r in runs)
@@ -805,7 +805,7 @@ def _report_lines(
         f"written by `{command or f'senslora bench {out}/benchmark.yaml --out {out}'}`. Every figure on this page is computed from those files; the projection's hardware assumptions are constants stated in `senslora.bench.projection`.",
         "",
     ]
-    lines += progress_lines(out, runs)
+    lines += progress
     lines += targets_section(runs)
     by_exp = _by_experiment(runs)
     groups, baseline = forest_groups(_headline_experiments(by_exp, hidden))
