@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from senslora.core.allocation import allocate_params, allocate_ranks, largest_remainder
-from senslora.core.errors import SensloraError
+from senslora.core.errors import SensloraError, SensloraWarning
 
 # θ values: a few exact zeros and duplicates, otherwise spread over six decades.
 theta_value = st.one_of(st.just(0.0), st.sampled_from([1.0, 2.5, 7.0]), st.floats(1e-3, 1e3))
@@ -124,7 +124,7 @@ def test_pra_uneven_categories() -> None:
 
 def test_all_zero_theta_is_uniform_with_warning() -> None:
     for strategy in ("sra", "pra"):
-        with pytest.warns(UserWarning, match="falling back to uniform"):
+        with pytest.warns(SensloraWarning, match="falling back to uniform"):
             np.testing.assert_array_equal(allocate_ranks([0, 0, 0], 10, strategy=strategy), [4, 3, 3])
     with pytest.warns(UserWarning):
         np.testing.assert_array_equal(allocate_ranks([0, 0, 0], 12, r_max=np.array([1, 10, 10])), [1, 6, 5])

@@ -39,3 +39,18 @@ def test_other_warnings_stay_visible():
             warnings.warn(f"`{MESSAGE}` is deprecated", UserWarning, stacklevel=1)
 
     assert len(_caught(other)) == 2
+
+
+def test_the_cli_prints_senslora_warnings_as_one_line_and_leaves_others_alone(capsys):
+    from senslora import SensloraWarning
+    from senslora.cli.main import _show_warnings
+
+    with warnings.catch_warnings(record=True) as others:
+        warnings.simplefilter("always")
+        _show_warnings()
+        _show_warnings()  # idempotent: one line per warning, not two
+        warnings.warn("the preset's init fell back", SensloraWarning, stacklevel=1)
+        warnings.warn("a library's deprecation", FutureWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert err == "senslora: warning: the preset's init fell back\n"
+    assert [str(w.message) for w in others] == ["a library's deprecation"]  # Python's own handling

@@ -25,13 +25,14 @@ _EXPORTS = {
     "sample_examples": "data.examples",
     "make_batches": "data.examples",
     "SensloraError": "core.errors",
+    "SensloraWarning": "core.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the import
     from .core.config import AllocationConfig  # noqa: F401
-    from .core.errors import SensloraError  # noqa: F401
+    from .core.errors import SensloraError, SensloraWarning  # noqa: F401
     from .core.estimators import ESTIMATORS, estimate_diagonals  # noqa: F401
     from .core.pipeline import Allocation, allocate  # noqa: F401
     from .core.presets import PRESETS  # noqa: F401

@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..core.errors import SensloraError, Terminated, foreign_error, raise_on_sigterm
+from ..core.errors import SensloraError, SensloraWarning, Terminated, foreign_error, raise_on_sigterm
 from ..core.ranges import COUNT, SEED, Range
 from .configfile import add_config_flag, expand_config
 from .flags import (
@@ -471,9 +471,23 @@ def _error_line(exc: Exception, args: argparse.Namespace) -> str | None:
 
 
 def _show_warnings() -> None:
-    """senslora's own warnings (dropped rows, truncated texts, a stale lock taken over) as
-    ``senslora: warning: ...`` lines on stderr."""
+    """senslora's own warnings (dropped rows, truncated texts, a stale lock taken over, and the
+    library's :class:`SensloraWarning`: a preset's init that fell back, a concentrated allocation)
+    as ``senslora: warning: ...`` lines on stderr. Other libraries' warnings keep Python's format."""
     import logging
+    import warnings
+
+    shown = warnings.showwarning
+    if not getattr(shown, "senslora", False):
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, SensloraWarning):
+                print(f"senslora: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        show.senslora = True
+        warnings.showwarning = show
 
     class StderrHandler(logging.StreamHandler):
         @property

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import SensloraError
+from .errors import SensloraError, SensloraWarning
 
 STRATEGIES = ("sra", "pra")
 
@@ -124,7 +124,7 @@ def _check_theta(theta: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _warn_uniform() -> None:
-    warnings.warn("all allocation weights are 0; falling back to uniform ranks", stacklevel=3)
+    warnings.warn("all allocation weights are 0; falling back to uniform ranks", SensloraWarning, stacklevel=3)
 
 
 def _upper_bounds(

@@ -17,6 +17,12 @@ class SensloraError(ValueError):
     """A problem with the user's input, with a message that says what to do."""
 
 
+class SensloraWarning(UserWarning):
+    """A result the user should look at but that is not an error (a preset's init that could not
+    run and fell back, an allocation concentrated on one matrix). Library users can filter it; the
+    CLI prints it as one ``senslora: warning: ...`` line, like the data loaders' warnings."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that it unwinds exactly like Ctrl-C (SIGINT)."""
 

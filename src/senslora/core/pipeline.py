@@ -32,7 +32,7 @@ from .allocation import allocate_params, allocate_ranks
 from .config import BUDGET_MODES as BUDGET_MODES  # re-exported: flags and options read it here
 from .config import AllocationConfig
 from .distributed import SINGLE, current
-from .errors import SensloraError
+from .errors import SensloraError, SensloraWarning
 from .inits import DEFAULT_STEP, gradient_sketch, init_blocker, new_sketch
 from .losses import input_device
 from .metrics import MatrixScores, fuse, score_matrix
@@ -350,6 +350,7 @@ def _runnable_init(config: AllocationConfig, model, batches, loss_fn) -> tuple[A
     warnings.warn(
         f"the {config.preset or DEFAULT_PRESET} preset's --init {config.init} cannot run: {reason}; "
         "using --init zero (PEFT's) instead, recorded as init_fallback in allocation.json",
+        SensloraWarning,
         stacklevel=3,
     )
     return replace(config, init="zero"), reason
@@ -633,7 +634,7 @@ def allocate(
     alloc.sketch, alloc.init_pass, alloc.init_fallback = sketch, init_pass, fallback
     note = concentration_warning(names, [m.params for m in matrices], budget.costs * config.avg_rank)
     if note is not None:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, SensloraWarning, stacklevel=2)
     if dist.enabled:
         alloc.calibration["processes"] = dist.world_size
         # The ranks are equal everywhere (same reduced diagonals); the timings are the main's.
