@@ -1,5 +1,6 @@
-"""TRL's data formats (text, messages, prompt-completion as text or turns): detection, loading from
-every source, the loss masks of the batches, tasks and generation prompts, and every bad row."""
+"""TRL's data formats (text, messages, prompt-completion as text or turns, preference): detection,
+loading from every source, the loss masks of the batches, tasks and generation prompts, and every
+bad row."""
 
 from __future__ import annotations
 
@@ -47,10 +48,18 @@ def supervised(batch, tok, row=0) -> list[str]:
         (["prompt", "completion", "text"], "prompt-completion"),
         (["prompt", "text"], "text"),
         (["text", "label"], "text"),
+        (["prompt", "chosen", "rejected"], "preference"),
+        (["chosen", "rejected", "text"], "preference"),
+        (["prompt", "completion", "chosen", "rejected"], "prompt-completion"),
+        (["prompt", "chosen"], None),  # not TRL's preference format without a rejected column
     ],
 )
 def test_detection_from_the_columns(columns, expected):
-    assert detect_format(columns, where="data") == expected
+    if expected is None:
+        with pytest.raises(SensloraError, match="'chosen' and 'rejected' columns \\(preference\\)"):
+            detect_format(columns, where="data")
+    else:
+        assert detect_format(columns, where="data") == expected
 
 
 def test_undetectable_or_missing_columns_name_the_formats_and_the_columns():
@@ -78,6 +87,25 @@ def test_messages_and_both_prompt_completion_forms_load_from_jsonl(tmp_path):
     assert load_examples(both)[0].messages == CHAT
 
 
+def test_preference_rows_read_the_chosen_response_as_the_completion(tmp_path):
+    # TRL's four preference forms: explicit or implicit prompt, text or turns. The rejected response
+    # is never read, so each equals the prompt-completion (or messages, or text) row it contains.
+    other = [{"role": "assistant", "content": "no"}]
+    forms = [
+        ({"prompt": "the film", "chosen": " is good", "rejected": " is bad"},
+         {"prompt": "the film", "completion": " is good"}),
+        ({"prompt": CHAT[:3], "chosen": CHAT[3:], "rejected": other},
+         {"prompt": CHAT[:3], "completion": CHAT[3:]}),
+        ({"chosen": CHAT, "rejected": CHAT[:3] + other}, {"messages": CHAT}),
+        ({"chosen": "the film is good", "rejected": "the film is bad"}, {"text": "the film is good"}),
+    ]  # fmt: skip
+    for i, (preference, same) in enumerate(forms):
+        [got] = load_examples(write_jsonl(tmp_path / f"pref{i}.jsonl", [preference]))
+        [want] = load_examples(write_jsonl(tmp_path / f"same{i}.jsonl", [same]))
+        assert got == want, preference
+    assert load_examples(write_jsonl(tmp_path / "p.jsonl", [forms[0][0]]), data_format="preference")[0].answer == " is good"
+
+
 def test_parquet_csv_and_datasets_folders_hold_conversations(tmp_path):
     import csv
 
@@ -90,6 +118,9 @@ def test_parquet_csv_and_datasets_folders_hold_conversations(tmp_path):
     with open(tmp_path / "m.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([["messages"], [json.dumps(CHAT)]])
     assert load_examples(tmp_path / "m.csv")[0].messages == CHAT
+    rows = [{"prompt": CHAT[:1], "chosen": CHAT[1:2], "rejected": CHAT[3:]}] * 2
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "pref")
+    assert [(ex.loss_from, ex.answer) for ex in load_examples(tmp_path / "pref")] == [(1, "two")] * 2
 
 
 @pytest.mark.parametrize(
@@ -102,10 +133,18 @@ def test_parquet_csv_and_datasets_folders_hold_conversations(tmp_path):
         ({"messages": []}, "line 2: column 'messages' must hold a list of .* found an empty list"),
         ({"prompt": "hi", "completion": CHAT[1:2]}, "line 2: 'prompt' and 'completion' must both be text"),
         ({"prompt": CHAT[:1], "completion": CHAT[:1]}, "line 2: the completion has no assistant turn"),
+        ({"prompt": "hi", "chosen": CHAT[1:2], "rejected": "no"}, "line 2: 'prompt' and 'chosen' must both be text"),
+        ({"prompt": None, "chosen": CHAT[:1], "rejected": []}, "line 2: the chosen conversation has no assistant turn"),
+        ({"prompt": CHAT[:1], "chosen": "two", "rejected": ""}, "line 2: 'prompt' and 'chosen' must both be text"),
     ],
 )
 def test_bad_rows_are_one_line_errors_naming_the_row(tmp_path, row, message):
-    good = {"messages": CHAT} if "messages" in row else {"prompt": CHAT[:1], "completion": CHAT[1:2]}
+    if "messages" in row:
+        good = {"messages": CHAT}
+    elif "chosen" in row:
+        good = {"prompt": CHAT[:1], "chosen": CHAT[1:2], "rejected": CHAT[3:]}
+    else:
+        good = {"prompt": CHAT[:1], "completion": CHAT[1:2]}
     path = write_jsonl(tmp_path / "d.jsonl", [good, row])
     with pytest.raises(SensloraError, match=message) as err:
         load_examples(path)
@@ -194,6 +233,15 @@ def test_chat_files_are_generation_tasks_without_a_label_column(tmp_path):
         load_task(f"jsonl:{tmp_path / 'm.jsonl'}", problem="classification", data_format="messages")
     with pytest.raises(SensloraError, match="task chat-qa has its own data format"):
         load_task("chat-qa", data_format="messages")
+    pref = [{"prompt": r["messages"][:1], "chosen": r["messages"][1:], "rejected": []} for r in rows]
+    task = load_task(f"jsonl:{write_jsonl(tmp_path / 'pref.jsonl', pref)}")
+    assert task.describe() == "generation (preference format)"
+    assert [ex.answer for ex in task.test] == [ex.answer for ex in load_task(f"jsonl:{tmp_path / 'pc.jsonl'}").test]
+    # TRL's implicit-prompt text form has no prompt to generate from: calibration data only.
+    implicit = [{"chosen": f"say {r['messages'][1]['content']}", "rejected": "no"} for r in rows]
+    with pytest.raises(SensloraError, match=r"line 1: a preference row with a text 'chosen' and no 'prompt'"):
+        load_task(f"jsonl:{write_jsonl(tmp_path / 'implicit.jsonl', implicit)}")
+    assert len(load_examples(tmp_path / "implicit.jsonl")) == len(rows)
 
 
 def test_a_datasets_folder_with_splits_keeps_its_test_split_of_conversations(tmp_path):
@@ -223,10 +271,15 @@ def chat_assets(tmp_path_factory):
         root / "pc-text.jsonl",
         [{"prompt": r["messages"][0]["content"], "completion": " " + r["messages"][1]["content"]} for r in rows],
     )
+    rejected = [{"role": "assistant", "content": "no"}]
+    write_jsonl(
+        root / "pref.jsonl",
+        [{"prompt": r["messages"][:1], "chosen": r["messages"][1:], "rejected": rejected} for r in rows],
+    )
     return root
 
 
-@pytest.mark.parametrize("data", ["messages.jsonl", "pc.jsonl", "pc-text.jsonl"])
+@pytest.mark.parametrize("data", ["messages.jsonl", "pc.jsonl", "pc-text.jsonl", "pref.jsonl"])
 def test_allocate_calibrates_on_each_format_without_renaming(chat_assets, tmp_path, capsys, data):
     from senslora.cli.main import main
 
@@ -235,6 +288,20 @@ def test_allocate_calibrates_on_each_format_without_renaming(chat_assets, tmp_pa
     args += ["--estimator", "fisher", "--calib-samples", "8", "--avg-rank", "2", "--no-plot", "--no-progress"]
     assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
     assert json.loads((out / "allocation.json").read_text())["calibration"]["examples"] == 8
+
+
+def test_preference_calibration_gives_the_allocation_of_its_prompt_completion_pairs(chat_assets, tmp_path, capsys):
+    from senslora.cli.main import main
+
+    got = {}
+    for data in ("pc.jsonl", "pref.jsonl"):
+        out = tmp_path / data
+        args = ["allocate", "--model", str(chat_assets / "llama"), "--calib", str(chat_assets / data), "--seed", "3"]
+        args += ["--estimator", "fisher", "--calib-samples", "8", "--avg-rank", "2", "--no-plot", "--no-progress"]
+        assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+        saved = json.loads((out / "allocation.json").read_text())
+        got[data] = [(m["name"], m["rank"], m["s_global"]) for m in saved["matrices"]]
+    assert got["pref.jsonl"] == got["pc.jsonl"]
 
 
 def test_train_senslora_on_messages_and_prompt_completion_tasks(chat_assets, tmp_path, capsys):

@@ -1,8 +1,9 @@
 """TRL as a real client: SFTTrainer trains a tiny LLaMA from senslora's allocation, handed over as
 (a) ``allocation.to_lora_config()`` (``peft_config``) and (b) a saved adapter loaded with
 ``PeftModel.from_pretrained(model, "adapter/", is_trainable=True)`` (what ``allocate`` writes and
-axolotl / LLaMA-Factory load), on data in each of TRL's four formats; the adapter TRL saves keeps
-every per-module rank and shape."""
+axolotl / LLaMA-Factory load), on data in each of TRL's four formats; DPOTrainer trains an
+allocation calibrated on its own preference data. The adapter TRL saves keeps every per-module
+rank and shape."""
 
 from __future__ import annotations
 
@@ -69,11 +70,9 @@ def setting(tmp_path_factory):
     return root, tok, alloc, base
 
 
-def _sft(model, tok, fmt: str, out: Path, peft_config=None):
-    import datasets
-    from trl import SFTConfig, SFTTrainer
-
-    args = SFTConfig(
+def _short_run(config_class, out: Path):
+    """Two CPU steps of a TRL trainer (``SFTConfig`` or ``DPOConfig``), nothing saved on the way."""
+    return config_class(
         output_dir=str(out / "trainer"),
         max_steps=2,
         per_device_train_batch_size=4,
@@ -86,9 +85,15 @@ def _sft(model, tok, fmt: str, out: Path, peft_config=None):
         gradient_checkpointing=False,
         seed=0,
     )
+
+
+def _sft(model, tok, fmt: str, out: Path, peft_config=None):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
     trainer = SFTTrainer(
         model=model,
-        args=args,
+        args=_short_run(SFTConfig, out),
         train_dataset=datasets.Dataset.from_list(_rows(fmt)),
         processing_class=tok,
         peft_config=peft_config,
@@ -155,3 +160,42 @@ def test_the_example_runs_the_whole_path_on_tiny_sizes(tmp_path):
     assert "adapter init gradient" in proc.stdout  # TRL trains the default's initialised adapter
     assert "every per-module rank kept" in proc.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _preference_rows() -> list[dict]:
+    """TRL's preference format (explicit prompt, turns): the right answer chosen, a wrong one rejected."""
+    rows = []
+    for i, (q, a) in enumerate(_pairs()):
+        wrong = WORDS[(i + 3) % 10]
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
+    return rows
+
+
+def test_dpo_trainer_trains_an_allocation_calibrated_on_its_preference_data(setting, tmp_path):
+    """DPO users: calibrate on the preference file itself (the loss of the chosen responses), then
+    hand the ranks to TRL's DPOTrainer; the adapter it saves keeps every allocated rank."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    _, tok, _, base = setting
+    data = tmp_path / "pref.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _preference_rows()))
+    batches = make_batches(load_examples(data), tok, kind="causal-lm", batch_size=4)
+    alloc = allocate(tiny_llama(vocab_size=len(tok)), batches, avg_rank=2, estimator="fisher", progress=False)
+    assert len(set(alloc.ranks.values())) > 1
+    trainer = DPOTrainer(
+        model=tiny_llama(vocab_size=len(tok)),
+        args=_short_run(DPOConfig, tmp_path),
+        train_dataset=datasets.Dataset.from_list(_preference_rows()),
+        processing_class=tok,
+        peft_config=alloc.to_lora_config(base),
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    _check_saved(tmp_path / "adapter", alloc, len(tok), base)

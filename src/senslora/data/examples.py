@@ -17,8 +17,8 @@ User data: ``.txt`` (one example per non-empty line), ``.csv`` / ``.tsv`` (heade
 ``save_to_disk`` (a ``DatasetDict`` uses its ``train`` split, or its only split), or
 ``hf:NAME[:CONFIG][:SPLIT]`` (``datasets.load_dataset``, split ``train`` by default; needs network
 access). Files and folders are read by :mod:`.readers`, the reader tasks use too. Rows are in one
-of TRL's formats (:mod:`.formats`: text, messages, prompt-completion), detected from the columns
-or given as ``data_format``.
+of TRL's formats (:mod:`.formats`: text, messages, prompt-completion, preference), detected from
+the columns or given as ``data_format``.
 
 Tokenised batches (:func:`make_batches`) live in :mod:`.batches`; they and the corpora functions
 are importable from here as well (see ``__all__``).
@@ -48,7 +48,7 @@ from .corpora import (
     vader_dir,
     vader_records,
 )
-from .formats import CHAT_FORMATS, COMPLETION, DATA_FORMATS, MESSAGES, PROMPT, chat_example, detect_format
+from .formats import CHAT_FORMATS, DATA_FORMATS, chat_example, detect_format, read_columns
 from .readers import (
     Records,
     dataset_records,
@@ -334,7 +334,7 @@ def _load_txt(path: Path) -> list[Example]:
 def _dataset_examples(ds: Any, cols: _Columns, where: str, data_format: str) -> list[Example]:
     fmt = _format_of(list(ds.column_names), cols, data_format, where)  # before reading any row
     if fmt in CHAT_FORMATS:
-        read = [MESSAGES] if fmt == "messages" else [PROMPT, COMPLETION]
+        read = read_columns(fmt)
     else:
         _check_columns(list(ds.column_names), cols, where)
         read = [c for c, _ in cols.required()]
@@ -409,7 +409,7 @@ def load_examples(
     as numbers (numeric strings are converted); without ``label_column`` examples carry no label.
     With ``prompt_column`` and ``answer_column`` the examples are generation pairs (``text`` is
     ignored). ``data_format``: one of TRL's formats (:mod:`.formats`: ``text``, ``messages``,
-    ``prompt-completion``), or ``auto`` to detect it from the columns. Raises
+    ``prompt-completion``, ``preference``), or ``auto`` to detect it from the columns. Raises
     :class:`SensloraError` for anything unreadable or an empty result.
     """
     name = os.fspath(spec)

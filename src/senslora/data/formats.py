@@ -11,9 +11,15 @@
   the completion follows the prompt as is, no template, loss on the completion) or both lists of
   turns (the conversational form: the chat template renders prompt + completion, and the loss is
   on the completion's assistant turns).
+* ``preference``: ``chosen`` and ``rejected`` columns, with an optional ``prompt`` (TRL's DPO data,
+  explicit or implicit prompt, text or turns). The chosen response is the completion, exactly as
+  prompt-completion reads it; without a prompt, a chosen conversation carries the loss on its
+  assistant turns and a chosen text on all of it. ``rejected`` is not read: calibration and
+  fine-tuning measure the loss of the response the data prefers.
 
 Detection (``auto``) looks at the columns, in this order: ``messages``, then ``prompt`` and
-``completion``, then the text column. A CSV cell of a ``messages`` column is read as JSON text.
+``completion``, then ``chosen`` and ``rejected``, then the text column. A CSV cell of a
+``messages`` column is read as JSON text.
 """
 
 from __future__ import annotations
@@ -25,15 +31,23 @@ from typing import Any
 from ..core.errors import SensloraError
 from .schema import Example
 
-DATA_FORMATS = ("auto", "text", "messages", "prompt-completion")
-CHAT_FORMATS = ("messages", "prompt-completion")
+DATA_FORMATS = ("auto", "text", "messages", "prompt-completion", "preference")
+CHAT_FORMATS = ("messages", "prompt-completion", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGES, PROMPT, COMPLETION = "messages", "prompt", "completion"
+CHOSEN, REJECTED = "chosen", "rejected"
 
 
 def _needed(fmt: str, text_column: str) -> list[str]:
-    """The columns format ``fmt`` reads."""
-    return {"messages": [MESSAGES], "prompt-completion": [PROMPT, COMPLETION]}.get(fmt, [text_column])
+    """The columns that make rows format ``fmt``."""
+    return {"messages": [MESSAGES], "prompt-completion": [PROMPT, COMPLETION], "preference": [CHOSEN, REJECTED]}.get(
+        fmt, [text_column]
+    )
+
+
+def read_columns(fmt: str) -> list[str]:
+    """The columns a chat format's rows are read from (``prompt`` is optional in ``preference``)."""
+    return {"messages": [MESSAGES], "prompt-completion": [PROMPT, COMPLETION], "preference": [PROMPT, CHOSEN]}[fmt]
 
 
 def detect_format(columns: Sequence[str], requested: str = "auto", *, text_column: str = "text", where: str) -> str:
@@ -51,12 +65,13 @@ def detect_format(columns: Sequence[str], requested: str = "auto", *, text_colum
             names = " and ".join(repr(c) for c in missing)
             raise SensloraError(f"{where} is not in the {requested} format: no {names} column; columns present: {found}")
         return requested
-    for fmt in ("messages", "prompt-completion", "text"):
+    for fmt in ("messages", "prompt-completion", "preference", "text"):
         if all(c in columns for c in _needed(fmt, text_column)):
             return fmt
     raise SensloraError(
         f"cannot tell the data format of {where}: looked for a 'messages' column (messages), 'prompt' and "
-        f"'completion' columns (prompt-completion) and a {text_column!r} column (text, --text-column); "
+        f"'completion' columns (prompt-completion), 'chosen' and 'rejected' columns (preference) and a "
+        f"{text_column!r} column (text, --text-column); "
         f"columns present: {found}"
     )
 
@@ -113,14 +128,26 @@ def chat_example(row: dict[str, Any], fmt: str, where: str, row_id: str) -> Exam
     if fmt == "messages":
         turns = check_turns(row.get(MESSAGES), where, MESSAGES)
         return _conversation(turns, 0, where, row_id, "the conversation")
-    prompt, completion = row.get(PROMPT), row.get(COMPLETION)
+    if fmt == "preference":
+        prompt, chosen = row.get(PROMPT), row.get(CHOSEN)
+        if prompt is None:  # TRL's implicit prompt: the chosen text, or conversation, alone
+            if isinstance(chosen, str):
+                return Example(text=chosen, id=row_id)
+            return _conversation(check_turns(chosen, where, CHOSEN), 0, where, row_id, "the chosen conversation")
+        return _prompt_and(prompt, chosen, CHOSEN, where, row_id)
+    return _prompt_and(row.get(PROMPT), row.get(COMPLETION), COMPLETION, where, row_id)
+
+
+def _prompt_and(prompt: Any, completion: Any, column: str, where: str, row_id: str) -> Example:
+    """A prompt and its completion (``column``: ``completion``, or a preference row's ``chosen``):
+    TRL's standard form (both text) or its conversational one (both lists of turns)."""
     if isinstance(prompt, str) and isinstance(completion, str):
         return Example(text=prompt + completion, prompt=prompt, answer=completion, plain=True, id=row_id)
     if isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
         first = check_turns(prompt, where, PROMPT)
-        turns = first + check_turns(completion, where, COMPLETION)
-        return _conversation(turns, len(first), where, row_id, "the completion")
+        turns = first + check_turns(completion, where, column)
+        return _conversation(turns, len(first), where, row_id, f"the {column}")
     kinds = f"{type(prompt).__name__} and {type(completion).__name__}"
     raise SensloraError(
-        f"{where}: 'prompt' and 'completion' must both be text or both be lists of turns, found {kinds}"
+        f"{where}: 'prompt' and {column!r} must both be text or both be lists of turns, found {kinds}"
     )

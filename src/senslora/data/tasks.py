@@ -83,7 +83,7 @@ class TaskData:
     splits_seed: int  # seed of the 80/10/10 split (independent of the training seed)
     label_names: list[str] = field(default_factory=list)  # class index -> original label (classification)
     inferred: bool = False  # the problem was inferred from the labels (no --problem)
-    data_format: str = "text"  # the rows' format (formats.py): text, messages or prompt-completion
+    data_format: str = "text"  # the rows' format (formats.py): text, messages, prompt-completion or preference
 
     def describe(self) -> str:
         """What the labels are, e.g. ``classification, 3 classes: a, b, c``, ``regression`` or
@@ -364,10 +364,14 @@ def _examples(
     are not copies of the labels (:func:`~senslora.data.examples.check_label_leak`)."""
     if fmt in CHAT_FORMATS:
         detect_format(records.columns, fmt, where=where)  # its columns are there
-        examples = [
-            chat_example(row, fmt, f"{where} {place}", str(i))
-            for i, (row, place) in enumerate(zip(records.rows, records.places, strict=True))
-        ]
+        examples = []
+        for i, (row, place) in enumerate(zip(records.rows, records.places, strict=True)):
+            examples.append(chat_example(row, fmt, f"{where} {place}", str(i)))
+            if examples[-1].answer is None:  # a preference row of TRL's implicit-prompt text form
+                raise SensloraError(
+                    f"{where} {place}: a preference row with a text 'chosen' and no 'prompt' has no answer to "
+                    "generate; add a 'prompt' column, or use the file as calibration data (--calib)"
+                )
         return drop_empty_texts(examples, where)
     check_text_columns(text, pair, label, where)
     needed = [(text, "text"), (label, "label")] + ([(pair, "text-pair")] if pair else [])
@@ -549,7 +553,8 @@ def load_task(
         loose_labels: read a label column that mixes numbers and text as class names, and merge
             class names that differ only in case or spaces (by default both are errors).
         data_format: the rows' format (:mod:`.formats`): ``text`` (text and label columns),
-            ``messages`` or ``prompt-completion`` (generation data, no label column), or ``auto``
+            ``messages``, ``prompt-completion`` or ``preference`` (generation data, no label
+            column; a preference row's chosen response is its answer), or ``auto``
             to detect it from the columns (the text format for a classification or regression
             ``problem``). Built-in tasks have their own.
         allow_label_text: only warn when the texts equal their labels in most rows (by default an

@@ -68,8 +68,8 @@ class TrainConfig:
     data_format: str = _f(
         "auto",
         "generic tasks: the rows' format (TRL's): text (text and label columns), messages (a 'messages' column of "
-        "{role, content} turns) or prompt-completion ('prompt' and 'completion' columns); auto detects it "
-        "from the columns",
+        "{role, content} turns), prompt-completion ('prompt' and 'completion' columns) or preference "
+        "('chosen' and 'rejected', optional 'prompt'; trains on the chosen response); auto detects it from the columns",
         TASK,
         choices=DATA_FORMATS,
     )
