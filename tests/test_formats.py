@@ -106,6 +106,40 @@ def test_preference_rows_read_the_chosen_response_as_the_completion(tmp_path):
     assert load_examples(write_jsonl(tmp_path / "p.jsonl", [forms[0][0]]), data_format="preference")[0].answer == " is good"
 
 
+def test_unpaired_preference_reads_the_desirable_completions_only(tmp_path, caplog):
+    # TRL's unpaired preference (KTO) data: prompt-completion rows with a boolean label.
+    rows = [
+        {"prompt": CHAT[:1], "completion": CHAT[1:2], "label": True},
+        {"prompt": CHAT[:1], "completion": [{"role": "assistant", "content": "three"}], "label": False},
+        {"prompt": CHAT[:3], "completion": CHAT[3:], "label": True},
+    ]
+    with caplog.at_level("WARNING", logger="senslora"):
+        got = load_examples(write_jsonl(tmp_path / "kto.jsonl", rows))
+    assert [(ex.id, ex.answer) for ex in got] == [("0", "two"), ("2", "hello world")]
+    assert "left out 1 of 3 completions with label false" in caplog.text
+    (tmp_path / "kto.csv").write_text('prompt,completion,label\nthe film, is good,True\nthe film, is bad,false\n')
+    assert [ex.answer for ex in load_examples(tmp_path / "kto.csv")] == [" is good"]
+    # A label column that is not boolean is not TRL's: every row is read, as before.
+    numbers = [{"prompt": "a", "completion": " b", "label": 0}, {"prompt": "c", "completion": " d", "label": 1}]
+    assert len(load_examples(write_jsonl(tmp_path / "n.jsonl", numbers))) == 2
+    mixed = [rows[0], {**rows[2], "label": "maybe"}]
+    with pytest.raises(SensloraError, match=r"kto2.jsonl line 2: column 'label' holds true / false .* here 'maybe'"):
+        load_examples(write_jsonl(tmp_path / "kto2.jsonl", mixed))
+    with pytest.raises(SensloraError, match="every completion has label false"):
+        load_examples(write_jsonl(tmp_path / "kto3.jsonl", [rows[1]]))
+    task = load_task(f"jsonl:{write_jsonl(tmp_path / 'kto4.jsonl', [rows[0], rows[1]] * 10)}")
+    assert task.describe() == "generation (prompt-completion format)"
+    assert {ex.answer for part in (task.train, task.validation, task.test) for ex in part} == {"two"}
+
+
+def test_prompt_only_data_is_not_detected_but_reads_as_text_with_its_column_named(tmp_path):
+    path = write_jsonl(tmp_path / "grpo.jsonl", [{"prompt": "the sky is"}])
+    with pytest.raises(SensloraError, match="cannot tell the data format .* columns present: 'prompt'"):
+        load_examples(path)
+    [ex] = load_examples(path, text_column="prompt")
+    assert (ex.text, ex.prompt, ex.answer, ex.messages) == ("the sky is", None, None, None)
+
+
 def test_parquet_csv_and_datasets_folders_hold_conversations(tmp_path):
     import csv
 

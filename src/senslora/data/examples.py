@@ -48,7 +48,7 @@ from .corpora import (
     vader_dir,
     vader_records,
 )
-from .formats import CHAT_FORMATS, DATA_FORMATS, chat_example, detect_format, read_columns
+from .formats import CHAT_FORMATS, DATA_FORMATS, chat_examples, detect_format, read_columns
 from .readers import (
     Records,
     dataset_records,
@@ -319,10 +319,10 @@ def _records_examples(records: Records, cols: _Columns, where: str, data_format:
     if records.empty:
         return []
     fmt = _format_of(records.columns, cols, data_format, where)
-    rows = enumerate(zip(records.rows, records.places, strict=True))
     if fmt in CHAT_FORMATS:
-        return [chat_example(row, fmt, f"{where} {place}", str(i)) for i, (row, place) in rows]
+        return chat_examples(records.rows, records.places, fmt, where)
     _check_columns(records.columns, cols, where)
+    rows = enumerate(zip(records.rows, records.places, strict=True))
     return [_row_example(row, cols, f"{where} {place}", str(i)) for i, (row, place) in rows]
 
 

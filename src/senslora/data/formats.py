@@ -1,6 +1,6 @@
 """TRL's data set formats, for calibration sets and tasks alike: which format rows are in
-(:func:`detect_format`), and one row of a chat format as an :class:`~senslora.data.schema.Example`
-(:func:`chat_example`).
+(:func:`detect_format`), and the rows of a chat format as :class:`~senslora.data.schema.Example`
+records (:func:`chat_examples`).
 
 * ``text``: a text column (``text``, or ``--text-column``), with a label column for tasks; for a
   causal LM the whole text carries the loss.
@@ -10,7 +10,9 @@
 * ``prompt-completion``: ``prompt`` and ``completion`` columns, both text (TRL's standard form:
   the completion follows the prompt as is, no template, loss on the completion) or both lists of
   turns (the conversational form: the chat template renders prompt + completion, and the loss is
-  on the completion's assistant turns).
+  on the completion's assistant turns). With a boolean ``label`` column they are TRL's unpaired
+  preference data (KTO's): only the desirable completions (``label`` true) are read, and a warning
+  says how many were left out.
 * ``preference``: ``chosen`` and ``rejected`` columns, with an optional ``prompt`` (TRL's DPO data,
   explicit or implicit prompt, text or turns). The chosen response is the completion, exactly as
   prompt-completion reads it; without a prompt, a chosen conversation carries the loss on its
@@ -25,6 +27,7 @@ Detection (``auto``) looks at the columns, in this order: ``messages``, then ``p
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +39,10 @@ CHAT_FORMATS = ("messages", "prompt-completion", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGES, PROMPT, COMPLETION = "messages", "prompt", "completion"
 CHOSEN, REJECTED = "chosen", "rejected"
+LABEL = "label"  # with prompt-completion: TRL's unpaired preference, a boolean per completion
+_BOOLEANS = {"true": True, "false": False}
+
+logger = logging.getLogger(__name__)
 
 
 def _needed(fmt: str, text_column: str) -> list[str]:
@@ -47,7 +54,9 @@ def _needed(fmt: str, text_column: str) -> list[str]:
 
 def read_columns(fmt: str) -> list[str]:
     """The columns a chat format's rows are read from (``prompt`` is optional in ``preference``)."""
-    return {"messages": [MESSAGES], "prompt-completion": [PROMPT, COMPLETION], "preference": [PROMPT, CHOSEN]}[fmt]
+    return {"messages": [MESSAGES], "prompt-completion": [PROMPT, COMPLETION, LABEL], "preference": [PROMPT, CHOSEN]}[
+        fmt
+    ]
 
 
 def detect_format(columns: Sequence[str], requested: str = "auto", *, text_column: str = "text", where: str) -> str:
@@ -121,6 +130,52 @@ def _conversation(turns: list[dict[str, str]], loss_from: int, where: str, row_i
         loss_from=loss_from,
         id=row_id,
     )
+
+
+def chat_examples(rows: Sequence[dict[str, Any]], places: Sequence[str], fmt: str, where: str) -> list[Example]:
+    """Every row of a chat format as an example, with ids ``"0"``, ``"1"``, ... in row order
+    (``places`` name the rows in errors: ``line 7``, ``row 3``). Rows of TRL's unpaired preference
+    data whose completion is undesirable are left out (:func:`_desirable`), with a warning."""
+    keep = _desirable(rows, places, where) if fmt == "prompt-completion" else [True] * len(rows)
+    examples = [
+        chat_example(row, fmt, f"{where} {place}", str(i))
+        for i, (row, place, kept) in enumerate(zip(rows, places, keep, strict=True))
+        if kept
+    ]
+    if len(examples) < len(rows):
+        if not examples:
+            raise SensloraError(
+                f"{where}: every completion has label false (undesirable, TRL's unpaired preference format); "
+                "nothing is left to read"
+            )
+        logger.warning(
+            "%s: left out %d of %d completions with label false (undesirable, TRL's unpaired preference format)",
+            where, len(rows) - len(examples), len(rows),
+        )  # fmt: skip
+    return examples
+
+
+def _desirable(rows: Sequence[dict[str, Any]], places: Sequence[str], where: str) -> list[bool]:
+    """Per prompt-completion row, whether to read it: all rows, unless the ``label`` column holds
+    booleans (JSON true / false, or the texts ``true`` / ``false`` of a CSV): then the rows labelled
+    true. A column that mixes booleans with anything else is an error naming the first such row."""
+    labels = [row.get(LABEL) for row in rows]
+
+    def boolean(value: Any) -> bool | None:
+        if isinstance(value, bool):
+            return value
+        return _BOOLEANS.get(value.strip().lower()) if isinstance(value, str) else None
+
+    read = [boolean(value) for value in labels]
+    if all(value is None for value in read):
+        return [True] * len(rows)  # no label column, or one that is not TRL's boolean
+    for value, got, place in zip(labels, read, places, strict=True):
+        if got is None:
+            raise SensloraError(
+                f"{where} {place}: column 'label' holds true / false (TRL's unpaired preference format) but "
+                f"here {value!r}; give every completion true or false"
+            )
+    return [bool(value) for value in read]
 
 
 def chat_example(row: dict[str, Any], fmt: str, where: str, row_id: str) -> Example:

@@ -52,7 +52,7 @@ from .examples import (
     load_examples,
     name_rows,
 )
-from .formats import CHAT_FORMATS, DATA_FORMATS, chat_example, detect_format
+from .formats import CHAT_FORMATS, DATA_FORMATS, chat_examples, detect_format
 from .guard import DATA_PREFIXES, check_input_file
 from .readers import Records, dataset_records, load_disk, load_hub, read_csv, read_json, read_parquet
 
@@ -364,13 +364,12 @@ def _examples(
     are not copies of the labels (:func:`~senslora.data.examples.check_label_leak`)."""
     if fmt in CHAT_FORMATS:
         detect_format(records.columns, fmt, where=where)  # its columns are there
-        examples = []
-        for i, (row, place) in enumerate(zip(records.rows, records.places, strict=True)):
-            examples.append(chat_example(row, fmt, f"{where} {place}", str(i)))
-            if examples[-1].answer is None:  # a preference row of TRL's implicit-prompt text form
+        examples = chat_examples(records.rows, records.places, fmt, where)
+        for ex in examples:
+            if ex.answer is None:  # a preference row of TRL's implicit-prompt text form
                 raise SensloraError(
-                    f"{where} {place}: a preference row with a text 'chosen' and no 'prompt' has no answer to "
-                    "generate; add a 'prompt' column, or use the file as calibration data (--calib)"
+                    f"{where} {records.places[int(ex.id)]}: a preference row with a text 'chosen' and no 'prompt' "
+                    "has no answer to generate; add a 'prompt' column, or use the file as calibration data (--calib)"
                 )
         return drop_empty_texts(examples, where)
     check_text_columns(text, pair, label, where)
