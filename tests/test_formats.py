@@ -1,6 +1,6 @@
-"""TRL's data formats (text, messages, prompt-completion as text or turns, preference): detection,
-loading from every source, the loss masks of the batches, tasks and generation prompts, and every
-bad row."""
+"""The data formats (TRL's text, messages, prompt-completion as text or turns, preference; alpaca and
+ShareGPT): detection, loading from every source, the loss masks of the batches, tasks and
+generation prompts, and every bad row."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def supervised(batch, tok, row=0) -> list[str]:
         (["chosen", "rejected", "text"], "preference"),
         (["prompt", "completion", "chosen", "rejected"], "prompt-completion"),
         (["prompt", "chosen"], None),  # not TRL's preference format without a rejected column
+        (["conversations", "system", "text"], "sharegpt"),
+        (["instruction", "input", "output", "text"], "alpaca"),
+        (["instruction", "text"], "text"),
     ],
 )
 def test_detection_from_the_columns(columns, expected):
@@ -104,6 +107,28 @@ def test_preference_rows_read_the_chosen_response_as_the_completion(tmp_path):
         [want] = load_examples(write_jsonl(tmp_path / f"same{i}.jsonl", [same]))
         assert got == want, preference
     assert load_examples(write_jsonl(tmp_path / "p.jsonl", [forms[0][0]]), data_format="preference")[0].answer == " is good"
+
+
+def test_sharegpt_and_alpaca_rows_are_the_conversations_they_hold(tmp_path):
+    import csv
+
+    system = {"role": "system", "content": "be brief"}
+    sharegpt = {
+        "conversations": [{"from": {"user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]} for t in CHAT],
+        "system": "be brief",
+    }
+    alpaca = {"instruction": "why", "input": "?", "output": "hello world", "system": "be brief",
+              "history": [["what is one ?", "two"]]}  # fmt: skip
+    want = [system, *CHAT[:2], {"role": "user", "content": "why\n?"}, CHAT[3]]
+    [got] = load_examples(write_jsonl(tmp_path / "s.jsonl", [sharegpt]))
+    assert got.messages == [system, *CHAT] and got.answer == "hello world" and got.loss_from == 0
+    [got] = load_examples(write_jsonl(tmp_path / "a.jsonl", [alpaca]))
+    assert got.messages == want and got.answer == "hello world"
+    [got] = load_examples(write_jsonl(tmp_path / "a2.jsonl", [{"instruction": "what is one ?", "output": "two"}]))
+    assert got.messages == CHAT[:2]
+    with open(tmp_path / "s.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["conversations", "system"], [json.dumps(sharegpt["conversations"]), ""]])
+    assert load_examples(tmp_path / "s.csv")[0].messages == CHAT
 
 
 def test_unpaired_preference_reads_the_desirable_completions_only(tmp_path, caplog):
@@ -170,11 +195,20 @@ def test_parquet_csv_and_datasets_folders_hold_conversations(tmp_path):
         ({"prompt": "hi", "chosen": CHAT[1:2], "rejected": "no"}, "line 2: 'prompt' and 'chosen' must both be text"),
         ({"prompt": None, "chosen": CHAT[:1], "rejected": []}, "line 2: the chosen conversation has no assistant turn"),
         ({"prompt": CHAT[:1], "chosen": "two", "rejected": ""}, "line 2: 'prompt' and 'chosen' must both be text"),
+        ({"conversations": [{"from": "bot", "value": "hi"}]}, "line 2: turn 1 of 'conversations' is from the unknown speaker 'bot'"),
+        ({"conversations": [{"role": "user", "content": "hi"}]}, "line 2: turn 1 of 'conversations' is not a {from, value} object"),
+        ({"conversations": [{"from": "human", "value": "hi"}]}, "line 2: the conversation has no assistant turn"),
+        ({"instruction": "hi", "output": 3}, "line 2: column 'output' holds int; it must be text"),
+        ({"instruction": "hi", "output": "yo", "history": [["a"]]}, "line 2: item 1 of 'history' is not an .instruction, response. pair"),
     ],
 )
 def test_bad_rows_are_one_line_errors_naming_the_row(tmp_path, row, message):
     if "messages" in row:
         good = {"messages": CHAT}
+    elif "conversations" in row:
+        good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    elif "instruction" in row:
+        good = {"instruction": "hi", "output": "yo"}
     elif "chosen" in row:
         good = {"prompt": CHAT[:1], "chosen": CHAT[1:2], "rejected": CHAT[3:]}
     else:
@@ -271,6 +305,10 @@ def test_chat_files_are_generation_tasks_without_a_label_column(tmp_path):
     task = load_task(f"jsonl:{write_jsonl(tmp_path / 'pref.jsonl', pref)}")
     assert task.describe() == "generation (preference format)"
     assert [ex.answer for ex in task.test] == [ex.answer for ex in load_task(f"jsonl:{tmp_path / 'pc.jsonl'}").test]
+    alpaca = [{"instruction": r["messages"][0]["content"], "output": r["messages"][1]["content"]} for r in rows]
+    task = load_task(f"jsonl:{write_jsonl(tmp_path / 'alpaca.jsonl', alpaca)}")
+    assert task.describe() == "generation (alpaca format)"
+    assert [ex.messages for ex in task.test] == [ex.messages for ex in load_task(f"jsonl:{tmp_path / 'm.jsonl'}").test]
     # TRL's implicit-prompt text form has no prompt to generate from: calibration data only.
     implicit = [{"chosen": f"say {r['messages'][1]['content']}", "rejected": "no"} for r in rows]
     with pytest.raises(SensloraError, match=r"line 1: a preference row with a text 'chosen' and no 'prompt'"):
@@ -310,10 +348,19 @@ def chat_assets(tmp_path_factory):
         root / "pref.jsonl",
         [{"prompt": r["messages"][:1], "chosen": r["messages"][1:], "rejected": rejected} for r in rows],
     )
+    speaker = {"user": "human", "assistant": "gpt"}
+    write_jsonl(
+        root / "sharegpt.jsonl",
+        [{"conversations": [{"from": speaker[t["role"]], "value": t["content"]} for t in r["messages"]]} for r in rows],
+    )
+    write_jsonl(
+        root / "alpaca.jsonl",
+        [{"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]} for r in rows],
+    )
     return root
 
 
-@pytest.mark.parametrize("data", ["messages.jsonl", "pc.jsonl", "pc-text.jsonl", "pref.jsonl"])
+@pytest.mark.parametrize("data", ["messages.jsonl", "pc.jsonl", "pc-text.jsonl", "pref.jsonl", "sharegpt.jsonl"])
 def test_allocate_calibrates_on_each_format_without_renaming(chat_assets, tmp_path, capsys, data):
     from senslora.cli.main import main
 
@@ -324,18 +371,18 @@ def test_allocate_calibrates_on_each_format_without_renaming(chat_assets, tmp_pa
     assert json.loads((out / "allocation.json").read_text())["calibration"]["examples"] == 8
 
 
-def test_preference_calibration_gives_the_allocation_of_its_prompt_completion_pairs(chat_assets, tmp_path, capsys):
+def test_the_same_conversations_in_every_chat_format_give_the_same_allocation(chat_assets, tmp_path, capsys):
     from senslora.cli.main import main
 
     got = {}
-    for data in ("pc.jsonl", "pref.jsonl"):
+    for data in ("messages.jsonl", "pc.jsonl", "pref.jsonl", "sharegpt.jsonl", "alpaca.jsonl"):
         out = tmp_path / data
         args = ["allocate", "--model", str(chat_assets / "llama"), "--calib", str(chat_assets / data), "--seed", "3"]
         args += ["--estimator", "fisher", "--calib-samples", "8", "--avg-rank", "2", "--no-plot", "--no-progress"]
         assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
         saved = json.loads((out / "allocation.json").read_text())
         got[data] = [(m["name"], m["rank"], m["s_global"]) for m in saved["matrices"]]
-    assert got["pref.jsonl"] == got["pc.jsonl"]
+    assert all(ranks == got["messages.jsonl"] for ranks in got.values()), {k: v[:2] for k, v in got.items()}
 
 
 def test_train_senslora_on_messages_and_prompt_completion_tasks(chat_assets, tmp_path, capsys):

@@ -76,7 +76,8 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
         choices=DATA_FORMATS,
         help="format of a file / datasets calibration set (TRL's): text, messages ({role, content} turns; "
         "the loss of the gradient estimators on assistant turns), prompt-completion, preference (DPO data: "
-        "the chosen response, rejected is not read); auto detects it from the columns",
+        "the chosen response, rejected is not read), sharegpt or alpaca (LLaMA-Factory / axolotl data); auto "
+        "detects it from the columns",
     )
     g.add_argument(
         "--text-column", default="text", help="text column of a CSV/JSONL/datasets calibration set"

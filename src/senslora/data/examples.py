@@ -17,8 +17,8 @@ User data: ``.txt`` (one example per non-empty line), ``.csv`` / ``.tsv`` (heade
 ``save_to_disk`` (a ``DatasetDict`` uses its ``train`` split, or its only split), or
 ``hf:NAME[:CONFIG][:SPLIT]`` (``datasets.load_dataset``, split ``train`` by default; needs network
 access). Files and folders are read by :mod:`.readers`, the reader tasks use too. Rows are in one
-of TRL's formats (:mod:`.formats`: text, messages, prompt-completion, preference), detected from
-the columns or given as ``data_format``.
+of the formats of :mod:`.formats` (TRL's text, messages, prompt-completion, preference; alpaca and
+ShareGPT), detected from the columns or given as ``data_format``.
 
 Tokenised batches (:func:`make_batches`) live in :mod:`.batches`; they and the corpora functions
 are importable from here as well (see ``__all__``).
@@ -408,9 +408,9 @@ def load_examples(
     Column arguments apply to files, folders and hub sets (aliases ignore them). Labels are read
     as numbers (numeric strings are converted); without ``label_column`` examples carry no label.
     With ``prompt_column`` and ``answer_column`` the examples are generation pairs (``text`` is
-    ignored). ``data_format``: one of TRL's formats (:mod:`.formats`: ``text``, ``messages``,
-    ``prompt-completion``, ``preference``), or ``auto`` to detect it from the columns. Raises
-    :class:`SensloraError` for anything unreadable or an empty result.
+    ignored). ``data_format``: one of the formats of :mod:`.formats` (``text``, ``messages``,
+    ``prompt-completion``, ``preference``, ``sharegpt``, ``alpaca``), or ``auto`` to detect it from
+    the columns. Raises :class:`SensloraError` for anything unreadable or an empty result.
     """
     name = os.fspath(spec)
     cols = _Columns(text_column, text_pair_column, label_column, prompt_column, answer_column)

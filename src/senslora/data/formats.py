@@ -1,6 +1,6 @@
-"""TRL's data set formats, for calibration sets and tasks alike: which format rows are in
-(:func:`detect_format`), and the rows of a chat format as :class:`~senslora.data.schema.Example`
-records (:func:`chat_examples`).
+"""TRL's data set formats, and the alpaca and ShareGPT formats of LLaMA-Factory and axolotl, for
+calibration sets and tasks alike: which format rows are in (:func:`detect_format`), and the rows of
+a chat format as :class:`~senslora.data.schema.Example` records (:func:`chat_examples`).
 
 * ``text``: a text column (``text``, or ``--text-column``), with a label column for tasks; for a
   causal LM the whole text carries the loss.
@@ -18,10 +18,15 @@ records (:func:`chat_examples`).
   prompt-completion reads it; without a prompt, a chosen conversation carries the loss on its
   assistant turns and a chosen text on all of it. ``rejected`` is not read: calibration and
   fine-tuning measure the loss of the response the data prefers.
+* ``sharegpt``: a ``conversations`` column of ``{"from", "value"}`` turns (``human``, ``gpt``,
+  ``system``, ``function_call``, ``observation``; the OpenAI names ``user``, ``assistant``, ``tool``
+  too) and an optional ``system`` column: read as ``messages``, the system text first.
+* ``alpaca``: ``instruction`` and ``output`` columns, with optional ``input`` (joined to the
+  instruction with a newline, as LLaMA-Factory does), ``system`` and ``history`` (earlier
+  ``[instruction, response]`` pairs): read as ``messages``, so the loss is on every response.
 
-Detection (``auto``) looks at the columns, in this order: ``messages``, then ``prompt`` and
-``completion``, then ``chosen`` and ``rejected``, then the text column. A CSV cell of a
-``messages`` column is read as JSON text.
+Detection (``auto``) looks at the columns in :data:`DETECTION` order. A CSV cell of a turns
+column (``messages``, ``conversations``, ``history``) is read as JSON text.
 """
 
 from __future__ import annotations
@@ -34,29 +39,47 @@ from typing import Any
 from ..core.errors import SensloraError
 from .schema import Example
 
-DATA_FORMATS = ("auto", "text", "messages", "prompt-completion", "preference")
-CHAT_FORMATS = ("messages", "prompt-completion", "preference")
+DATA_FORMATS = ("auto", "text", "messages", "prompt-completion", "preference", "sharegpt", "alpaca")
+CHAT_FORMATS = ("messages", "prompt-completion", "preference", "sharegpt", "alpaca")
+DETECTION = ("messages", "prompt-completion", "preference", "sharegpt", "alpaca", "text")
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGES, PROMPT, COMPLETION = "messages", "prompt", "completion"
 CHOSEN, REJECTED = "chosen", "rejected"
 LABEL = "label"  # with prompt-completion: TRL's unpaired preference, a boolean per completion
+CONVERSATIONS, SYSTEM = "conversations", "system"
+INSTRUCTION, INPUT, OUTPUT, HISTORY = "instruction", "input", "output", "history"
+# ShareGPT's speakers (LLaMA-Factory's default tags, and the OpenAI names) -> roles
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+    "function_call": "assistant", "observation": "tool", "tool": "tool",
+}  # fmt: skip
 _BOOLEANS = {"true": True, "false": False}
+# chat format -> (the columns that make it, the columns its rows are read from; absent optional ones are skipped)
+_COLUMNS = {
+    "messages": ([MESSAGES], [MESSAGES]),
+    "prompt-completion": ([PROMPT, COMPLETION], [PROMPT, COMPLETION, LABEL]),
+    "preference": ([CHOSEN, REJECTED], [PROMPT, CHOSEN]),
+    "sharegpt": ([CONVERSATIONS], [CONVERSATIONS, SYSTEM]),
+    "alpaca": ([INSTRUCTION, OUTPUT], [INSTRUCTION, INPUT, OUTPUT, SYSTEM, HISTORY]),
+}
 
 logger = logging.getLogger(__name__)
 
 
 def _needed(fmt: str, text_column: str) -> list[str]:
     """The columns that make rows format ``fmt``."""
-    return {"messages": [MESSAGES], "prompt-completion": [PROMPT, COMPLETION], "preference": [CHOSEN, REJECTED]}.get(
-        fmt, [text_column]
-    )
+    return _COLUMNS[fmt][0] if fmt in _COLUMNS else [text_column]
 
 
 def read_columns(fmt: str) -> list[str]:
-    """The columns a chat format's rows are read from (``prompt`` is optional in ``preference``)."""
-    return {"messages": [MESSAGES], "prompt-completion": [PROMPT, COMPLETION, LABEL], "preference": [PROMPT, CHOSEN]}[
-        fmt
-    ]
+    """The columns a chat format's rows are read from."""
+    return _COLUMNS[fmt][1]
+
+
+def _looked_for(fmt: str, text_column: str) -> str:
+    columns = _needed(fmt, text_column)
+    named = f"a {columns[0]!r} column" if len(columns) == 1 else " and ".join(map(repr, columns)) + " columns"
+    return f"{named} ({fmt}{', --text-column' if fmt == 'text' else ''})"
 
 
 def detect_format(columns: Sequence[str], requested: str = "auto", *, text_column: str = "text", where: str) -> str:
@@ -74,30 +97,33 @@ def detect_format(columns: Sequence[str], requested: str = "auto", *, text_colum
             names = " and ".join(repr(c) for c in missing)
             raise SensloraError(f"{where} is not in the {requested} format: no {names} column; columns present: {found}")
         return requested
-    for fmt in ("messages", "prompt-completion", "preference", "text"):
+    for fmt in DETECTION:
         if all(c in columns for c in _needed(fmt, text_column)):
             return fmt
+    looked = [_looked_for(fmt, text_column) for fmt in DETECTION]
     raise SensloraError(
-        f"cannot tell the data format of {where}: looked for a 'messages' column (messages), 'prompt' and "
-        f"'completion' columns (prompt-completion), 'chosen' and 'rejected' columns (preference) and a "
-        f"{text_column!r} column (text, --text-column); "
+        f"cannot tell the data format of {where}: looked for {', '.join(looked[:-1])} and {looked[-1]}; "
         f"columns present: {found}"
     )
+
+
+def _list_cell(value: Any, where: str, column: str, what: str) -> list:
+    """A cell that must hold a non-empty list of ``what`` (JSON text, as in a CSV, is parsed)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise SensloraError(f"{where}: column {column!r} must hold a list of {what}; its text is not JSON") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        shown = "an empty list" if isinstance(value, (list, tuple)) else type(value).__name__
+        raise SensloraError(f"{where}: column {column!r} must hold a list of {what}, found {shown}")
+    return list(value)
 
 
 def check_turns(value: Any, where: str, column: str) -> list[dict[str, str]]:
     """A conversation cell as a list of ``{"role", "content"}`` turns (JSON text is parsed); any
     other shape, an unknown role or a non-text content is a one-line error naming ``where``."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise SensloraError(
-                f"{where}: column {column!r} must hold a list of {{role, content}} turns; its text is not JSON"
-            ) from None
-    if not isinstance(value, (list, tuple)) or not value:
-        shown = "an empty list" if isinstance(value, (list, tuple)) else type(value).__name__
-        raise SensloraError(f"{where}: column {column!r} must hold a list of {{role, content}} turns, found {shown}")
+    value = _list_cell(value, where, column, "{role, content} turns")
     turns = []
     for number, turn in enumerate(value, start=1):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
@@ -183,6 +209,9 @@ def chat_example(row: dict[str, Any], fmt: str, where: str, row_id: str) -> Exam
     if fmt == "messages":
         turns = check_turns(row.get(MESSAGES), where, MESSAGES)
         return _conversation(turns, 0, where, row_id, "the conversation")
+    if fmt in ("sharegpt", "alpaca"):
+        turns = _sharegpt_turns(row, where) if fmt == "sharegpt" else _alpaca_turns(row, where)
+        return _conversation(turns, 0, where, row_id, "the conversation")
     if fmt == "preference":
         prompt, chosen = row.get(PROMPT), row.get(CHOSEN)
         if prompt is None:  # TRL's implicit prompt: the chosen text, or conversation, alone
@@ -206,3 +235,46 @@ def _prompt_and(prompt: Any, completion: Any, column: str, where: str, row_id: s
     raise SensloraError(
         f"{where}: 'prompt' and {column!r} must both be text or both be lists of turns, found {kinds}"
     )
+
+
+def _system_turn(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The optional ``system`` column of a ShareGPT or alpaca row as a first turn ([] when empty)."""
+    system = row.get(SYSTEM)
+    if system is None or system == "":
+        return []
+    if not isinstance(system, str):
+        raise SensloraError(f"{where}: column 'system' holds {type(system).__name__}; it must be text")
+    return [{"role": "system", "content": system}]
+
+
+def _sharegpt_turns(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A ShareGPT row's ``conversations`` (``{"from", "value"}`` turns) as role / content turns."""
+    turns = _system_turn(row, where)
+    for number, turn in enumerate(_list_cell(row.get(CONVERSATIONS), where, CONVERSATIONS, "{from, value} turns"), 1):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SensloraError(f"{where}: turn {number} of 'conversations' is not a {{from, value}} object: {turn!r}")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise SensloraError(
+                f"{where}: turn {number} of 'conversations' is from the unknown speaker {turn['from']!r}; "
+                f"speakers are {', '.join(SHAREGPT_ROLES)}"
+            )
+        turns.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return check_turns(turns, where, CONVERSATIONS)
+
+
+def _alpaca_turns(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """An alpaca row as turns: system, the history's pairs, then instruction (+ newline + input) and output."""
+    texts = {}
+    for column in (INSTRUCTION, INPUT, OUTPUT):
+        value = row.get(column)
+        if value is not None and not isinstance(value, str):
+            raise SensloraError(f"{where}: column {column!r} holds {type(value).__name__}; it must be text")
+        texts[column] = value or ""
+    turns = _system_turn(row, where)
+    if row.get(HISTORY) not in (None, "", []):
+        for number, pair in enumerate(_list_cell(row[HISTORY], where, HISTORY, "[instruction, response] pairs"), 1):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                raise SensloraError(f"{where}: item {number} of 'history' is not an [instruction, response] pair of texts")
+            turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    query = "\n".join(t for t in (texts[INSTRUCTION], texts[INPUT]) if t)
+    return turns + [{"role": "user", "content": query}, {"role": "assistant", "content": texts[OUTPUT]}]

@@ -83,7 +83,7 @@ class TaskData:
     splits_seed: int  # seed of the 80/10/10 split (independent of the training seed)
     label_names: list[str] = field(default_factory=list)  # class index -> original label (classification)
     inferred: bool = False  # the problem was inferred from the labels (no --problem)
-    data_format: str = "text"  # the rows' format (formats.py): text, messages, prompt-completion or preference
+    data_format: str = "text"  # the rows' format (formats.py): text or one of the chat formats
 
     def describe(self) -> str:
         """What the labels are, e.g. ``classification, 3 classes: a, b, c``, ``regression`` or
@@ -552,8 +552,9 @@ def load_task(
         loose_labels: read a label column that mixes numbers and text as class names, and merge
             class names that differ only in case or spaces (by default both are errors).
         data_format: the rows' format (:mod:`.formats`): ``text`` (text and label columns),
-            ``messages``, ``prompt-completion`` or ``preference`` (generation data, no label
-            column; a preference row's chosen response is its answer), or ``auto``
+            ``messages``, ``prompt-completion``, ``preference``, ``sharegpt`` or ``alpaca``
+            (generation data, no label column; a preference row's chosen response is its
+            answer), or ``auto``
             to detect it from the columns (the text format for a classification or regression
             ``problem``). Built-in tasks have their own.
         allow_label_text: only warn when the texts equal their labels in most rows (by default an

@@ -69,7 +69,8 @@ class TrainConfig:
         "auto",
         "generic tasks: the rows' format (TRL's): text (text and label columns), messages (a 'messages' column of "
         "{role, content} turns), prompt-completion ('prompt' and 'completion' columns) or preference "
-        "('chosen' and 'rejected', optional 'prompt'; trains on the chosen response); auto detects it from the columns",
+        "('chosen' and 'rejected', optional 'prompt'; trains on the chosen response), sharegpt ('conversations') or "
+        "alpaca ('instruction' and 'output'); auto detects it from the columns",
         TASK,
         choices=DATA_FORMATS,
     )
