@@ -417,11 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
     import os
 
     # transformers' load reports and per-tensor loading bars drown the CLI's own output.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes (PEFT imports it where installed) reports at import that its optional CPU kernel
+    # could not be fetched from the hub; it falls back to its own, and the line is noise here.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

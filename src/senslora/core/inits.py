@@ -36,6 +36,7 @@ import torch.nn as nn
 from .errors import SensloraError
 from .losses import IGNORE_INDEX, LossFn, model_inputs, move_batch, offloaded, per_example_loss
 from .sketch import GradientSketch, gradient_factors
+from .targets import is_linear, quantized
 
 INITS = ("zero", "gradient", "pissa", "olora", "corda", "eva", "lora-ga")
 #: PEFT subtracts the initial adapter product from the base weights.
@@ -70,9 +71,13 @@ def init_blocker(init: str, model: nn.Module, batches: Sequence[Mapping], loss_f
     when it can. Checked before any pass: an init that needs the task loss
     (:data:`NEEDS_LABELS`) needs ``labels`` in every batch unless the caller gives ``loss_fn``; one
     that needs a backward pass (:data:`NEEDS_GRAD`) needs every block on an execution device, and
-    every other non-zero init reads the weights of every target, which offloaded blocks do not hold."""
+    every other non-zero init reads the weights of every target, which offloaded blocks do not hold.
+    On a quantised model (bitsandbytes 4-/8-bit, QLoRA's base) only ``zero`` and ``gradient`` run:
+    the gradient sketch needs no weight, the others need (or change) floating-point weights."""
     if init in NEEDS_LABELS and loss_fn is None and any("labels" not in b for b in batches):
         return "the calibration batches have no labels (the task loss needs them)"
+    if init not in ("zero", "gradient") and any(is_linear(m) and quantized(m) for m in model.modules()):
+        return "the model's linear weights are quantised (bitsandbytes 4-/8-bit), and only zero and gradient run on them"
     if init != "zero" and offloaded(model):
         if init in NEEDS_GRAD:
             return "the model has offloaded (cpu/disk) blocks, which have no backward pass"

@@ -293,6 +293,11 @@ def _weight_of(target) -> torch.Tensor:
             f"--saliency obd needs the weights, and {target.name} is offloaded; "
             "load the model without --device-map cpu/disk or use --saliency hessian"
         )
+    if target.quantized:
+        raise SensloraError(
+            f"--saliency obd needs the weights, and {target.name} is quantised ({w.dtype}); "
+            "use --saliency hessian"
+        )
     return w.T if _is_conv1d(target.module) else w
 
 

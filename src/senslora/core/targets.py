@@ -27,12 +27,20 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a Linear or Conv1D, in nn.Linear convention."""
+    """(d_out, d_in) of a Linear or Conv1D, in nn.Linear convention. A Linear's own
+    ``out_features`` / ``in_features``, not its weight's shape: a quantised Linear (bitsandbytes'
+    4-bit, QLoRA's base) stores its weight packed, e.g. (d_out * d_in / 2, 1) bytes."""
     if _is_conv1d(module):
         d_in, d_out = module.weight.shape
         return int(d_out), int(d_in)
-    d_out, d_in = module.weight.shape
-    return int(d_out), int(d_in)
+    return int(module.out_features), int(module.in_features)
+
+
+def quantized(module: nn.Module) -> bool:
+    """Whether a linear layer stores its weight quantised (bitsandbytes' 4-bit ``Params4bit`` or
+    8-bit ``Int8Params``: packed integers, the base of QLoRA): it has no weight gradient, and its
+    values are not the matrix's until dequantised."""
+    return not module.weight.is_floating_point()
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,10 @@ class Target:
     module: nn.Module
     layer: int | None  # index of the transformer block, None if outside the blocks
     shape: tuple[int, int]  # (d_out, d_in)
+
+    @property
+    def quantized(self) -> bool:
+        return quantized(self.module)
 
     @property
     def lora_params_per_rank(self) -> int:

@@ -64,14 +64,25 @@ def _estimation_mode(model: nn.Module, trainable: list[nn.Parameter] | None) -> 
     """Eval mode (dropout off) and, if ``trainable`` is given, grads only for those parameters.
 
     Every module's ``training`` flag and every parameter's ``requires_grad`` are restored on exit.
+
+    bitsandbytes' 4-bit layers on a CPU with AVX512-BF16 repack their weight, in eval mode and
+    without input gradients, for an inference kernel that has no backward; once repacked, no
+    gradient crosses them again. The repacking is switched off for the duration (its
+    ``support_avx512bf16_for_cpu`` flag), so a forward-only pass (the activation estimator) does
+    not break the gradient passes after it (the gradient init, ``fisher``).
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    packing = [(m, m.support_avx512bf16_for_cpu) for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for m, _ in packing:
+        m.support_avx512bf16_for_cpu = False
     model.eval()
     if trainable is not None:
         keep = {id(p) for p in trainable}
         for p in model.parameters():
-            p.requires_grad_(id(p) in keep)
+            # A quantised weight (packed integers) cannot require grad; the tapped passes
+            # (``fisher``, the gradient sketch) do not need it to.
+            p.requires_grad_(id(p) in keep and p.is_floating_point())
     try:
         yield
     finally:
@@ -79,6 +90,8 @@ def _estimation_mode(model: nn.Module, trainable: list[nn.Parameter] | None) -> 
             m.training = training
         for p, requires_grad in flags:
             p.requires_grad_(requires_grad)
+        for m, packs in packing:
+            m.support_avx512bf16_for_cpu = packs
 
 
 @contextmanager
@@ -133,6 +146,10 @@ class Estimator(ABC):
     needs_grad: ClassVar[bool] = True
     #: Needs the task loss, hence ``labels`` in every batch.
     needs_labels: ClassVar[bool] = True
+    #: Differentiates the target weights themselves (``autograd.grad`` w.r.t. them), so it refuses
+    #: quantised targets (bitsandbytes 4-/8-bit: packed integers, no gradient). ``fisher`` does not:
+    #: it takes each target's output gradient through a tap and never asks for ``dL/dW``.
+    weight_grads: ClassVar[bool] = False
     #: Backpropagates twice through attention: the model runs with eager attention.
     eager_attention: ClassVar[bool] = False
     #: Returns compact ``(d_in,)`` diagonals (one value per input column, shared by every row);
@@ -177,6 +194,12 @@ class Estimator(ABC):
         self.acc_device = device if accumulate_on == "device" else torch.device("cpu")
         self.num_examples = 0
         dist: Dist = current() if distributed is not False else SINGLE
+        if self.weight_grads and any(t.quantized for t in self.targets):
+            first = next(t for t in self.targets if t.quantized)
+            raise SensloraError(
+                f"the {self.name} estimator differentiates every target weight, and {first.name} is quantised "
+                f"({first.module.weight.dtype}, e.g. a bitsandbytes 4-bit model); use --estimator activation or fisher"
+            )
         trainable = [t.module.weight for t in self.targets] if self.needs_grad else None
         grad_mode = torch.enable_grad() if self.needs_grad else torch.no_grad()
         with _estimation_mode(model, trainable), grad_mode, self._context(model):

@@ -9,8 +9,19 @@ from torch.utils.hooks import RemovableHandle
 
 from ..diagonal import Diagonal
 from ..distributed import Dist
+from ..errors import SensloraError
 from ..sketch import GradientSketch
 from .base import Estimator, _as_linear, _batch_mask, _mean_over_examples, _reduce_counts, _token_mask
+
+
+def _received(g: torch.Tensor | None, name: str) -> torch.Tensor:
+    """The gradient at a target's output; None when a layer after it ran without autograd."""
+    if g is None:
+        raise SensloraError(
+            f"no gradient reached {name}: a layer after it ran without autograd (e.g. a bitsandbytes 4-bit layer "
+            "repacked for CPU inference before senslora saw the model); load the model anew, or allocate on a GPU"
+        )
+    return g.detach()
 
 
 def _example_rows(mask: torch.Tensor) -> list[slice | torch.Tensor]:
@@ -65,7 +76,9 @@ class FisherEstimator(Estimator):
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if not output.requires_grad:
+            # Grad mode, not output.requires_grad: a quantised target's output needs no gradient
+            # when nothing before it does (no weight of it requires one); the tap gives it one.
+            if not torch.is_grad_enabled():
                 return None
             self.num_calls[name] += 1
             x = inputs[0].detach()
@@ -74,7 +87,7 @@ class FisherEstimator(Estimator):
             # output + 0: the same values, and a path from the loss to the tap through this output.
             tapped = output + self.tap.to(device=output.device, dtype=output.dtype)
             # The gradient w.r.t. this output (a tensor hook sees it before any later in-place op).
-            tapped.register_hook(lambda g: self._on_grad(name, x, g.detach(), rows, mask))
+            tapped.register_hook(lambda g: self._on_grad(name, x, _received(g, name), rows, mask))
             return tapped
 
         return hook
@@ -170,6 +183,7 @@ class FisherBatchEstimator(Estimator):
     """
 
     name = "fisher-batch"
+    weight_grads = True
 
     def _start(self) -> list[RemovableHandle]:
         self.sums = {t.name: self._zeros(t.shape) for t in self.targets}

@@ -27,6 +27,7 @@ class HutchinsonEstimator(Estimator):
     """
 
     name = "hutchinson"
+    weight_grads = True
     eager_attention = True
     seeded = True
 
