@@ -71,6 +71,7 @@ def test_the_gradient_init_on_a_4bit_model_equals_the_twins_and_the_adapter_trai
     for name, model in (("4bit", q), ("twin", twin)):
         alloc = allocate(model, _batches(), avg_rank=2, init="gradient", progress=False)
         assert alloc.init == "gradient" and not alloc.init_fallback
+        assert alloc.quantized == ("4bit" if name == "4bit" else "")
         peft_model = alloc.to_peft_model(model, base, batches=_batches())
         assert peft_ranks(peft_model) == alloc.ranks
         adapters[name] = {k: v.detach().clone() for k, v in peft_model.named_parameters() if "lora_" in k}
@@ -128,3 +129,41 @@ def test_what_needs_weight_gradients_or_values_is_a_one_line_error(pair, kwargs,
     with pytest.raises(SensloraError, match=message) as err:
         allocate(pair[0], _batches(), avg_rank=2, progress=False, **kwargs)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_cli_allocates_on_the_quantised_model_and_the_snippets_train_on_it(tmp_path, capsys, bits):
+    import json
+
+    import yaml
+    from conftest import make_word_tokenizer
+
+    from senslora.cli.main import main
+
+    folder = tmp_path / "llama"
+    tiny_llama(**DIMS).save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text("hello world\nthe cat sat on the mat\n" * 8)
+    out = tmp_path / "alloc"
+    args = ["allocate", "--model", str(folder), "--calib", str(tmp_path / "calib.txt"), "--calib-samples", "8"]
+    args += ["--avg-rank", "2", "--no-plot", "--no-progress", "--quantize", bits, "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"allocated on the {bits} model (bitsandbytes)" in capsys.readouterr().out
+    saved = json.loads((out / "allocation.json").read_text())
+    assert saved["quantized"] == bits and saved["init"] == "gradient" and not saved["init_fallback"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    axolotl = yaml.safe_load((out / "axolotl.yaml").read_text())
+    assert axolotl["adapter"] == ("qlora" if bits == "4bit" else "lora") and axolotl[f"load_in_{bits}"] is True
+    assert yaml.safe_load((out / "llamafactory.yaml").read_text())["quantization_bit"] == int(bits[0])
+
+
+def test_quantising_without_bitsandbytes_is_one_line(monkeypatch):
+    import sys
+
+    from senslora.data.models import quantization_config
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(SensloraError, match="^--quantize 4bit needs bitsandbytes; pip install bitsandbytes$"):
+        quantization_config("4bit", torch.float32)
+    with pytest.raises(SensloraError, match="--quantize '2bit' is not supported; use one of 4bit, 8bit"):
+        quantization_config("2bit", torch.float32)

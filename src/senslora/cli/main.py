@@ -130,6 +130,8 @@ def add_output_args(p: argparse.ArgumentParser, recipe: str, *, seed: str, main_
 
 
 def add_allocate_parser(sub) -> None:
+    from ..data.models import QUANTIZE
+
     p = sub.add_parser(
         "allocate",
         help="estimate sensitivities on a calibration set and write per-matrix ranks + a PEFT LoraConfig",
@@ -148,6 +150,13 @@ def add_allocate_parser(sub) -> None:
     g.add_argument("--offload-folder", default=None, help="where blocks mapped to disk are stored")
     g.add_argument(
         "--max-memory", default=None, help="per-device memory caps for auto maps, e.g. 0=20GiB,cpu=60GiB"
+    )
+    g.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE,
+        help="load the model quantised by bitsandbytes (4bit: NF4, QLoRA's base) and allocate on it; "
+        "axolotl.yaml / llamafactory.yaml then train on it quantised too (needs bitsandbytes)",
     )
     add_calib_args(p)
     add_flags(p.add_argument_group("allocation"), allocator_flags())

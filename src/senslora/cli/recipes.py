@@ -242,7 +242,7 @@ def _allocate(args: argparse.Namespace, out: Path, dist, files: dict[str, str]) 
             "--device-map spreads one model over devices; it cannot be combined with one process per "
             "device (accelerate launch / torchrun): run a single process"
         )
-    model, tokenizer = load_model_for(args, attn_implementation=attn, **big)
+    model, tokenizer = load_model_for(args, attn_implementation=attn, quantize=args.quantize, **big)
     if offloaded(model) and estimator.needs_grad:
         raise SensloraError(
             f"the {args.estimator} estimator needs a backward pass through every weight, which offloaded "
@@ -307,6 +307,8 @@ def _print_summary(alloc) -> None:
         f"{c['at_r_min']} at r_min, {c['at_r_max']} at r_max"
     )
     print(f"adapter init {alloc.init}{_init_detail(alloc)}")
+    if alloc.quantized:
+        print(f"allocated on the {alloc.quantized} model (bitsandbytes); axolotl.yaml and llamafactory.yaml train on it quantised")
 
 
 def _init_detail(alloc) -> str:

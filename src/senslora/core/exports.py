@@ -16,6 +16,10 @@ into your own config, which names the base model, the data and the training argu
 * LLaMA-Factory (checked against v0.9.5): it takes per-module ranks only from a saved adapter,
   so the snippet is ``finetuning_type: lora``, ``adapter_name_or_path`` (the last adapter listed
   is resumed trainable) and ``create_new_adapter: false``.
+
+An allocation made on a bitsandbytes-quantised model (``Allocation.quantized``) says so in both:
+axolotl's ``adapter: qlora`` with ``load_in_4bit`` (``load_in_8bit`` for 8-bit), LLaMA-Factory's
+``quantization_bit``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ def axolotl_config(alloc, adapter_dir: str | Path, *, base_config=None, weights:
     alphas = {key: _integral(value) for key, value in (config.alpha_pattern or {}).items()}
     alpha = _integral(config.lora_alpha)
     exact = alpha is not None and all(value is not None for value in alphas.values())
-    body: dict[str, Any] = {"adapter": "lora"}
+    body: dict[str, Any] = {"adapter": "qlora" if alloc.quantized == "4bit" else "lora"}
+    if alloc.quantized in ("4bit", "8bit"):  # allocated on the quantised model: train on it too
+        body[f"load_in_{alloc.quantized}"] = True
     if weights or not exact:
         body["lora_model_dir"] = str(adapter_dir)
     body["lora_r"] = int(config.r)
@@ -85,9 +91,13 @@ def axolotl_yaml(alloc, adapter_dir: str | Path, *, base_config=None, weights: b
     return _dump(header, body)
 
 
-def llamafactory_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """The LLaMA-Factory keys that make it resume (train) the saved adapter."""
-    return {"finetuning_type": "lora", "adapter_name_or_path": str(adapter_dir), "create_new_adapter": False}
+def llamafactory_config(adapter_dir: str | Path, quantized: str = "") -> dict[str, Any]:
+    """The LLaMA-Factory keys that make it resume (train) the saved adapter, on the model quantised
+    as it was allocated (``quantization_bit``, bitsandbytes) when it was."""
+    body: dict[str, Any] = {"finetuning_type": "lora", "adapter_name_or_path": str(adapter_dir), "create_new_adapter": False}
+    if quantized in ("4bit", "8bit"):
+        body["quantization_bit"] = int(quantized[0])
+    return body
 
 
 def llamafactory_yaml(alloc, adapter_dir: str | Path) -> str:
@@ -99,7 +109,7 @@ def llamafactory_yaml(alloc, adapter_dir: str | Path) -> str:
         "adapter_name_or_path trainable, so lora_rank / lora_alpha / lora_target are not used.",
         "Merge these keys into your LLaMA-Factory config (model_name_or_path, stage: sft, dataset, ...).",
     ]
-    return _dump(header, llamafactory_config(adapter_dir))
+    return _dump(header, llamafactory_config(adapter_dir, alloc.quantized))
 
 
 def write_exports(folder: Path, alloc, adapter_dir: str | Path, *, base_config=None, weights: bool = False) -> None:

@@ -46,7 +46,7 @@ from .shaping import (
     temper,
 )
 from .sketch import GradientSketch
-from .targets import find_targets
+from .targets import find_targets, quantization
 from .timing import sync_device, time_forward
 
 ADAPTER_DIR = "adapter"
@@ -98,6 +98,8 @@ class Allocation:
     timings: dict[str, float] = field(default_factory=dict)  # seconds
     seed: int = 0
     model: str = ""
+    #: How the model held the target weights: "4bit" / "8bit" (bitsandbytes, QLoRA), "" for floats.
+    quantized: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     # The recipe (presets.py); the defaults are the paper's, so older allocation.json files load.
     preset: str = "paper"
@@ -637,6 +639,7 @@ def allocate(
     if shared is not None:  # the Fisher pass saw every calibration example (summed over processes)
         shared.num_examples = alloc.calibration["examples"]
     alloc.sketch, alloc.init_pass, alloc.init_fallback = sketch, init_pass, fallback
+    alloc.quantized = quantization(t.module for t in targets)
     note = concentration_warning(names, [m.params for m in matrices], budget.costs * config.avg_rank)
     if note is not None:
         warnings.warn(note, SensloraWarning, stacklevel=2)

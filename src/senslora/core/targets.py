@@ -43,6 +43,16 @@ def quantized(module: nn.Module) -> bool:
     return not module.weight.is_floating_point()
 
 
+def quantization(modules) -> str:
+    """How the weights of linear ``modules`` are stored: ``"4bit"`` / ``"8bit"`` (bitsandbytes'
+    ``Params4bit`` / ``Int8Params``), another integer dtype's name, or ``""`` (floating point)."""
+    for module in modules:
+        if quantized(module):
+            kind = type(module.weight).__name__
+            return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(kind, str(module.weight.dtype).removeprefix("torch."))
+    return ""
+
+
 @dataclass(frozen=True)
 class Target:
     """One target weight matrix."""

@@ -382,6 +382,7 @@ def load_model(
     device_map: Any = None,
     offload_folder: str | os.PathLike[str] | None = None,
     max_memory: dict[Any, str] | None = None,
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from an alias, a local HF folder, a GGUF file or a hub name
     (:func:`resolve_model_path`).
@@ -403,6 +404,9 @@ def load_model(
             RAM, then ``offload_folder`` on disk; offloaded blocks are moved to the GPU one at a
             time during each forward pass by accelerate's hooks, so a model larger than the GPU
             can be calibrated (with the ``activation`` estimator, which needs no backward pass).
+        quantize: ``"4bit"`` (QLoRA's base: NF4 with double quantisation, computing in ``dtype``) or
+            ``"8bit"``, through bitsandbytes (``BitsAndBytesConfig``), the model its QLoRA
+            fine-tuning will load; ``None`` keeps the weights in ``dtype``.
 
     New heads are freshly initialised by transformers (seed torch first for reproducibility).
     The tokenizer always has a pad token (its EOS if it had none), ``model.config.pad_token_id``
@@ -422,7 +426,31 @@ def load_model(
             device_map=device_map,
             offload_folder=offload_folder,
             max_memory=max_memory,
+            quantize=quantize,
         )
+
+
+QUANTIZE = ("4bit", "8bit")
+
+
+def quantization_config(quantize: str, dtype: Any) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``quantize`` (:data:`QUANTIZE`); a one-line error
+    naming the fix when the value is unknown or bitsandbytes is not installed."""
+    if quantize not in QUANTIZE:
+        raise SensloraError(f"--quantize {quantize!r} is not supported; use one of {', '.join(QUANTIZE)}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SensloraError(f"--quantize {quantize} needs bitsandbytes; pip install bitsandbytes") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
 
 
 def _load_model(
@@ -436,6 +464,7 @@ def _load_model(
     device_map: Any,
     offload_folder: str | os.PathLike[str] | None,
     max_memory: dict[Any, str] | None,
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
     """:func:`load_model` inside its step."""
     if kind not in KINDS:
@@ -468,6 +497,10 @@ def _load_model(
             kwargs["offload_folder"] = str(offload_folder)
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
+    if quantize is not None:
+        kwargs["quantization_config"] = quantization_config(quantize, torch_dtype)
+        # bitsandbytes quantises while placing the weights; a quantised model cannot move after.
+        kwargs.setdefault("device_map", {"": str(dev)})
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if kind == "classification":
@@ -522,7 +555,7 @@ def _load_model(
     positions = model_positions(model.config)
     if positions is not None and positions < (tokenizer.model_max_length or positions + 1):
         tokenizer.model_max_length = positions  # make_batches truncates to it (with a warning)
-    if device_map is None:
+    if device_map is None and quantize is None:
         model.to(dev)
     return model, tokenizer
 
