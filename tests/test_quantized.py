@@ -167,3 +167,11 @@ def test_quantising_without_bitsandbytes_is_one_line(monkeypatch):
         quantization_config("4bit", torch.float32)
     with pytest.raises(SensloraError, match="--quantize '2bit' is not supported; use one of 4bit, 8bit"):
         quantization_config("2bit", torch.float32)
+
+
+def test_gora_s_mean_weight_gradient_refuses_quantised_weights(pair):
+    from senslora.core.inits import mean_gradients
+
+    q, _ = pair
+    with pytest.raises(SensloraError, match="needs floating-point weights, and the model's are quantised"):
+        mean_gradients(q, find_targets(q), _batches())

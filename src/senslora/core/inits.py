@@ -375,6 +375,8 @@ def mean_gradients(model, targets, batches, loss_fn: LossFn | None = None, devic
     Eval mode, grads only for the targets; modes and flags restored."""
     from .estimators.base import _as_linear, _estimation_mode
 
+    if any(t.quantized for t in targets):
+        raise SensloraError("the mean weight gradient needs floating-point weights, and the model's are quantised")
     weights = [t.module.weight for t in targets]
     sums = {t.name: torch.zeros(t.shape, dtype=torch.float32) for t in targets}
     count = 0
