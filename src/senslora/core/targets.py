@@ -1,7 +1,9 @@
 """Which weight matrices get LoRA (METHOD.md section 2).
 
 Default: every ``nn.Linear`` (and GPT-2 ``Conv1D``) inside the transformer blocks, i.e. inside the
-largest ``nn.ModuleList`` of identical blocks; never embeddings, never the task head / ``lm_head``.
+largest ``nn.ModuleList`` of identical blocks; never embeddings, never the task head / ``lm_head``,
+never a mixture-of-experts router (:data:`ROUTERS`: its few outputs are the expert scores, e.g.
+Qwen2-MoE's one-output ``shared_expert_gate``; LLaMA-Factory's ``lora_target: all`` leaves them out too).
 Users override with a regex (matched with ``re.search`` against full module names) or an explicit
 list of names (exact, or a ``.``-suffix of the full name, as PEFT matches ``target_modules``).
 """
@@ -15,6 +17,10 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from .errors import SensloraError
+
+#: Last name components of the mixture-of-experts routers that are plain ``nn.Linear`` layers
+#: (``gate``: Qwen-MoE, Mixtral-style; ``router``: Jamba, DBRX-style). ``gate_proj`` is not one.
+ROUTERS = frozenset({"gate", "router", "shared_expert_gate"})
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -123,7 +129,7 @@ def find_targets(
             continue
         layer = _layer_of(name, blocks_prefix)
         if target_modules is None:
-            selected = layer is not None
+            selected = layer is not None and name.rpartition(".")[2] not in ROUTERS
         elif isinstance(target_modules, str):
             selected = pattern.search(name) is not None
         else:
