@@ -1,5 +1,5 @@
-"""The decoder families our users fine-tune, as tiny random models of transformers' own classes: the
-default allocation (activation statistics, the gradient init) finds the linear layers each family
+"""The decoder and encoder families our users fine-tune, as tiny random models of transformers' own
+classes: the default allocation (activation statistics, the gradient init) finds the linear layers each family
 names, PEFT builds every matrix at its allocated rank, and the initialised adapter runs. Mixture-of-
 experts routers are never targets; transformers 5 keeps the routed experts as fused 3-D parameters,
 which are not linear layers (attention and any shared expert are targeted)."""
@@ -63,3 +63,43 @@ def test_the_default_allocation_and_init_run_on_each_decoder_family(family):
     assert peft_ranks(peft_model) == alloc.ranks
     assert torch.isfinite(loss)
     assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)  # initialised
+
+
+ENC = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+BERT_LIKE = ["dense", "key", "query", "value"]
+ENCODERS = {
+    "bert": ("BertConfig", "BertForSequenceClassification", ENC, BERT_LIKE),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", {**ENC, "max_position_embeddings": 80}, BERT_LIKE),
+    "xlm-roberta": (
+        "XLMRobertaConfig", "XLMRobertaForSequenceClassification", {**ENC, "max_position_embeddings": 80}, BERT_LIKE,
+    ),  # fmt: skip
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification", {**ENC, "embedding_size": 32}, BERT_LIKE),
+    "distilbert": (
+        "DistilBertConfig", "DistilBertForSequenceClassification", dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4),
+        ["k_lin", "lin1", "lin2", "out_lin", "q_lin", "v_lin"],
+    ),  # fmt: skip
+    "deberta-v2": (
+        "DebertaV2Config", "DebertaV2ForSequenceClassification", ENC, ["dense", "key_proj", "query_proj", "value_proj"],
+    ),  # fmt: skip
+    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification", ENC, ["Wi", "Wo", "Wqkv"]),
+}
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_the_default_allocation_and_init_run_on_each_encoder_classifier(family):
+    from peft import LoraConfig
+
+    config_class, model_class, overrides, names = ENCODERS[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(vocab_size=100, num_labels=2, pad_token_id=0, **overrides)
+    model = getattr(transformers, model_class)(config).eval()
+    batches = token_batches(3, batch_size=4, labels="class")
+    alloc = allocate(model, batches, avg_rank=2, progress=False)
+    assert (alloc.init, alloc.init_fallback) == ("gradient", "")
+    assert sorted({name.rpartition(".")[2] for name in alloc.ranks}) == names
+    assert not any("classifier" in name for name in alloc.ranks)  # never the task head
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = alloc.to_peft_model(model, LoraConfig(r=2, lora_alpha=4, task_type="SEQ_CLS"), batches=batches)
+        loss = peft_model(**batches[0]).loss
+    assert peft_ranks(peft_model) == alloc.ranks and torch.isfinite(loss)
