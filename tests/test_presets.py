@@ -115,8 +115,9 @@ DEFAULTS = Path(__file__).parent / "data" / "default_allocations.json"
 
 
 # Fields added since the stored files were written (issue 26, --init), at their zero-init values.
-# The adapter's init, added since the stored files: it changes the adapter, never the ranks.
-ADDED_SINCE = ("init", "init_step", "init_pass", "init_fallback")
+# The adapter's init, added since the stored files: it changes the adapter, never the ranks; and
+# how the model held its weights ("" for floats; "4bit" / "8bit" for a bitsandbytes model).
+ADDED_SINCE = ("init", "init_step", "init_pass", "init_fallback", "quantized")
 
 
 def _without_run_facts(data: dict) -> dict:
@@ -127,6 +128,7 @@ def test_default_allocation_on_minilm_reproduces_the_stored_file(tmp_path, capsy
     # allocation.json of the default recipe as written before the issue-12 layout change.
     data = _cli_allocation(tmp_path, capsys, "--model", "minilm", "--calib", "movie", "--avg-rank", "4")
     assert_reproduces(_without_run_facts(data), json.loads(DEFAULTS.read_text())["minilm/cli-robust"])
+    assert data["quantized"] == ""
     # The default's gradient init ran on the labelled calibration set, in one more pass.
     assert (data["init"], data["init_pass"], data["init_fallback"]) == ("gradient", "extra", "")
     assert data["timings"]["init"] > 0
