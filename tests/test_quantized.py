@@ -175,3 +175,25 @@ def test_gora_s_mean_weight_gradient_refuses_quantised_weights(pair):
     q, _ = pair
     with pytest.raises(SensloraError, match="needs floating-point weights, and the model's are quantised"):
         mean_gradients(q, find_targets(q), _batches())
+
+
+def test_prepare_model_for_kbit_training_first_changes_neither_the_ranks_nor_the_init(pair):
+    """QLoRA recipes call PEFT's prepare_model_for_kbit_training (fp32 norms, input gradients,
+    gradient checkpointing) before wrapping: allocating after it gives the same adapter."""
+    from peft import LoraConfig, prepare_model_for_kbit_training
+
+    q, _ = pair
+    base = LoraConfig(r=2, lora_alpha=4, task_type="CAUSAL_LM")
+
+    def adapter(model):
+        alloc = allocate(model, _batches(), avg_rank=2, progress=False)
+        peft_model = alloc.to_peft_model(model, base, batches=_batches())
+        weights = {k: v.detach().clone() for k, v in peft_model.named_parameters() if "lora_" in k}
+        peft_model.unload()
+        return alloc.ranks, weights
+
+    ranks, weights = adapter(q)
+    prepared_ranks, prepared = adapter(prepare_model_for_kbit_training(q, use_gradient_checkpointing=True))
+    assert prepared_ranks == ranks
+    for key, value in weights.items():
+        torch.testing.assert_close(prepared[key], value)
