@@ -197,3 +197,21 @@ def test_prepare_model_for_kbit_training_first_changes_neither_the_ranks_nor_the
     assert prepared_ranks == ranks
     for key, value in weights.items():
         torch.testing.assert_close(prepared[key], value)
+
+
+def test_a_gguf_file_is_quantised_for_qlora_too(tmp_path, capsys):
+    """llama.cpp's files are dequantised on load (data/models.py), then quantised by bitsandbytes."""
+    import json
+
+    from tiny import write_tiny_llama_gguf
+
+    from senslora.cli.main import main
+
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "calib.txt").write_text("hello world\nthe cat sat on the mat\n" * 8)
+    out = tmp_path / "alloc"
+    args = ["allocate", "--model", str(tmp_path / "tiny.gguf"), "--calib", str(tmp_path / "calib.txt")]
+    args += ["--calib-samples", "8", "--avg-rank", "2", "--no-plot", "--no-progress", "--quantize", "4bit"]
+    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    saved = json.loads((out / "allocation.json").read_text())
+    assert saved["quantized"] == "4bit" and len(saved["matrices"]) == 14 and saved["init"] == "gradient"
