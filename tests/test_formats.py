@@ -261,6 +261,36 @@ def test_standard_prompt_completion_is_the_texts_as_they_are(word_tokenizer):
     assert tok.convert_ids_to_tokens(prompt_ids(ex, tok)) == ["<s>", "the", "film"]
 
 
+# Qwen3's behaviour in the word vocabulary: the assistant turn after the last user turn, when it
+# ends the rendering, carries a (here: "very very") reasoning block; earlier ones do not.
+LAST_TURN_TEMPLATE = (
+    "{%- set ns = namespace(last=-1) %}"
+    "{%- for m in messages %}{%- if m['role'] == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' and loop.index0 > ns.last and loop.last %}"
+    "<s> assistant very very {{ m['content'] }} </s> "
+    "{%- else %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_takes_the_loss_on_the_last_turn(word_tokenizer, caplog):
+    tok = word_tokenizer(bos=False, chat_template=LAST_TURN_TEMPLATE)
+    ex = Example("", messages=CHAT, prompt="", answer="hello world", id="3")
+    with caplog.at_level("WARNING", logger="senslora"):
+        [batch] = make_batches([ex, ex], tok, kind="causal-lm", max_length=64)
+    text = tok.decode(batch["input_ids"][0].tolist()).split()
+    assert text == "<s> user what is one ? </s> <s> assistant two </s> <s> user why ? </s> <s> assistant very very hello world </s>".split()
+    assert supervised(batch, tok) == ["very", "very", "hello", "world", "</s>"]  # the last turn only
+    assert caplog.text.count("the loss is on the last assistant turn") == 1  # once per tokenizer
+    # One assistant turn: nothing to tell apart, no warning.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="senslora"):
+        one = make_batches([Example("", messages=CHAT[:2], answer="two")], tok, kind="causal-lm")[0]
+    assert supervised(one, tok) == ["very", "very", "two", "</s>"] and not caplog.text
+
+
 def test_long_conversations_keep_an_assistant_token(chat_tok):
     turns = [{"role": "user", "content": " ".join(["one"] * 40)}, {"role": "assistant", "content": "two three"}]
     batch = make_batches([Example("", messages=turns, answer="two three")], chat_tok, kind="causal-lm", max_length=16)[0]

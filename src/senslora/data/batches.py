@@ -108,28 +108,58 @@ def _render(tokenizer: Any, turns: Sequence[dict[str, str]], ex: Example, *, gen
         ) from exc
 
 
-def _chat_segments(ex: Example, tokenizer: Any) -> list[tuple[str, bool]]:
-    """The rendered conversation of ``ex`` as consecutive ``(text, loss)`` pieces: the loss is on
-    each assistant turn from ``ex.loss_from`` on, i.e. the text its rendering adds after the
-    rendering of the turns before it with the generation prompt (the assistant header)."""
+def _turn_spans(
+    tokenizer: Any, ex: Example, answers: Sequence[int], full: str
+) -> list[tuple[int, int]] | None:
+    """Where each assistant turn of ``answers`` lies in ``full``, the whole conversation rendered:
+    the text its rendering adds after the rendering of the turns before it with the generation
+    prompt (the assistant header). None when a rendering is not a prefix of ``full``."""
     turns = ex.messages or []
-    full = _render(tokenizer, turns, ex)
-    pieces: list[tuple[str, bool]] = []
+    spans: list[tuple[int, int]] = []
     done = 0
-    for i, turn in enumerate(turns):
-        if turn["role"] != "assistant" or i < ex.loss_from:
-            continue
+    for i in answers:
         before = _render(tokenizer, turns[:i], ex, generation=True) if i else ""
         upto = _render(tokenizer, turns[: i + 1], ex)
         start = len(before)
         if not (full.startswith(before) and full.startswith(upto) and done <= start <= len(upto)):
-            raise SensloraError(
-                f"the tokenizer's chat template does not render example {ex.id or '?'} turn by turn (the text "
-                "of its first turns is not a prefix of the whole conversation's), so the assistant turns cannot "
-                "be told apart; use the prompt-completion format or another chat template"
-            )
-        pieces += [(full[done:start], False), (full[start : len(upto)], True)]
+            return None
+        spans.append((start, len(upto)))
         done = len(upto)
+    return spans
+
+
+def _chat_segments(ex: Example, tokenizer: Any) -> list[tuple[str, bool]]:
+    """The rendered conversation of ``ex`` as consecutive ``(text, loss)`` pieces: the loss is on
+    each assistant turn from ``ex.loss_from`` on (:func:`_turn_spans`).
+
+    Some templates render an assistant turn differently once a later turn follows (Qwen3's drops
+    the reasoning block of every turn before the last user query): the turns cannot all be told
+    apart, and the loss is on the last assistant turn only, with a warning once per tokenizer.
+    A template that does not even render the last turn after its prefix is a one-line error."""
+    turns = ex.messages or []
+    full = _render(tokenizer, turns, ex)
+    answers = [i for i, turn in enumerate(turns) if turn["role"] == "assistant" and i >= ex.loss_from]
+    spans = _turn_spans(tokenizer, ex, answers, full)
+    if spans is None and len(answers) > 1:
+        spans = _turn_spans(tokenizer, ex, answers[-1:], full)
+        if spans is not None:
+            _warn_once(
+                tokenizer,
+                "last-turn",
+                "the chat template renders earlier assistant turns differently once later turns follow (as "
+                "Qwen3's drops their reasoning): the loss is on the last assistant turn of each such conversation",
+            )
+    if spans is None:
+        raise SensloraError(
+            f"the tokenizer's chat template does not render example {ex.id or '?'} turn by turn (the text "
+            "of its first turns is not a prefix of the whole conversation's), so the assistant turns cannot "
+            "be told apart; use the prompt-completion format or another chat template"
+        )
+    pieces: list[tuple[str, bool]] = []
+    done = 0
+    for start, end in spans:
+        pieces += [(full[done:start], False), (full[start:end], True)]
+        done = end
     pieces.append((full[done:], False))
     return [(text, loss) for text, loss in pieces if text]
 
@@ -228,17 +258,21 @@ def _within_positions(tokenizer: Any, max_length: int) -> int:
     limit = getattr(tokenizer, "model_max_length", None)
     if not isinstance(limit, int) or limit >= max_length:
         return max_length
-    warned = getattr(tokenizer, "_senslora_warned", set())
-    if (limit, max_length) not in warned:
-        logger.warning(
-            "--max-length %d exceeds the model's %d positions; texts are truncated to %d tokens",
-            max_length,
-            limit,
-            limit,
-        )
-        with contextlib.suppress(AttributeError, TypeError):
-            tokenizer._senslora_warned = warned | {(limit, max_length)}
+    _warn_once(
+        tokenizer,
+        (limit, max_length),
+        f"--max-length {max_length} exceeds the model's {limit} positions; texts are truncated to {limit} tokens",
+    )
     return limit
+
+
+def _warn_once(tokenizer: Any, key: object, message: str) -> None:
+    """``message`` as a warning the first time ``key`` is seen with this tokenizer."""
+    warned = getattr(tokenizer, "_senslora_warned", set())
+    if key not in warned:
+        logger.warning("%s", message)
+        with contextlib.suppress(AttributeError, TypeError):
+            tokenizer._senslora_warned = warned | {key}
 
 
 def make_batches(
