@@ -291,6 +291,46 @@ def test_a_template_that_rewrites_earlier_turns_takes_the_loss_on_the_last_turn(
     assert supervised(one, tok) == ["very", "very", "two", "</s>"] and not caplog.text
 
 
+TOOL_TEMPLATE = (
+    "{%- if tools %}<s> the {% for t in tools %}{{ t['function']['name'] }} {% endfor %}</s> {% endif %}"
+    "{%- for m in messages %}<s> {{ m['role'] }} {{ m['content'] }}"
+    "{%- if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %} {{ c['function']['name'] }} "
+    "{{ c['function']['arguments']['x'] }}{% endfor %}{% endif %} </s> {% endfor %}"
+    "{%- if add_generation_prompt %}<s> assistant {% endif %}"
+)
+CALL = {"type": "function", "function": {"name": "hello", "arguments": {"x": "one"}}}
+TOOL_CHAT = [
+    {"role": "user", "content": "what is one ?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "name": "hello", "content": "two"},
+    {"role": "assistant", "content": "two"},
+]
+TOOLS = [{"type": "function", "function": {"name": "hello", "parameters": {"type": "object"}}}]
+
+
+def test_tool_calling_conversations_reach_the_template_and_train_on_the_calls(word_tokenizer, tmp_path):
+    import datasets
+
+    tok = word_tokenizer(bos=False, chat_template=TOOL_TEMPLATE)
+    [ex] = load_examples(write_jsonl(tmp_path / "tools.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}]))
+    assert ex.tools == TOOLS and ex.messages[1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    assert ex.messages[2] == {"role": "tool", "content": "two", "name": "hello"}
+    batch = make_batches([ex], tok, kind="causal-lm", max_length=64)[0]
+    text = tok.decode(batch["input_ids"][0].tolist()).split()
+    assert text == (
+        "<s> the hello </s> <s> user what is one ? </s> <s> assistant hello one </s> "
+        "<s> [UNK] two </s> <s> assistant two </s>"  # "tool" is not in the word vocabulary
+    ).split()
+    assert supervised(batch, tok) == ["hello", "one", "</s>", "two", "</s>"]  # the call and the answer
+    # A datasets folder unifies the turns' keys (absent ones become None): the same example.
+    datasets.Dataset.from_list([{"messages": TOOL_CHAT, "tools": TOOLS}]).save_to_disk(tmp_path / "disk")
+    [again] = load_examples(tmp_path / "disk")
+    assert again.messages == ex.messages and again.tools[0]["function"]["name"] == "hello"
+    bad = [{"messages": [TOOL_CHAT[0], {"role": "user", "content": "hi", "tool_calls": [CALL]}, TOOL_CHAT[3]]}]
+    with pytest.raises(SensloraError, match="turn 2 of 'messages' has tool_calls that are not a list of calls of an assistant"):
+        load_examples(write_jsonl(tmp_path / "bad.jsonl", bad))
+
+
 def test_long_conversations_keep_an_assistant_token(chat_tok):
     turns = [{"role": "user", "content": " ".join(["one"] * 40)}, {"role": "assistant", "content": "two three"}]
     batch = make_batches([Example("", messages=turns, answer="two three")], chat_tok, kind="causal-lm", max_length=16)[0]

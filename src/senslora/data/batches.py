@@ -101,7 +101,9 @@ def _render(tokenizer: Any, turns: Sequence[dict[str, str]], ex: Example, *, gen
             "use a chat model's tokenizer, or data in the text or prompt-completion (text) format"
         )
     try:
-        return tokenizer.apply_chat_template(list(turns), tokenize=False, add_generation_prompt=generation)
+        return tokenizer.apply_chat_template(
+            list(turns), tools=ex.tools, tokenize=False, add_generation_prompt=generation
+        )
     except Exception as exc:  # jinja errors (raise_exception in templates, undefined keys): user data
         raise SensloraError(
             f"the tokenizer's chat template fails on example {ex.id or '?'} ({type(exc).__name__}: {exc})"

@@ -7,6 +7,10 @@ a chat format as :class:`~senslora.data.schema.Example` records (:func:`chat_exa
 * ``messages``: a ``messages`` column holding a conversation, a list of ``{"role", "content"}``
   turns (roles ``system``, ``user``, ``assistant``, ``tool``). The tokenizer's chat template
   renders every turn; the loss is on the assistant turns only. Each row needs an assistant turn.
+  Tool calling as TRL has it: an assistant turn may carry ``tool_calls`` (its content then may be
+  empty or null), a tool turn ``name`` / ``tool_call_id``, and a ``tools`` column the function
+  schemas; all of them go to the chat template (``apply_chat_template(..., tools=...)``), and the
+  loss covers the calls the assistant turns make.
 * ``prompt-completion``: ``prompt`` and ``completion`` columns, both text (TRL's standard form:
   the completion follows the prompt as is, no template, loss on the completion) or both lists of
   turns (the conversational form: the chat template renders prompt + completion, and the loss is
@@ -46,6 +50,8 @@ ROLES = ("system", "user", "assistant", "tool")
 MESSAGES, PROMPT, COMPLETION = "messages", "prompt", "completion"
 CHOSEN, REJECTED = "chosen", "rejected"
 LABEL = "label"  # with prompt-completion: TRL's unpaired preference, a boolean per completion
+TOOLS = "tools"  # the function schemas of tool-calling conversations (TRL's ``tools`` column)
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # turn keys kept for the chat template
 CONVERSATIONS, SYSTEM = "conversations", "system"
 INSTRUCTION, INPUT, OUTPUT, HISTORY = "instruction", "input", "output", "history"
 # ShareGPT's speakers (LLaMA-Factory's default tags, and the OpenAI names) -> roles
@@ -56,9 +62,9 @@ SHAREGPT_ROLES = {
 _BOOLEANS = {"true": True, "false": False}
 # chat format -> (the columns that make it, the columns its rows are read from; absent optional ones are skipped)
 _COLUMNS = {
-    "messages": ([MESSAGES], [MESSAGES]),
-    "prompt-completion": ([PROMPT, COMPLETION], [PROMPT, COMPLETION, LABEL]),
-    "preference": ([CHOSEN, REJECTED], [PROMPT, CHOSEN]),
+    "messages": ([MESSAGES], [MESSAGES, TOOLS]),
+    "prompt-completion": ([PROMPT, COMPLETION], [PROMPT, COMPLETION, LABEL, TOOLS]),
+    "preference": ([CHOSEN, REJECTED], [PROMPT, CHOSEN, TOOLS]),
     "sharegpt": ([CONVERSATIONS], [CONVERSATIONS, SYSTEM]),
     "alpaca": ([INSTRUCTION, OUTPUT], [INSTRUCTION, INPUT, OUTPUT, SYSTEM, HISTORY]),
 }
@@ -126,17 +132,25 @@ def check_turns(value: Any, where: str, column: str) -> list[dict[str, str]]:
     value = _list_cell(value, where, column, "{role, content} turns")
     turns = []
     for number, turn in enumerate(value, start=1):
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+        calls = turn.get("tool_calls") if isinstance(turn, dict) else None
+        if not isinstance(turn, dict) or "role" not in turn or ("content" not in turn and not calls):
             raise SensloraError(f"{where}: turn {number} of {column!r} is not a {{role, content}} object: {turn!r}")
         if turn["role"] not in ROLES:
             raise SensloraError(
                 f"{where}: turn {number} of {column!r} has the unknown role {turn['role']!r}; roles are {', '.join(ROLES)}"
             )
-        if not isinstance(turn["content"], str):
+        if calls is not None and not (isinstance(calls, (list, tuple)) and turn["role"] == "assistant"):
             raise SensloraError(
-                f"{where}: turn {number} of {column!r} has {type(turn['content']).__name__} content; it must be text"
+                f"{where}: turn {number} of {column!r} has tool_calls that are not a list of calls of an assistant turn"
             )
-        turns.append({"role": turn["role"], "content": turn["content"]})
+        content = "" if turn.get("content") is None and calls else turn.get("content")
+        if not isinstance(content, str):
+            raise SensloraError(
+                f"{where}: turn {number} of {column!r} has {type(content).__name__} content; it must be text"
+            )
+        # Tool keys as the template expects them; None ones (a data set's struct columns) are dropped.
+        extra = {key: turn[key] for key in TOOL_KEYS if turn.get(key) is not None}
+        turns.append({"role": turn["role"], "content": content, **extra})
     return turns
 
 
@@ -164,7 +178,7 @@ def chat_examples(rows: Sequence[dict[str, Any]], places: Sequence[str], fmt: st
     data whose completion is undesirable are left out (:func:`_desirable`), with a warning."""
     keep = _desirable(rows, places, where) if fmt == "prompt-completion" else [True] * len(rows)
     examples = [
-        chat_example(row, fmt, f"{where} {place}", str(i))
+        _with_tools(chat_example(row, fmt, f"{where} {place}", str(i)), row, f"{where} {place}")
         for i, (row, place, kept) in enumerate(zip(rows, places, keep, strict=True))
         if kept
     ]
@@ -179,6 +193,17 @@ def chat_examples(rows: Sequence[dict[str, Any]], places: Sequence[str], fmt: st
             where, len(rows) - len(examples), len(rows),
         )  # fmt: skip
     return examples
+
+
+def _with_tools(ex: Example, row: dict[str, Any], where: str) -> Example:
+    """``ex`` with the row's ``tools`` (a list of function schemas, or its JSON text) for the template."""
+    if row.get(TOOLS) in (None, "", []) or ex.messages is None:
+        return ex
+    tools = _list_cell(row[TOOLS], where, TOOLS, "function schemas")
+    if not all(isinstance(tool, dict) for tool in tools):
+        raise SensloraError(f"{where}: column 'tools' must hold function schemas (JSON objects)")
+    ex.tools = tools
+    return ex
 
 
 def _desirable(rows: Sequence[dict[str, Any]], places: Sequence[str], where: str) -> list[bool]:

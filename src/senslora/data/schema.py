@@ -5,6 +5,7 @@ another to name it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Example:
     prompt: str | None = None
     answer: str | None = None
     id: str = ""
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     loss_from: int = 0
     plain: bool = False
+    tools: list[dict[str, Any]] | None = None  # function schemas of a tool-calling conversation
