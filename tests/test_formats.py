@@ -331,6 +331,19 @@ def test_tool_calling_conversations_reach_the_template_and_train_on_the_calls(wo
         load_examples(write_jsonl(tmp_path / "bad.jsonl", bad))
 
 
+def test_an_assistant_turn_s_reasoning_reaches_the_template(word_tokenizer, tmp_path):
+    template = (
+        "{%- for m in messages %}<s> {{ m['role'] }} "
+        "{%- if m['reasoning_content'] is defined %} very {{ m['reasoning_content'] }} very{% endif %}"
+        " {{ m['content'] }} </s> {% endfor %}{%- if add_generation_prompt %}<s> assistant {% endif %}"
+    )
+    tok = word_tokenizer(bos=False, chat_template=template)
+    turns = [CHAT[0], {**CHAT[1], "reasoning_content": "one and one"}]
+    [ex] = load_examples(write_jsonl(tmp_path / "r.jsonl", [{"messages": turns}]))
+    batch = make_batches([ex], tok, kind="causal-lm")[0]
+    assert supervised(batch, tok) == ["very", "one", "[UNK]", "one", "very", "two", "</s>"]
+
+
 def test_long_conversations_keep_an_assistant_token(chat_tok):
     turns = [{"role": "user", "content": " ".join(["one"] * 40)}, {"role": "assistant", "content": "two three"}]
     batch = make_batches([Example("", messages=turns, answer="two three")], chat_tok, kind="causal-lm", max_length=16)[0]

@@ -10,7 +10,8 @@ a chat format as :class:`~senslora.data.schema.Example` records (:func:`chat_exa
   Tool calling as TRL has it: an assistant turn may carry ``tool_calls`` (its content then may be
   empty or null), a tool turn ``name`` / ``tool_call_id``, and a ``tools`` column the function
   schemas; all of them go to the chat template (``apply_chat_template(..., tools=...)``), and the
-  loss covers the calls the assistant turns make.
+  loss covers the calls the assistant turns make. So does an assistant turn's reasoning
+  (``reasoning_content``, ``thinking``) for the templates that render it.
 * ``prompt-completion``: ``prompt`` and ``completion`` columns, both text (TRL's standard form:
   the completion follows the prompt as is, no template, loss on the completion) or both lists of
   turns (the conversational form: the chat template renders prompt + completion, and the loss is
@@ -51,7 +52,9 @@ MESSAGES, PROMPT, COMPLETION = "messages", "prompt", "completion"
 CHOSEN, REJECTED = "chosen", "rejected"
 LABEL = "label"  # with prompt-completion: TRL's unpaired preference, a boolean per completion
 TOOLS = "tools"  # the function schemas of tool-calling conversations (TRL's ``tools`` column)
-TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # turn keys kept for the chat template
+# Turn keys kept for the chat template besides role and content: tool calling (TRL's form), and the
+# reasoning of an assistant turn as Qwen3's (``reasoning_content``) and gpt-oss's (``thinking``) read it.
+TEMPLATE_KEYS = ("tool_calls", "name", "tool_call_id", "reasoning_content", "thinking")
 CONVERSATIONS, SYSTEM = "conversations", "system"
 INSTRUCTION, INPUT, OUTPUT, HISTORY = "instruction", "input", "output", "history"
 # ShareGPT's speakers (LLaMA-Factory's default tags, and the OpenAI names) -> roles
@@ -148,8 +151,8 @@ def check_turns(value: Any, where: str, column: str) -> list[dict[str, str]]:
             raise SensloraError(
                 f"{where}: turn {number} of {column!r} has {type(content).__name__} content; it must be text"
             )
-        # Tool keys as the template expects them; None ones (a data set's struct columns) are dropped.
-        extra = {key: turn[key] for key in TOOL_KEYS if turn.get(key) is not None}
+        # Template keys as given; None ones (a data set's struct columns) are dropped.
+        extra = {key: turn[key] for key in TEMPLATE_KEYS if turn.get(key) is not None}
         turns.append({"role": turn["role"], "content": content, **extra})
     return turns
 
