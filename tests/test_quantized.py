@@ -215,3 +215,23 @@ def test_a_gguf_file_is_quantised_for_qlora_too(tmp_path, capsys):
     assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
     saved = json.loads((out / "allocation.json").read_text())
     assert saved["quantized"] == "4bit" and len(saved["matrices"]) == 14 and saved["init"] == "gradient"
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_new_task_head_stays_in_full_precision_on_a_quantised_encoder(tmp_path, bits):
+    """A base checkpoint loaded under a classification head (as the MiniLM alias is): transformers
+    would make the new head a quantised layer that is never quantised, failing at the first forward."""
+    import bitsandbytes as bnb
+    from conftest import make_word_tokenizer
+    from transformers import BertConfig, BertModel
+
+    from senslora.data.models import load_model
+
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=100, **DIMS)).save_pretrained(folder)  # token_batches draws ids < 100
+    make_word_tokenizer().save_pretrained(folder)
+    model, tok = load_model(folder, kind="classification", quantize=bits, device="cpu")
+    assert type(model.classifier) is torch.nn.Linear and model.classifier.weight.dtype == torch.float32
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    alloc = allocate(model, token_batches(2, batch_size=4, labels="class"), avg_rank=2, progress=False)
+    assert alloc.quantized == bits and alloc.init == "gradient"

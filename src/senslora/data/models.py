@@ -433,9 +433,12 @@ def load_model(
 QUANTIZE = ("4bit", "8bit")
 
 
-def quantization_config(quantize: str, dtype: Any) -> Any:
+def quantization_config(quantize: str, dtype: Any, *, head: bool = False) -> Any:
     """transformers' ``BitsAndBytesConfig`` for ``quantize`` (:data:`QUANTIZE`); a one-line error
-    naming the fix when the value is unknown or bitsandbytes is not installed."""
+    naming the fix when the value is unknown or bitsandbytes is not installed. ``head``: the model
+    gets a task head (:data:`HEAD_MODULES`), which stays in ``dtype``, as QLoRA trains it:
+    transformers 5.25 turns a head missing from the checkpoint into a 4-bit layer that is never
+    quantised, and it fails at its first forward pass."""
     if quantize not in QUANTIZE:
         raise SensloraError(f"--quantize {quantize!r} is not supported; use one of {', '.join(QUANTIZE)}")
     try:
@@ -445,12 +448,14 @@ def quantization_config(quantize: str, dtype: Any) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": list(HEAD_MODULES)} if head else {}
     if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-    )
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        **skip,
+    )  # fmt: skip
 
 
 def _load_model(
@@ -498,7 +503,8 @@ def _load_model(
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
     if quantize is not None:
-        kwargs["quantization_config"] = quantization_config(quantize, torch_dtype)
+        head = kind in ("classification", "regression")
+        kwargs["quantization_config"] = quantization_config(quantize, torch_dtype, head=head)
         # bitsandbytes quantises while placing the weights; a quantised model cannot move after.
         kwargs.setdefault("device_map", {"": str(dev)})
     if attn_implementation:
