@@ -503,3 +503,24 @@ def test_smollm2_calibrates_on_a_messages_file(tmp_path, capsys):
     args = ["allocate", "--model", "smollm2", "--calib", str(data), "--estimator", "fisher", "--calib-samples", "4"]
     assert main([*args, "--no-plot", "--no-progress", "--out", str(out)]) == 0, capsys.readouterr().err
     assert json.loads((out / "allocation.json").read_text())["calibration"]["examples"] == 4
+
+
+def test_show_data_prints_the_sample_with_the_loss_tokens_marked_without_loading_weights(chat_assets, tmp_path, capsys):
+    import shutil
+
+    from senslora.cli.main import main
+
+    folder = tmp_path / "no-weights"  # config and tokenizer only: show-data needs no weights
+    shutil.copytree(chat_assets / "llama", folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    args = ["show-data", "--model", str(folder), "--calib", str(chat_assets / "sharegpt.jsonl")]
+    assert main([*args, "--calib-samples", "4", "--examples", "1"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "sharegpt.jsonl: 20 examples, 4 in the calibration sample (seed 0), tokenised for a causal-lm model" in out
+    assert "the loss is on" in out and out.count("--- example") == 1
+    shown = out.split("--- example")[1].splitlines()[1]
+    # The answer and its end-of-turn token, marked; the user turn and the assistant header are not.
+    assert shown.startswith("<s> user what is") and shown.count("\u27e6") == 1, shown
+    assert "<s> assistant\u27e6" in shown and shown.endswith(" </s>\u27e7"), shown
+    code = main(["show-data", "--model", str(folder), "--calib", str(tmp_path / "missing.jsonl")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("senslora:")]
+    assert code == 2 and len(lines) == 1

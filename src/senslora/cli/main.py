@@ -313,6 +313,28 @@ def add_diagnose_parser(sub) -> None:
     add_output_args(p, "run_diagnose", seed="seed of the calibration sample")
 
 
+def add_show_data_parser(sub) -> None:
+    p = sub.add_parser(
+        "show-data",
+        help="how a calibration set is read and tokenised, with the tokens the loss is on marked",
+        description="Read --calib as allocate reads it (format detection, the seeded sample) and tokenise it "
+        "with the model's tokenizer (its weights are not loaded); print the counts, the token lengths, the "
+        "share of tokens the loss is on, and the first examples with those tokens between \u27e6 \u27e7.",
+    )
+    add_flags(p.add_argument_group("model"), config_flags("model"))
+    add_calib_args(p)
+    number_arg(p, "--examples", Range(0, integer=True), default=2, help="examples to print")
+    number_arg(p, "--seed", SEED, default=0, help="seed of the calibration sample")
+    p.set_defaults(func=cmd_show_data)
+
+
+def cmd_show_data(args: argparse.Namespace) -> int:
+    from .recipes import run_show_data
+
+    run_show_data(args)
+    return 0
+
+
 def add_select_data_parser(sub) -> None:
     from ..training.quality import RULES
 
@@ -419,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_layers_parser(sub)
     add_select_data_parser(sub)
     add_diagnose_parser(sub)
+    add_show_data_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
     add_fetch_parser(sub)

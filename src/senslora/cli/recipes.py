@@ -441,3 +441,45 @@ def run_diagnose(args: argparse.Namespace) -> Path:
             f"are the first token; most common: {[t for t, _ in s['lead_top_token_strings'][:3]]}"
         )
     return out
+
+
+def run_show_data(args: argparse.Namespace) -> None:
+    """``senslora show-data``: the calibration sample of the --calib flags as ``allocate`` reads and
+    tokenises it (no model weights are loaded): counts, token lengths, the share of tokens the loss
+    is on, and the first --examples examples with those tokens marked."""
+    from ..data.batches import LOSS_CLOSE, LOSS_OPEN, make_batches, marked_text
+    from ..data.examples import load_examples, sample_examples
+    from ..data.models import load_tokenizer
+
+    tokenizer, kind = load_tokenizer(args.model, kind=args.task_kind)
+    examples = load_examples(
+        args.calib,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        data_format=args.data_format,
+    )
+    sample = sample_examples(examples, args.calib_samples, args.seed)
+    batches = make_batches(sample, tokenizer, kind=kind, max_length=args.max_length, batch_size=args.batch_size)
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(dim=1)]
+    print(
+        f"{args.calib}: {len(examples)} examples, {len(sample)} in the calibration sample (seed {args.seed}), "
+        f"tokenised for a {kind} model by the tokenizer of {args.model}"
+    )
+    at_limit = sum(n >= args.max_length for n in lengths)
+    print(
+        f"tokens per example: mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}; "
+        f"{at_limit} at --max-length {args.max_length} (cut there if longer)"
+    )
+    if kind == "causal-lm":
+        taken = sum(int((b["labels"] != -100).sum()) for b in batches)
+        print(f"the loss is on {taken} of {sum(lengths)} tokens ({taken / sum(lengths):.0%}), marked {LOSS_OPEN} {LOSS_CLOSE}")
+    shown = 0
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):
+            if shown == args.examples:
+                return
+            ex = sample[shown]
+            label = f", label {ex.label}" if ex.label is not None else ""
+            print(f"\n--- example {ex.id}{label}\n{marked_text(tokenizer, batch, row)}")
+            shown += 1

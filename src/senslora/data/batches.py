@@ -362,3 +362,26 @@ def make_batches(
             batch["labels"] = torch.tensor([float(ex.label) for ex in chunk], dtype=torch.float32)
         batches.append(batch)
     return batches
+
+
+LOSS_OPEN, LOSS_CLOSE = "\u27e6", "\u27e7"  # the marks around the tokens a causal LM's loss is on
+
+
+def marked_text(tokenizer: Any, batch: dict[str, Any], row: int) -> str:
+    """Row ``row`` of a batch of :func:`make_batches` as text, its padding left out and, for a causal
+    LM's batch, every run of tokens the loss is taken on between :data:`LOSS_OPEN` and
+    :data:`LOSS_CLOSE`: what training and the gradient estimators see of that example."""
+    from ..core.losses import IGNORE_INDEX
+
+    real = batch["attention_mask"][row].bool()
+    ids = batch["input_ids"][row][real].tolist()
+    if "labels" not in batch or batch["labels"].dim() != 2:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    loss = (batch["labels"][row][real] != IGNORE_INDEX).tolist()
+    pieces, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or loss[end] != loss[start]:
+            text = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+            pieces.append(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if loss[start] else text)
+            start = end
+    return "".join(pieces)

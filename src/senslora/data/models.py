@@ -478,20 +478,9 @@ def _load_model(
     dev = resolve_device(device)
     path = resolve_model_path(name_or_path)
 
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SensloraError(
-            f"cannot read the model config in {path} ({_first_line(exc)}); is it a Hugging Face model folder?"
-        ) from exc
+    config = _read_config(path)
     if kind == "auto":
         kind = _auto_kind(config)
 
@@ -531,11 +520,7 @@ def _load_model(
             f"{wanted} was asked for; use num_labels={saved} (or kind regression if it has 1), or start from "
             "the base model folder to get a fresh head"
         )
-    check_tokenizer_files(path)
-    with loading(
-        "the tokenizer from", path, f"save a working tokenizer there (tokenizer.save_pretrained({path!r}))"
-    ):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = _read_tokenizer(path)
     if isinstance(device_map, dict):
         check_device_map(auto_cls, config, device_map, extra)
     fix = "the weights are truncated or corrupt, or not for this architecture: save the model again"
@@ -546,24 +531,64 @@ def _load_model(
         )
     check_loaded_weights(info, path, kind, type(model).__name__)
 
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise SensloraError(
-                f"the tokenizer in {path} has neither a pad nor an EOS token; add a pad token"
-            )
-        tokenizer.pad_token = tokenizer.eos_token
+    _prepare_tokenizer(tokenizer, model.config, kind, path)
     model.config.pad_token_id = tokenizer.pad_token_id
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and getattr(generation_config, "pad_token_id", None) is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
-    if kind == "causal-lm":
-        tokenizer.padding_side = "right"
-    positions = model_positions(model.config)
-    if positions is not None and positions < (tokenizer.model_max_length or positions + 1):
-        tokenizer.model_max_length = positions  # make_batches truncates to it (with a warning)
     if device_map is None and quantize is None:
         model.to(dev)
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str], *, kind: str = "auto") -> tuple[Any, str]:
+    """``(tokenizer, kind)`` of a model (an alias, a folder, a GGUF file or a hub name), prepared as
+    :func:`load_model` prepares it (pad token, right padding for a causal LM, ``model_max_length``
+    capped at the model's positions), without loading its weights; ``kind`` as :func:`load_model`'s."""
+    with step(f"loading the tokenizer of {os.fspath(name_or_path)}", MODEL_FIX):
+        if kind not in KINDS:
+            raise SensloraError(f"model kind {kind!r} is not supported; use one of {', '.join(KINDS)}")
+        path = resolve_model_path(name_or_path)
+        config = _read_config(path)
+        kind = _auto_kind(config) if kind == "auto" else kind
+        tokenizer = _read_tokenizer(path)
+        _prepare_tokenizer(tokenizer, config, kind, path)
+        return tokenizer, kind
+
+
+def _read_config(path: Any) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SensloraError(
+            f"cannot read the model config in {path} ({_first_line(exc)}); is it a Hugging Face model folder?"
+        ) from exc
+
+
+def _read_tokenizer(path: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(path)
+    with loading(
+        "the tokenizer from", path, f"save a working tokenizer there (tokenizer.save_pretrained({path!r}))"
+    ):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _prepare_tokenizer(tokenizer: Any, config: Any, kind: str, path: Any) -> None:
+    """A pad token (the EOS when it had none), right padding for a causal LM, and
+    ``model_max_length`` capped at the model's positions (make_batches truncates to it)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise SensloraError(f"the tokenizer in {path} has neither a pad nor an EOS token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if kind == "causal-lm":
+        tokenizer.padding_side = "right"
+    positions = model_positions(config)
+    if positions is not None and positions < (tokenizer.model_max_length or positions + 1):
+        tokenizer.model_max_length = positions
 
 
 def check_loaded_weights(info: dict, path: str | os.PathLike[str], kind: str, architecture: str) -> None:
