@@ -204,7 +204,7 @@ def test_every_number_flag_declares_its_check():
     assert unchecked == []
 
 
-MINIMAL = {"evaluate": ["RUN"], "report": ["RESULTS"]}
+MINIMAL = {"evaluate": ["RUN"], "report": ["RESULTS"], "show-data": []}  # the commands without --out
 
 
 @pytest.mark.parametrize(
