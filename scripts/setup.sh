@@ -18,4 +18,4 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # The data sets (VADER movie / tweets ground truth) go into the user cache now, SHA-256 checked:
 # senslora never downloads anything at run time.
 .venv/bin/senslora fetch
-echo "senslora set up in .venv ($(.venv/bin/python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'))"
+echo "senslora set up in .venv ($(.venv/bin/python -c 'import logging; logging.getLogger("bitsandbytes").setLevel(logging.ERROR); import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'))"
