@@ -121,13 +121,16 @@ def parse_max_memory(text: str) -> dict:
     return out
 
 
+# The --calib flags that say how the calibration file is read (columns and format).
+CALIB_READING = ("text_column", "text_pair_column", "label_column", "data_format")
+
+
 def calibration_batches_for(args: argparse.Namespace, tokenizer, kind: str) -> list[dict]:
     """Seeded calibration sample from the --calib flags, tokenised into padded batches (labelled
     where the estimator or the --init needs the task loss)."""
     from ..data.examples import calibration_batches
 
-    same = ("seed", "max_length", "batch_size", "estimator", "text_column", "text_pair_column", "label_column")
-    same += ("data_format",)
+    same = ("seed", "max_length", "batch_size", "estimator", *CALIB_READING)
     return calibration_batches(
         args.calib,
         tokenizer,
@@ -447,23 +450,18 @@ def run_show_data(args: argparse.Namespace) -> None:
     """``senslora show-data``: the calibration sample of the --calib flags as ``allocate`` reads and
     tokenises it (no model weights are loaded): counts, token lengths, the share of tokens the loss
     is on, and the first --examples examples with those tokens marked."""
+    from ..core.losses import IGNORE_INDEX
     from ..data.batches import LOSS_CLOSE, LOSS_OPEN, make_batches, marked_text
-    from ..data.examples import load_examples, sample_examples
+    from ..data.examples import calibration_sample
     from ..data.models import load_tokenizer
 
     tokenizer, kind = load_tokenizer(args.model, kind=args.task_kind)
-    examples = load_examples(
-        args.calib,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
-        data_format=args.data_format,
-    )
-    sample = sample_examples(examples, args.calib_samples, args.seed)
+    reading = {k: getattr(args, k) for k in CALIB_READING}
+    sample, total = calibration_sample(args.calib, samples=args.calib_samples, seed=args.seed, **reading)
     batches = make_batches(sample, tokenizer, kind=kind, max_length=args.max_length, batch_size=args.batch_size)
     lengths = [int(n) for b in batches for n in b["attention_mask"].sum(dim=1)]
     print(
-        f"{args.calib}: {len(examples)} examples, {len(sample)} in the calibration sample (seed {args.seed}), "
+        f"{args.calib}: {total} examples, {len(sample)} in the calibration sample (seed {args.seed}), "
         f"tokenised for a {kind} model by the tokenizer of {args.model}"
     )
     at_limit = sum(n >= args.max_length for n in lengths)
@@ -472,7 +470,7 @@ def run_show_data(args: argparse.Namespace) -> None:
         f"{at_limit} at --max-length {args.max_length} (cut there if longer)"
     )
     if kind == "causal-lm":
-        taken = sum(int((b["labels"] != -100).sum()) for b in batches)
+        taken = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         print(f"the loss is on {taken} of {sum(lengths)} tokens ({taken / sum(lengths):.0%}), marked {LOSS_OPEN} {LOSS_CLOSE}")
     shown = 0
     for batch in batches:

@@ -74,6 +74,7 @@ __all__ = [
     "Example",
     "bos_prefix",
     "calibration_batches",
+    "calibration_sample",
     "chat_pairs",
     "check_label_cells",
     "check_label_leak",
@@ -471,6 +472,28 @@ def sample_examples(examples: Sequence[Example], n: int | None, seed: int) -> li
     return [examples[int(i)] for i in order]
 
 
+def calibration_sample(
+    calib: str | os.PathLike[str],
+    *,
+    samples: int | None,
+    seed: int,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    data_format: str = "auto",
+) -> tuple[list[Example], int]:
+    """The seeded sample of ``samples`` examples of ``calib`` that calibration uses (:func:`load_examples`,
+    :func:`sample_examples`), and how many examples ``calib`` holds."""
+    examples = load_examples(
+        calib,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        label_column=label_column,
+        data_format=data_format,
+    )
+    return sample_examples(examples, samples, seed), len(examples)
+
+
 def calibration_batches(
     calib: str | os.PathLike[str],
     tokenizer: Any,
@@ -497,14 +520,15 @@ def calibration_batches(
     """
     if max_length < 8:
         raise SensloraError(f"--max-length must be at least 8, got {max_length}")
-    examples = load_examples(
+    examples, _ = calibration_sample(
         calib,
+        samples=samples,
+        seed=seed,
         text_column=text_column,
         text_pair_column=text_pair_column,
         label_column=label_column,
         data_format=data_format,
     )
-    examples = sample_examples(examples, samples, seed)
     from ..core.estimators import ESTIMATORS  # imports torch: not at module level
     from ..core.inits import NEEDS_LABELS
 

@@ -198,11 +198,24 @@ def chat_examples(rows: Sequence[dict[str, Any]], places: Sequence[str], fmt: st
     return examples
 
 
+def _optional_list(row: dict[str, Any], column: str, where: str, what: str) -> list:
+    """An optional column's list of ``what`` (:func:`_list_cell`); [] when the cell is absent or empty."""
+    return [] if row.get(column) in (None, "", []) else _list_cell(row[column], where, column, what)
+
+
+def _text_cell(row: dict[str, Any], column: str, where: str) -> str:
+    """An optional text column's value ("" when absent); anything but text is a one-line error."""
+    value = row.get(column)
+    if value is not None and not isinstance(value, str):
+        raise SensloraError(f"{where}: column {column!r} holds {type(value).__name__}; it must be text")
+    return value or ""
+
+
 def _with_tools(ex: Example, row: dict[str, Any], where: str) -> Example:
     """``ex`` with the row's ``tools`` (a list of function schemas, or its JSON text) for the template."""
-    if row.get(TOOLS) in (None, "", []) or ex.messages is None:
+    tools = _optional_list(row, TOOLS, where, "function schemas") if ex.messages is not None else []
+    if not tools:
         return ex
-    tools = _list_cell(row[TOOLS], where, TOOLS, "function schemas")
     if not all(isinstance(tool, dict) for tool in tools):
         raise SensloraError(f"{where}: column 'tools' must hold function schemas (JSON objects)")
     ex.tools = tools
@@ -267,12 +280,8 @@ def _prompt_and(prompt: Any, completion: Any, column: str, where: str, row_id: s
 
 def _system_turn(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     """The optional ``system`` column of a ShareGPT or alpaca row as a first turn ([] when empty)."""
-    system = row.get(SYSTEM)
-    if system is None or system == "":
-        return []
-    if not isinstance(system, str):
-        raise SensloraError(f"{where}: column 'system' holds {type(system).__name__}; it must be text")
-    return [{"role": "system", "content": system}]
+    system = _text_cell(row, SYSTEM, where)
+    return [{"role": "system", "content": system}] if system else []
 
 
 def _sharegpt_turns(row: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -292,17 +301,11 @@ def _sharegpt_turns(row: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 def _alpaca_turns(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     """An alpaca row as turns: system, the history's pairs, then instruction (+ newline + input) and output."""
-    texts = {}
-    for column in (INSTRUCTION, INPUT, OUTPUT):
-        value = row.get(column)
-        if value is not None and not isinstance(value, str):
-            raise SensloraError(f"{where}: column {column!r} holds {type(value).__name__}; it must be text")
-        texts[column] = value or ""
+    texts = {column: _text_cell(row, column, where) for column in (INSTRUCTION, INPUT, OUTPUT)}
     turns = _system_turn(row, where)
-    if row.get(HISTORY) not in (None, "", []):
-        for number, pair in enumerate(_list_cell(row[HISTORY], where, HISTORY, "[instruction, response] pairs"), 1):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-                raise SensloraError(f"{where}: item {number} of 'history' is not an [instruction, response] pair of texts")
-            turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    for number, pair in enumerate(_optional_list(row, HISTORY, where, "[instruction, response] pairs"), 1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise SensloraError(f"{where}: item {number} of 'history' is not an [instruction, response] pair of texts")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     query = "\n".join(t for t in (texts[INSTRUCTION], texts[INPUT]) if t)
     return turns + [{"role": "user", "content": query}, {"role": "assistant", "content": texts[OUTPUT]}]

@@ -194,8 +194,8 @@ class Estimator(ABC):
         self.acc_device = device if accumulate_on == "device" else torch.device("cpu")
         self.num_examples = 0
         dist: Dist = current() if distributed is not False else SINGLE
-        if self.weight_grads and any(t.quantized for t in self.targets):
-            first = next(t for t in self.targets if t.quantized)
+        first = next((t for t in self.targets if t.quantized), None) if self.weight_grads else None
+        if first is not None:
             raise SensloraError(
                 f"the {self.name} estimator differentiates every target weight, and {first.name} is quantised "
                 f"({first.module.weight.dtype}, e.g. a bitsandbytes 4-bit model); use --estimator activation or fisher"
