@@ -488,6 +488,28 @@ def test_headline_is_one_table_over_experiments_and_says_where_senslora_wins_tie
     assert "- **senslora** against lora (primary metric): wins on t1 (`main`); ties on t1 (`chat`); loses on t2." in head
 
 
+def test_headline_merges_a_setting_tuned_on_each_experiments_own_sweep_into_one_row(tmp_path):
+    """The encoder and the decoder experiments each take their rates from their own sweeps
+    (`best-of:val-enc-lora`, `best-of:val-dec-lora`): one row and one sentence per setting, and the
+    comparisons named once."""
+    for exp, task, shift in (("enc", "t1", 0.05), ("dec", "t2", -0.10)):
+        tuned = {m: {"method": m, "lr": f"best-of:val-{exp}-{m}"} for m in ("lora", "senslora", "eva")}
+        for seed in range(3):
+            for method, acc in {"lora": 0.70, "senslora": 0.70 + shift + 0.01 * (seed % 2), "eva": 0.60}.items():
+                grid = {"seed": seed, "variant": tuned[method]}
+                _write_run(tmp_path / "runs" / exp / f"{method}-{seed}", {**_train_result(method, seed, acc, acc), "task": task},
+                           {"experiment": exp, "kind": "train", "grid": grid, "params": {**grid, "task": task},
+                            "baseline": {"variant": tuned["lora"]}, "also_against": [{"variant": tuned["eva"]}]})
+    head = build_report(tmp_path).read_text().split("## Headline", 1)[1].split("\n## ", 1)[0]
+    assert "### Every method against lora, eva (`dec`, `enc`)" in head
+    rows = [line for line in head.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert [r.split("|")[1].strip() for r in rows] == ["lora", "eva", "senslora"]
+    senslora = [c.strip() for c in rows[2].strip("|").split("|")]
+    assert senslora[1].startswith("0.603 ± ") and senslora[4].startswith("0.753 ± ")  # t2 (dec), then t1 (enc)
+    sentences = [line for line in head.splitlines() if line.startswith("- **senslora** against lora")]
+    assert sentences == ["- **senslora** against lora (primary metric): wins on t1; loses on t2."]
+
+
 def test_headline_names_the_runs_that_ended_with_a_warning(tmp_path):
     _headline_runs(tmp_path)
     assert "ended with a warning" not in build_report(tmp_path).read_text()
@@ -515,15 +537,20 @@ def test_headline_leaves_out_an_experiment_marked_headline_false(tmp_path):
         load_config(write(tmp_path / "b.yaml", "experiments: [{name: a, headline: maybe}]"))
 
 
+def _set_fields(tmp_path: Path, pattern: str, **fields) -> None:
+    for path in (tmp_path / "runs" / "main").glob(f"{pattern}/result.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
 def test_headline_forest_plot_pools_the_encoder_tasks_and_the_readme_shows_it_above_a_short_table(tmp_path):
     """plots/headline-forest.png is written; the README block links it (relative to the README),
     shows the short table (difference against lora with its interval, W/T/L) and the sentences, not
-    the full table; the pooled row is the raw per-(task, seed) differences of t1 and t2 in one sample."""
+    the full table; the pooled row is the raw per-(task, seed) differences of t1 and t2 (one model's
+    classification tasks) in one sample."""
     from scipy import stats
 
     _headline_runs(tmp_path)
-    for path in (tmp_path / "runs" / "main").glob("*/result.json"):
-        path.write_text(json.dumps({**json.loads(path.read_text()), "problem": "classification"}))
+    _set_fields(tmp_path, "*", problem="classification", model="enc")
     readme = tmp_path / "docs" / "README.md"
     readme.parent.mkdir()
     readme.write_text(f"intro\n<!-- senslora report {tmp_path} -->\nstale\n<!-- /senslora report -->\nend\n")
@@ -541,27 +568,29 @@ def test_headline_forest_plot_pools_the_encoder_tasks_and_the_readme_shows_it_ab
     half = stats.t.ppf(0.975, len(pooled) - 1) * sd / math.sqrt(len(pooled))
     header, *rows = [line for line in block.splitlines() if line.startswith("| ")]
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "setting", "t1 accuracy", "t2 accuracy", "encoder tasks pooled", "W/T/L"]
+        "setting", "t1 accuracy", "t2 accuracy", "tasks pooled (enc)", "W/T/L"]
     cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
     assert set(cells) == {"eva", "senslora"}  # the baseline is the reference, not a row
     assert cells["senslora"][3] == f"{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]" == "-0.020 [-0.087, +0.047]"
     assert cells["senslora"][1].startswith("**+0.055 [") and cells["senslora"][2].startswith("**-0.095 [")
     assert cells["senslora"][4] == "1/0/1"
-    assert "*encoder tasks pooled*: per setting, the raw per-(task, seed) differences" in block
+    assert "*tasks pooled (enc)*: per setting, the raw per-(task, seed) differences of that model's" in block
     assert "(t1, t2)" in block and "not rescaled" in block
     # the same numbers as the figure's rows
     from senslora.bench.report import _by_experiment, _headline_experiments, forest_groups
 
     groups, baseline = forest_groups(_headline_experiments(_by_experiment(load_runs(tmp_path)), frozenset()))
-    assert baseline == "lora" and [g.label for g in groups] == ["t1", "t2", "encoder tasks pooled"]
+    assert baseline == "lora" and [g.label for g in groups] == ["t1", "t2", "tasks pooled (enc)"]
     row = next(r for r in groups[-1].rows if r.setting == "senslora")
     assert sorted(row.diffs) == pytest.approx(sorted(pooled))
     assert (row.mean, row.lo, row.hi) == pytest.approx((m, m - half, m + half))
-    # one generation task and one encoder task: no pooled row
-    for path in (tmp_path / "runs" / "main").glob("t2-*/result.json"):
-        path.write_text(json.dumps({**json.loads(path.read_text()), "problem": "generation"}))
-    groups, _ = forest_groups(_headline_experiments(_by_experiment(load_runs(tmp_path)), frozenset()))
-    assert [g.label for g in groups] == ["t1", "t2"]
+    # no pooled row: a classification task on another model (a decoder's is not an encoder task),
+    # a task whose runs do not name their model, or a generation task
+    for fields in ({"model": "dec"}, {"model": None}, {"problem": "generation"}):
+        _set_fields(tmp_path, "t2-*", **fields)
+        groups, _ = forest_groups(_headline_experiments(_by_experiment(load_runs(tmp_path)), frozenset()))
+        assert [g.label for g in groups] == ["t1", "t2"], fields
+        _set_fields(tmp_path, "t2-*", problem="classification", model="enc")
 
 
 def test_report_refuses_a_readme_without_markers_before_writing(tmp_path):

@@ -1,6 +1,6 @@
 """The headline's forest plot (``plots/headline-forest.png``): per task, one row per setting with its
 paired difference against the baseline (mean and 95% t-interval over seeds), a line at zero, and
-the pooled row of the classification / regression tasks. Pure drawing and pooling: the rows are
+per model the pooled row of its classification / regression tasks. Pure drawing and pooling: the rows are
 built by :mod:`senslora.bench.report` from the same paired differences its headline table holds."""
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from pathlib import Path
 from .stats import paired_interval
 
 FOREST_PNG = "headline-forest.png"
-POOLED = "encoder tasks pooled"
+
+
+def pooled_label(model: str) -> str:
+    """The label of one model's pooled group, e.g. "tasks pooled (minilm)"."""
+    return f"tasks pooled ({model})"
 
 
 @dataclass
@@ -39,13 +43,17 @@ class ForestRow:
 
 @dataclass
 class ForestGroup:
-    """The rows of one task (``label`` e.g. "movie-polarity", ``metric`` its primary metric) or the
-    pooled group (``label`` :data:`POOLED`, ``metric`` the pooled tasks' metrics)."""
+    """The rows of one task (``label`` e.g. "movie-polarity", ``metric`` its primary metric) or a
+    pooled group (``label`` :func:`pooled_label`, ``metric`` the pooled tasks' metrics)."""
 
     label: str
     metric: str
     rows: list[ForestRow]
-    pooled_from: list[str] = field(default_factory=list)  # the pooled group: the tasks' labels
+    pooled_from: list[str] = field(default_factory=list)  # a pooled group: the tasks' labels
+
+    @property
+    def pooled(self) -> bool:
+        return bool(self.pooled_from)
 
 
 def pooled_rows(groups: list[ForestGroup]) -> list[ForestRow]:
@@ -80,7 +88,7 @@ def forest_plot(groups: list[ForestGroup], path: Path, *, baseline: str) -> None
             colour = colours.get(row.verdict, "0.25")
             if not math.isnan(row.lo):
                 ax.plot([row.lo, row.hi], [y, y], color=colour, linewidth=1.6)
-            ax.plot([row.mean], [y], marker="D" if group.label == POOLED else "o", color=colour, markersize=4.5)
+            ax.plot([row.mean], [y], marker="D" if group.pooled else "o", color=colour, markersize=4.5)
         ax.axvline(0, color="0.4", linewidth=0.8, linestyle="--")
         ax.set_yticks(ys, [f"{r.setting} ({len(r.diffs)})" for r in group.rows], fontsize=7.5)
         for label, row in zip(ax.get_yticklabels(), group.rows, strict=True):

@@ -27,7 +27,7 @@ from .costs import (  # noqa: F401  (re-exported: the report's public names)
     rank_agreement,
     targets_section,
 )
-from .forest import FOREST_PNG, POOLED, ForestGroup, ForestRow, forest_plot, pooled_rows
+from .forest import FOREST_PNG, ForestGroup, ForestRow, forest_plot, pooled_label, pooled_rows
 from .grid import BEST_OF, best_of_source
 from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
 from .sweeps import decided_default, setting_identity, sweep_section
@@ -329,9 +329,22 @@ def _setting_of(key: tuple) -> dict:
     return {k: json.loads(v) for k, v in key}
 
 
+def _headline_key(run: dict) -> tuple:
+    """A run's headline setting: its grid point without seed and task, every value taken from a
+    validation sweep written as the bare ``best-of:`` (each setting's own tuned rate), so one setting
+    tuned on each experiment's own sweep (the encoder's and the decoder's) is one row."""
+
+    def tuned(v):
+        if isinstance(v, dict):
+            return {k: tuned(x) for k, x in v.items()}
+        return BEST_OF if isinstance(v, str) and v.startswith(BEST_OF) else v
+
+    return tuple((k, json.dumps(tuned(v), sort_keys=True)) for k, v in run["_meta"]["grid"].items() if k not in ("seed", "task"))
+
+
 def _run_setting_name(run: dict) -> str:
     """The headline's name of a run's setting: its grid point without seed and task."""
-    return _setting_name(_setting_of(_row_key(run, ("seed", "task"))))
+    return _setting_name(_setting_of(_headline_key(run)))
 
 
 def _method_of(setting: dict) -> str | None:
@@ -358,52 +371,61 @@ def _repeated_tasks(columns: list[tuple]) -> set[str]:
 
 
 def _headline_settings(exps: list[tuple]) -> tuple[list[tuple], list[dict]]:
-    """The headline's settings (grid points without seed and task), the baseline and the
-    comparisons first, then file order; and the comparisons."""
+    """The headline's settings (:func:`_headline_key`), the baseline and the comparisons first (in
+    the order of their names), then file order; and the comparisons."""
     comparisons = list({json.dumps(a, sort_keys=True): a for _, _, against in exps for a in against}.values())
-    settings = list(dict.fromkeys(_row_key(r, ("seed", "task")) for _, ok, _ in exps for r in ok))
+    settings = list(dict.fromkeys(_headline_key(r) for _, ok, _ in exps for r in ok))
+    order = list(dict.fromkeys(_setting_name(a) for a in comparisons))
 
     def rank(key: tuple) -> int:
-        runs = [r for _, ok, _ in exps for r in ok if _row_key(r, ("seed", "task")) == key]
-        return next((i for i, a in enumerate(comparisons) if all(_matches(r, a) for r in runs)), len(comparisons))
+        name = _setting_name(_setting_of(key))
+        return order.index(name) if name in order else len(order)
 
     return sorted(settings, key=rank), comparisons
 
 
-def _is_encoder_task(runs: list[dict]) -> bool:
-    """A classification or regression task (``problem`` in result.json; results written before it
-    was recorded count as one unless they hold generation metrics)."""
+def _poolable_model(runs: list[dict]) -> str | None:
+    """The model of a classification or regression task (``problem`` in result.json; results written
+    before it was recorded count as one unless they hold generation metrics) whose runs all share
+    one model; None otherwise (generation, or several models)."""
     problems = {r.get("problem") for r in runs}
     if None in problems:
-        return not any(GENERATION_MEAN in r["metrics"] for r in runs)
-    return problems <= {"classification", "regression"}
+        poolable = not any(GENERATION_MEAN in r["metrics"] for r in runs)
+    else:
+        poolable = problems <= {"classification", "regression"}
+    models = {r.get("model", r.get("config", {}).get("model")) for r in runs}
+    return str(models.pop()) if poolable and len(models) == 1 and None not in models else None
 
 
 def forest_groups(exps: list[tuple]) -> tuple[list[ForestGroup], str]:
     """The forest plot's rows: per headline task (primary metric), every setting's paired
     differences against its experiment's baseline (the numbers of the headline table's first "vs"
-    column); then, when 2+ tasks are classification / regression tasks, one pooled row per setting
+    column); then, per model with 2+ classification / regression tasks (the encoder tasks; never
+    tasks of different models), one pooled group with a row per setting
     (:func:`senslora.bench.forest.pooled_rows`: their raw per-(task, seed) differences in one
     sample). Also the baseline's name."""
     columns = [c for c in _headline_columns(exps) if c[5]]
     repeated = _repeated_tasks(columns)
     settings, _ = _headline_settings(exps)
-    groups, encoder = [], []
+    groups: list[ForestGroup] = []
+    by_model: dict[str, list[ForestGroup]] = defaultdict(list)
     for name, in_task, against, task, metric, _ in columns:
         diffs = paired_diffs(in_task, against[0], metric)
         rows = []
         for key in settings:
-            mine = [r for r in in_task if _row_key(r, ("seed", "task")) == key]
+            mine = [r for r in in_task if _headline_key(r) == key]
             if mine and not all(_matches(r, against[0]) for r in mine) and diffs.get(_row_key(mine[0])):
                 rows.append(ForestRow(_setting_name(_setting_of(key)), diffs[_row_key(mine[0])]))
         if rows:
             groups.append(ForestGroup(task + (f" ({name})" if task in repeated else ""), metric, rows))
-            if _is_encoder_task(in_task):
-                encoder.append(groups[-1])
-    pooled = pooled_rows(encoder) if len(encoder) >= 2 else []
-    if pooled:
-        metrics = ", ".join(dict.fromkeys(g.metric for g in encoder))
-        groups.append(ForestGroup(POOLED, metrics, pooled, pooled_from=[g.label for g in encoder]))
+            model = _poolable_model(in_task)
+            if model is not None:
+                by_model[model].append(groups[-1])
+    for model, tasks in by_model.items():
+        pooled = pooled_rows(tasks) if len(tasks) >= 2 else []
+        if pooled:
+            metrics = ", ".join(dict.fromkeys(g.metric for g in tasks))
+            groups.append(ForestGroup(pooled_label(model), metrics, pooled, pooled_from=[g.label for g in tasks]))
     baseline = " / ".join(dict.fromkeys(_setting_name(against[0]) for _, _, against in exps))
     return groups, baseline
 
@@ -415,10 +437,10 @@ def _forest_caption(groups: list[ForestGroup], baseline: str) -> str:
         "where the interval excludes zero."
     )
     for group in groups:
-        if group.label == POOLED:
+        if group.pooled:
             text += (
-                f" *{POOLED}*: per setting, the raw per-(task, seed) differences of the classification / "
-                f"regression tasks ({', '.join(group.pooled_from)}) pooled into one sample with one "
+                f" *{group.label}*: per setting, the raw per-(task, seed) differences of that model's "
+                f"classification / regression tasks ({', '.join(group.pooled_from)}) pooled into one sample with one "
                 f"t-interval; their metrics ({group.metric}) are pooled as they are, not rescaled."
             )
     return text
@@ -436,11 +458,12 @@ def short_table(groups: list[ForestGroup], baseline: str) -> list[str]:
     """Setting x task: the difference against the baseline with its interval (the forest plot's
     rows), and per setting the tasks it wins / ties / loses on; with its caption."""
     settings = list(dict.fromkeys(r.setting for g in groups for r in g.rows))
-    header = ["setting", *(f"{g.label} {g.metric}" if g.label != POOLED else POOLED for g in groups), "W/T/L"]
+    header = ["setting", *(g.label if g.pooled else f"{g.label} {g.metric}" for g in groups), "W/T/L"]
+    pooled = {g.label for g in groups if g.pooled}
     rows = []
     for setting in settings:
         cells = {g.label: next((r for r in g.rows if r.setting == setting), None) for g in groups}
-        verdicts = [c.verdict for label, c in cells.items() if c is not None and label != POOLED]
+        verdicts = [c.verdict for label, c in cells.items() if c is not None and label not in pooled]
         wtl = "/".join(str(verdicts.count(v)) for v in ("win", "tie", "loss"))
         rows.append([setting, *(_interval_cell(cells[g.label]) for g in groups), wtl])
     return [
@@ -485,7 +508,7 @@ def headline_section(
         header += [f"vs {_setting_name(a)}" for a in against]
     verdicts: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # [setting][comparison][verdict]
     rows = [_headline_row(key, columns, repeated, verdicts) for key in settings]
-    names = ", ".join(_setting_name(a) for a in comparisons)
+    names = ", ".join(dict.fromkeys(_setting_name(a) for a in comparisons))
     groups, baseline = forest_groups(exps)
     experiments = ", ".join(f"`{name}`" for name, _, _ in exps)
     figure_lines = (
@@ -550,14 +573,14 @@ def _headline_row(key: tuple, columns: list[tuple], repeated: set[str], verdicts
     against each comparison; each primary-metric verdict is recorded in ``verdicts``."""
     row = [_setting_name(_setting_of(key))]
     for name, in_task, against, task, metric, primary in columns:
-        mine = [r["metrics"][metric] for r in in_task if _row_key(r, ("seed", "task")) == key
+        mine = [r["metrics"][metric] for r in in_task if _headline_key(r) == key
                 and isinstance(r["metrics"].get(metric), (int, float))]
         if mine:
             mu, sd = mean_std(mine)
             row.append(f"{mu:.{_digits(mu)}f} ± {sd:.{_digits(mu)}f} ({len(mine)})")
         else:
             row.append("–")
-        full_key = next((_row_key(r) for r in in_task if _row_key(r, ("seed", "task")) == key), None)
+        full_key = next((_row_key(r) for r in in_task if _headline_key(r) == key), None)
         for a in against:
             if full_key and all(_matches(r, a) for r in in_task if _row_key(r) == full_key):
                 row.append("baseline")
@@ -578,7 +601,7 @@ def _default_settings(exps: list[tuple], default: dict | None) -> list[tuple]:
     keys = {}
     for _, ok, _ in exps:
         for r in ok:
-            keys.setdefault(_row_key(r, ("seed", "task")), setting_identity(r))
+            keys.setdefault(_headline_key(r), setting_identity(r))
     return [k for k, ident in keys.items()
             if (ident["method"], ident["options"]) == (default["method"], default["options"])]
 
