@@ -422,7 +422,7 @@ def forest_groups(exps: list[tuple]) -> tuple[list[ForestGroup], str]:
             if model is not None:
                 by_model[model].append(groups[-1])
     for model, tasks in by_model.items():
-        pooled = pooled_rows(tasks) if len(tasks) >= 2 else []
+        pooled = pooled_rows(tasks)  # only settings with differences in 2+ of the model's tasks
         if pooled:
             metrics = ", ".join(dict.fromkeys(g.metric for g in tasks))
             groups.append(ForestGroup(pooled_label(model), metrics, pooled, pooled_from=[g.label for g in tasks]))
@@ -459,11 +459,10 @@ def short_table(groups: list[ForestGroup], baseline: str) -> list[str]:
     rows), and per setting the tasks it wins / ties / loses on; with its caption."""
     settings = list(dict.fromkeys(r.setting for g in groups for r in g.rows))
     header = ["setting", *(g.label if g.pooled else f"{g.label} {g.metric}" for g in groups), "W/T/L"]
-    pooled = {g.label for g in groups if g.pooled}
     rows = []
     for setting in settings:
         cells = {g.label: next((r for r in g.rows if r.setting == setting), None) for g in groups}
-        verdicts = [c.verdict for label, c in cells.items() if c is not None and label not in pooled]
+        verdicts = [cells[g.label].verdict for g in groups if not g.pooled and cells[g.label] is not None]
         wtl = "/".join(str(verdicts.count(v)) for v in ("win", "tie", "loss"))
         rows.append([setting, *(_interval_cell(cells[g.label]) for g in groups), wtl])
     return [
