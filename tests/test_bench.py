@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from senslora.bench.forest import x_range
 from senslora.bench.harness import check_runs, expand, load_config, resolve_params, run_benchmark
 from senslora.bench.report import (
     build_report,
@@ -584,6 +585,12 @@ def test_headline_forest_plot_pools_the_encoder_tasks_and_the_readme_shows_it_ab
     row = next(r for r in groups[-1].rows if r.setting == "senslora")
     assert sorted(row.diffs) == pytest.approx(sorted(pooled))
     assert (row.mean, row.lo, row.hi) == pytest.approx((m, m - half, m + half))
+    # each panel's own x range holds zero and every interval of its rows, and no more than a margin
+    for group in groups:
+        lo, hi = x_range(group)
+        bounds = [0.0, *(v for r in group.rows for v in (r.lo, r.hi))]
+        assert lo < min(bounds) and hi > max(bounds)
+        assert hi - lo == pytest.approx(1.12 * (max(bounds) - min(bounds)))
     # no pooled row: a classification task on another model (a decoder's is not an encoder task),
     # a task whose runs do not name their model, or a generation task
     for fields in ({"model": "dec"}, {"model": None}, {"problem": "generation"}):

@@ -191,7 +191,7 @@ PAGES = (README, *sorted((ROOT / "docs").glob("*.md")))
 def test_every_relative_link_of_the_docs_resolves(page):
     links = [link for link in _links(page) if not re.match(r"[a-z]+:", link)]
     if page == README:
-        assert len(links) >= 8 and "results/v2/plots/headline-forest.png" in links
+        assert len(links) >= 8 and "results/v3/plots/headline-forest.png" in links
     for link in links:
         path, _, anchor = link.partition("#")
         target = (page.parent / path).resolve() if path else page

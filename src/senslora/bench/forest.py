@@ -68,9 +68,20 @@ def pooled_rows(groups: list[ForestGroup]) -> list[ForestRow]:
     return [ForestRow(s, d) for s, d in pooled.items() if tasks[s] >= 2]
 
 
+def x_range(group: ForestGroup, pad: float = 0.06) -> tuple[float, float]:
+    """The x limits of one group's panel: every mean and finite interval bound of its rows and zero,
+    padded by ``pad`` of the span. Each panel gets its own, since the groups' metrics differ in scale
+    (a ROUGE-L difference over 5 seeds can span ten times an accuracy difference over 8)."""
+    values = [0.0, *(v for r in group.rows for v in (r.mean, r.lo, r.hi) if math.isfinite(v))]
+    lo, hi = min(values), max(values)
+    margin = pad * (hi - lo) if hi > lo else 0.01
+    return lo - margin, hi + margin
+
+
 def forest_plot(groups: list[ForestGroup], path: Path, *, baseline: str) -> None:
-    """One panel per group (stacked, shared x axis), one row per setting: the mean difference
-    against ``baseline`` with its 95% interval, green where it excludes zero above it, red below."""
+    """One panel per group (stacked, each with its own x range: :func:`x_range`), one row per
+    setting: the mean difference against ``baseline`` with its 95% interval, green where it
+    excludes zero above it, red below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +89,7 @@ def forest_plot(groups: list[ForestGroup], path: Path, *, baseline: str) -> None
 
     heights = [len(g.rows) + 1.2 for g in groups]
     fig, axes = plt.subplots(
-        len(groups), 1, sharex=True, squeeze=False,
+        len(groups), 1, squeeze=False,
         figsize=(7.5, 0.9 + 0.2 * sum(heights)), gridspec_kw={"height_ratios": heights},
     )
     colours = {"win": "tab:green", "loss": "tab:red"}
@@ -95,6 +106,7 @@ def forest_plot(groups: list[ForestGroup], path: Path, *, baseline: str) -> None
             if row.setting.split(",")[0] == "senslora":
                 label.set_fontweight("bold")
         ax.set_ylim(-0.7, len(group.rows) - 0.3)
+        ax.set_xlim(*x_range(group))
         what = f"{', '.join(group.pooled_from)} (raw differences)" if group.pooled_from else group.metric
         ax.set_title(f"{group.label}: {what}", fontsize=8.5, loc="left")
         ax.tick_params(axis="x", labelsize=7.5)
