@@ -204,3 +204,22 @@ def test_init_cost_targets_use_issue_26s_rule_not_the_papers():
     # the paper's allocation / forward target is checked on the zero init only
     assert text.count("allocation / forward (") == 1
     assert "eva 6.00 s (0.50x)" in "\n".join(_init_cost_lines([extra, zero]))
+
+
+def test_a_sweep_copied_by_reuse_from_keeps_its_seed_count(tmp_path):
+    # val-budget-r4 copies val-movie's runs (same config): the copies are the same seeds, not new ones
+    for seed, acc in ((0, 0.70), (1, 0.80)):
+        _val_run(tmp_path, "val-movie-lora", "lora", seed, 0.001, acc)
+        _val_run(tmp_path, "val-budget-r4-lora", "lora", seed, 0.001, acc)
+        copy = tmp_path / "runs" / "val-budget-r4-lora" / f"seed={seed},lr=0.001" / "bench.json"
+        copy.write_text(json.dumps({**json.loads(copy.read_text()), "reused_from": f"val-movie-lora/seed={seed},lr=0.001"}))
+    # a copy whose original is gone (not in this folder) still counts
+    _val_run(tmp_path, "val-budget-r4-lora", "lora", 2, 0.001, 0.75)
+    lone = tmp_path / "runs" / "val-budget-r4-lora" / "seed=2,lr=0.001" / "bench.json"
+    lone.write_text(json.dumps({**json.loads(lone.read_text()), "reused_from": "deleted/seed=2,lr=0.001"}))
+    from senslora.bench.report import load_runs
+
+    (by_rate,) = sweep_cells(validation_runs(load_runs(tmp_path))).values()
+    assert sorted(by_rate[0.001]) == [0.70, 0.75, 0.80]
+    section = build_report(tmp_path).read_text()
+    assert "**0.7500 ± 0.0500 (3)**" in section

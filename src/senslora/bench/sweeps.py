@@ -65,8 +65,17 @@ def task_key(run: dict) -> str:
     return f"{config.get('task', run.get('task', '?'))} ({config.get('model', run.get('model', '?'))})"
 
 
+def run_id(run: dict) -> str | None:
+    """``experiment/grid point`` of a loaded run (its folder), the form ``reused_from`` names."""
+    folder = run.get("_dir")
+    return f"{folder.parent.name}/{folder.name}" if folder is not None else None
+
+
 def validation_runs(runs: list[dict]) -> list[dict]:
-    """The ok training runs scored on a validation split that vary the swept key."""
+    """The ok training runs scored on a validation split that vary the swept key. A copy of a run
+    (``reuse_from``: the same config, so the same seed's score) counts once: a copy whose original
+    is among the runs is left out, so a sweep reused by a later experiment keeps its seed count."""
+    present = {run_id(r) for r in runs}
     return [
         r
         for r in runs
@@ -74,6 +83,7 @@ def validation_runs(runs: list[dict]) -> list[dict]:
         and r["_meta"]["kind"] == "train"
         and r.get("split") == "validation"
         and SWEPT in r["_meta"]["grid"]
+        and r["_meta"].get("reused_from") not in present
     ]
 
 
