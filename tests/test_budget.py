@@ -50,16 +50,24 @@ def test_half_budget_pairs_and_verdicts(tmp_path):
     ok = load_runs(tmp_path)
     assert is_budget_curve(ok)
     pairs = half_budget_pairs(ok, BASE, "accuracy")
-    by_rank = {rank: d for (_, rank), d in pairs.items()}
-    assert sorted(by_rank) == [2, 4]
-    assert by_rank[4] == pytest.approx([0.001, -0.001, 0.002, 0.0])
-    assert by_rank[2] == pytest.approx([-0.02, -0.019, -0.018, -0.017])
+    ours = {rank: d for (key, rank), d in pairs.items() if "senslora" in str(key)}
+    assert sorted(ours) == [2, 4]
+    assert ours[4] == pytest.approx([0.001, -0.001, 0.002, 0.0])
+    assert ours[2] == pytest.approx([-0.02, -0.019, -0.018, -0.017])
+    # the control: lora at half its budget against itself at the full budget
+    control = {rank: d for (key, rank), d in pairs.items() if "senslora" not in str(key)}
+    assert control[4] == pytest.approx([-0.05] * 4) and control[2] == pytest.approx([-0.05] * 4)
 
     text = build_report(tmp_path).read_text()
     assert (tmp_path / "plots" / "budget-budget.png").is_file()
     rows = [line for line in text.splitlines() if line.startswith("| variant=")]
     assert any("2 vs 4" in r and "**non-inferior**" in r for r in rows)
     assert any("1 vs 2" in r and "not shown" in r for r in rows)
+    controls = [r for r in rows if "(control: the baseline itself)" in r]
+    assert len(controls) == 2 and all("'lora'" in r and "not shown" in r for r in controls)
+    assert ("On `budget`, each setting at half the baseline's rank against the baseline at the full rank: variant={'method': 'senslora'}: "
+            "non-inferior at 1 of 2 budgets (rank 2 vs 4); variant={'method': 'lora'} (the control): non-inferior "
+            "at 0 of 2 budgets.") in text
 
 
 def test_an_experiment_with_one_rank_is_not_a_budget_curve(tmp_path):
