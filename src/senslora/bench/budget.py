@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..data.guard import path_component
 from .stats import one_sided_lower, paired_interval
-from .tables import _label, _matches, _row_key, _table
+from .tables import _matches, _row_key, _setting_name, _short_label, _table
 
 RANK = "avg_rank"
 MARGIN_POINTS = 0.5  # the non-inferiority margin, in points of the primary metric
@@ -79,7 +79,7 @@ def budget_section(name: str, ok: list[dict], plots: Path) -> list[str]:
     margin = margin_for(metric)
     plot = path_component(f"{name}-budget", "plot", escape=True)
     budget_plot(name, curve_points(ok, metric), metric, plots / f"{plot}.png")
-    base_label = ", ".join(f"{k}={v}" for k, v in baseline.items())
+    base_label = _setting_name(baseline)
     controls = {_row_key(r, ("seed", RANK)) for r in ok if _matches(r, baseline)}
     rows = []
     shown: dict[tuple, list[str]] = defaultdict(list)  # setting -> the budgets it is non-inferior at
@@ -91,18 +91,19 @@ def budget_section(name: str, ok: list[dict], plots: Path) -> list[str]:
         tested[key] += not math.isnan(lower)
         if verdict.startswith("**"):
             shown[key].append(f"{rank // 2} vs {rank}")
-        label = _label(key) + (" (control: the baseline itself)" if key in controls else "")
+        label = _short_label(key) + (" (control: the baseline itself)" if key in controls else "")
         rows.append(
             [label, f"{rank // 2} vs {rank}", str(len(d)), f"{m:+.4f}", "–" if math.isnan(lower) else f"{lower:+.4f}", verdict]
         )
     summary = [
-        f"{_label(key)}{' (the control)' if key in controls else ''}: non-inferior at {len(shown[key])} of {n} "
+        f"{_short_label(key)}{' (the control)' if key in controls else ''}: non-inferior at {len(shown[key])} of {n} "
         f"budgets{' (rank ' + ', '.join(shown[key]) + ')' if shown[key] else ''}"
         for key, n in sorted(tested.items(), key=lambda kv: kv[0] in controls)
         if n
     ]
     lines = [f"Budget curve of `{name}`: {metric} against trainable adapter parameters, mean with its 95% "
-             "t-interval over seeds, per setting.", "", f"![{plot}](plots/{plot}.png)", ""]
+             "t-interval over seeds, per setting (each at the rate its grid names; the table above has the "
+             "full settings; the settings' points are nudged slightly apart along the axis).", "", f"![{plot}](plots/{plot}.png)", ""]
     if rows:
         lines += [
             f"Half the budget against {base_label} at the full budget (same seed): the difference in {metric}, "
@@ -131,18 +132,19 @@ def budget_plot(name: str, points: dict[tuple, list[tuple[float, list[float]]]],
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, series in points.items():
+    for i, (key, series) in enumerate(points.items()):
+        nudge = 2 ** (0.04 * (i - (len(points) - 1) / 2))  # side by side, so the intervals stay apart
         xs, ms, hw = [], [], []
         for params, values in series:
             m, lo, hi = paired_interval(values)  # the t-interval of the mean over seeds
-            xs.append(params)
+            xs.append(params * nudge)
             ms.append(m)
             hw.append(0.0 if math.isnan(lo) else (hi - lo) / 2)
-        ax.errorbar(xs, ms, yerr=hw, marker="o", capsize=3, label=_label(key))
+        ax.errorbar(xs, ms, yerr=hw, marker="o", capsize=3, label=_short_label(key))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("trainable adapter parameters")
     ax.set_ylabel(metric)
-    ax.set_title(f"{name}: {metric} by budget (mean, 95% interval)")
+    ax.set_title(f"{name}: {metric} by budget (mean, 95% interval)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -31,7 +31,7 @@ from .forest import FOREST_PNG, ForestGroup, ForestRow, forest_plot, pooled_labe
 from .grid import BEST_OF, best_of_source
 from .stats import detectable_effect, mean_std, paired_interval, seeds_for_half_width  # noqa: F401
 from .sweeps import decided_default, setting_identity, sweep_section
-from .tables import _fmt, _label, _matches, _row_key, _table
+from .tables import _fmt, _label, _matches, _row_key, _setting_name, _table
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -278,22 +278,6 @@ def half_width_line(widths: dict[str, tuple[float, list[float]]], target: float,
     )
     return [f"Target half-width (`target_half_width`) {target:g} {primary}: **not met** by "
             f"{len(too_wide)} of {len(widths)} settings ({needs}).", ""]
-
-
-def _setting_name(setting: dict) -> str:
-    """A short name for a grid setting: {variant: {method: senslora, options.preset: paper}} ->
-    "senslora, preset=paper"."""
-    parts = []
-    for k, v in setting.items():
-        items = v.items() if isinstance(v, dict) else [(k, v)]
-        # a rate taken from a validation sweep ("best-of:EXPERIMENT") is every setting's own tuned
-        # rate: the page says so once instead of naming the sweep in every label
-        parts += [
-            str(b) if a == "method" else f"{a.removeprefix('options.')}={b}"
-            for a, b in items
-            if not (isinstance(b, str) and b.startswith(BEST_OF))
-        ]
-    return ", ".join(parts) or "default"
 
 
 def _digits(x: float) -> int:

@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any
 
+from .grid import BEST_OF
+
 
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -26,6 +28,27 @@ def _matches(run: dict, setting: dict) -> bool:
 
 def _label(key: tuple) -> str:
     return ", ".join(f"{k}={json.loads(v)}" for k, v in key) or "(single setting)"
+
+
+def _setting_name(setting: dict) -> str:
+    """A short name for a grid setting: {variant: {method: senslora, options.preset: paper}} ->
+    "senslora, preset=paper"."""
+    parts = []
+    for k, v in setting.items():
+        items = v.items() if isinstance(v, dict) else [(k, v)]
+        # a rate taken from a validation sweep ("best-of:EXPERIMENT") is every setting's own tuned
+        # rate: the page says so once instead of naming the sweep in every label
+        parts += [
+            str(b) if a == "method" else f"{a.removeprefix('options.')}={b}"
+            for a, b in items
+            if not (isinstance(b, str) and b.startswith(BEST_OF))
+        ]
+    return ", ".join(parts) or "default"
+
+
+def _short_label(key: tuple) -> str:
+    """:func:`_setting_name` of a row key (:func:`_row_key`): ``senslora, init=gradient``."""
+    return _setting_name({k: json.loads(v) for k, v in key})
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
