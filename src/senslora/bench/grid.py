@@ -59,6 +59,11 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def run_name(folder: Path) -> str:
+    """``experiment/grid point`` of a run folder: how ``reused_from`` names the run it copied."""
+    return f"{folder.parent.name}/{folder.name}"
+
+
 def best_of_source(value: str, params: dict[str, Any]) -> str:
     """The experiment a ``"best-of:EXPERIMENT"`` value names, its ``{KEY}`` placeholders filled from
     the run's own parameters: ``best-of:val-r{avg_rank}`` in a run with ``avg_rank: 2`` names

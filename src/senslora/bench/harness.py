@@ -81,6 +81,7 @@ from .grid import (
     check_runs,
     expand,
     load_config,
+    run_name,
     train_config,
 )
 from .reuse import (
@@ -244,7 +245,7 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
                 source = reusable_run(run, resolve_params(run.params, out), out) if run.reuse_from else None
             except SensloraError:  # a sweep it depends on has not finished: it cannot be matched yet
                 source = None
-            print(f"{label}: would reuse {source.parent.name}/{source.name}" if source else f"{label}: would run")
+            print(f"{label}: would reuse {run_name(source)}" if source else f"{label}: would run")
             continue
         print(f"{label} ...", flush=True)
         start = time.perf_counter()
@@ -258,9 +259,9 @@ def _run_all(config_path, out: Path, runs: list[Run], timeout: float | None, dry
             continue
         source = reusable_run(run, params, out)
         if source is not None:
-            _copy_run(source, folder, {**meta, "reused_from": f"{source.parent.name}/{source.name}"})
+            _copy_run(source, folder, {**meta, "reused_from": run_name(source)})
             counts["reused"] += 1
-            print(f"{label}: reused {source.parent.name}/{source.name} (identical config)", flush=True)
+            print(f"{label}: reused {run_name(source)} (identical config)", flush=True)
             continue
         spec = json.dumps({"kind": run.kind, "params": params, "folder": str(folder)})
         error = _run_worker(spec, timeout)

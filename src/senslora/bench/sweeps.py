@@ -13,6 +13,7 @@ import statistics
 from collections import Counter, defaultdict
 from typing import Any
 
+from .grid import run_name
 from .stats import mean_std
 from .tables import _table
 
@@ -66,9 +67,9 @@ def task_key(run: dict) -> str:
 
 
 def run_id(run: dict) -> str | None:
-    """``experiment/grid point`` of a loaded run (its folder), the form ``reused_from`` names."""
+    """:func:`~senslora.bench.grid.run_name` of a loaded run's folder (None without one)."""
     folder = run.get("_dir")
-    return f"{folder.parent.name}/{folder.name}" if folder is not None else None
+    return run_name(folder) if folder is not None else None
 
 
 def validation_runs(runs: list[dict]) -> list[dict]:
