@@ -4,11 +4,13 @@ checked as ratios measured in one run, selection costs, and training cost agains
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
+from typing import NamedTuple
 
-from .tables import _fmt, _label, _row_key, _table
+from .tables import _fmt, _label, _matches, _row_key, _setting_name, _table
 
 # The paper's targets, checked as ratios measured in one benchmark run.
 TARGET_ALLOC_OVER_FORWARD = 1.25
@@ -22,32 +24,74 @@ TARGET_EXTRA_PASS = 1.5
 TARGET_SKETCH_MEMORY = 1.5
 
 
+COMPARED = ("method", "variant")  # the grid keys whose values are the settings compared for cost
+
+
+class CostGrid(NamedTuple):
+    """A cost experiment's runs: ``by[setting][point]``, the baseline setting's name, and each
+    batch size's point (in the order of the batch size)."""
+
+    by: dict[str, dict[tuple, list[dict]]]
+    base: str
+    sizes: dict[int, tuple]
+
+
+def cost_settings(ok: list[dict]) -> CostGrid | None:
+    """An experiment's runs by setting and batch size, when it is a cost experiment, else None.
+
+    A setting is a run's ``method`` or ``variant``, named as the tables name it
+    (``{method: senslora, options.init: gradient}`` -> "senslora, init=gradient"); a point is the
+    rest of its grid less the seed, as a :func:`~.tables._row_key`, and a cost experiment is one
+    whose points differ by batch size alone. The baseline is the experiment's declared
+    ``baseline``, else the setting named "lora"; without either it is no cost experiment."""
+    grid = ok[0]["_meta"]["grid"] if ok else {}
+    if "batch_size" not in grid or not set(COMPARED) & set(grid):
+        return None
+    by: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    baseline = ok[0]["_meta"].get("baseline") or {}
+    base = None
+    for r in ok:
+        name = _setting_name({k: v for k, v in r["_meta"]["grid"].items() if k in COMPARED})
+        by[name][_row_key(r, ("seed", *COMPARED))].append(r)
+        if baseline and _matches(r, baseline):
+            base = name
+    if base is None and "lora" in by:
+        base = "lora"
+    points = {point for per in by.values() for point in per}
+    if base is None or any([k for k, _ in point] != ["batch_size"] for point in points):
+        return None
+    return CostGrid(by, base, dict(sorted((int(json.loads(point[0][1])), point) for point in points)))
+
+
+def _mean_of(runs: list[dict], what: str) -> float | None:
+    vals = [r[what] for r in runs if r.get(what)]
+    return statistics.fmean(vals) if vals else None
+
+
 def cost_lines(by_exp: dict[str, list[dict]]) -> list[str]:
-    """Training cost of every method against uniform LoRA (per-step time and peak memory at each
-    batch size, from experiments whose grid has `method` and `batch_size`, averaged over seeds),
-    and senslora's allocation time against EVA's initialisation inside the same benchmark."""
+    """Training cost of every setting against the experiment's baseline, uniform LoRA (per-step
+    time and peak memory at each batch size, from experiments whose grid varies the batch size,
+    averaged over seeds), and senslora's allocation time against EVA's initialisation inside the
+    same benchmark."""
     lines: list[str] = []
     for name, members in by_exp.items():
         ok = [r for r in members if r["status"] == "ok" and r["_meta"]["kind"] == "train"]
-        if not ok or not {"method", "batch_size"} <= set(ok[0]["_meta"]["grid"]):
+        found = cost_settings(ok)
+        if found is None:
             continue
-        vals: dict[tuple, list[dict]] = defaultdict(list)
-        for r in ok:
-            vals[(r["_meta"]["grid"]["method"], r["_meta"]["grid"]["batch_size"])].append(r)
-        sizes = sorted({b for _, b in vals})
+        by, base, sizes = found
         rows = []
-        for method in dict.fromkeys(m for m, _ in vals):
-            row = [method]
+        for setting, per in by.items():
+            row = [setting]
             for what in ("step_time_median_s", "peak_memory_mb"):
-                for b in sizes:
-                    num = [r[what] for r in vals.get((method, b), []) if r.get(what)]
-                    den = [r[what] for r in vals.get(("lora", b), []) if r.get(what)]
-                    row.append(f"{statistics.fmean(num) / statistics.fmean(den):.2f}" if num and den else "–")
+                for point in sizes.values():
+                    num, den = _mean_of(per.get(point, []), what), _mean_of(by[base].get(point, []), what)
+                    row.append(f"{num / den:.2f}" if num and den else "–")
             rows.append(row)
-        header = ["method"] + [f"step time / lora, batch {b}" for b in sizes]
-        header += [f"peak memory / lora, batch {b}" for b in sizes]
-        steps = ", ".join(f"{min(r['steps'] for r in vals[('lora', b)] if r.get('steps'))} steps at batch {b}"
-                          for b in sizes if any(r.get("steps") for r in vals.get(("lora", b), [])))
+        header = ["setting"] + [f"step time / {base}, batch {b}" for b in sizes]
+        header += [f"peak memory / {base}, batch {b}" for b in sizes]
+        steps = ", ".join(f"{min(r['steps'] for r in by[base][p] if r.get('steps'))} steps at batch {b}"
+                          for b, p in sizes.items() if any(r.get("steps") for r in by[base].get(p, [])))
         measures = sorted({str(r["peak_memory_measure"]) for r in ok if r.get("peak_memory_measure")})
         lines += [
             f"### Training cost against uniform LoRA (`{name}`)",
@@ -55,9 +99,9 @@ def cost_lines(by_exp: dict[str, list[dict]]) -> list[str]:
             *_table(header, rows),
             "",
             "Ratios of means over seeds; each run's step time is the median over its training steps"
-            + (f" (LoRA's runs took {steps})" if steps else "")
+            + (f" (the {base} runs took {steps})" if steps else "")
             + (f"; peak memory is, as the runs measured it: {'; '.join(measures)}" if measures else "")
-            + ". Few steps per run make these ratios noisy; the two seeds' result.json files show how much.",
+            + ". Few steps per run make these ratios noisy; the seeds' result.json files show how much.",
             "",
         ]
     rows = []
@@ -241,19 +285,8 @@ def targets_section(runs: list[dict]) -> list[str]:
             seed = r.get("params", {}).get("seed", 0)
             where = f"{r['_meta']['experiment']}: {r['model']}, {r['examples']} examples, seed {seed}"
             rows.append(_target_row(f"allocation / forward ({where})", _alloc_ratio(r), TARGET_ALLOC_OVER_FORWARD))
-    pairs = _method_pairs(runs)
-    for num, den, what, target in [
-        ("senslora", "lora", "step_time_median_s", TARGET_STEP_TIME),
-        ("senslora", "lora", "peak_memory_mb", TARGET_MEMORY),
-        ("adalora", "senslora", "step_time_median_s", None),
-        ("dylora", "lora", "step_time_median_s", None),
-        ("adalora", "lora", "step_time_median_s", None),
-    ]:
-        for setting, ratio in pairs.get((num, den, what), []):
-            label = (
-                f"{num} / {den} {'per-step time' if what.startswith('step') else 'peak memory'} ({setting})"
-            )
-            rows.append(_target_row(label, ratio, target, digits=3))
+    for label, ratio, target in _training_cost_rows(runs):
+        rows.append(_target_row(label, ratio, target, digits=3))
     rows += _selection_cost_rows(runs)
     if not rows:
         return []
@@ -322,25 +355,41 @@ def _selection_cost_rows(runs: list[dict]) -> list[list[str]]:
     return rows
 
 
-def _method_pairs(runs: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
-    """Ratios num/den of a quantity between methods run at the same grid point (averaged over seeds)."""
-    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def _training_cost_rows(runs: list[dict]) -> list[tuple[str, float, float | None]]:
+    """The paper's no-overhead claim at every batch size of every cost experiment (one that
+    varies the batch size across the settings it compares, :func:`cost_settings`; a config runs
+    those alone, while other experiments' step times share the machine with whatever ran beside them):
+    each senslora setting against the baseline, per-step time and peak memory, with their targets;
+    AdaLoRA and DyLoRA against it (and AdaLoRA against senslora when one senslora setting ran),
+    reported without a target. Ratios of means over seeds."""
+    by_exp: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
-        if r["status"] != "ok" or r["_meta"]["kind"] != "train" or "method" not in r["_meta"]["grid"]:
+        if r["status"] == "ok" and r["_meta"]["kind"] == "train":
+            by_exp[r["_meta"]["experiment"]].append(r)
+    out: dict[tuple, list[tuple[str, float, float | None]]] = defaultdict(list)
+    for exp, ok in by_exp.items():
+        found = cost_settings(ok)
+        if found is None:
             continue
-        key = (r["_meta"]["experiment"], _row_key(r, ("seed", "method")))
-        for what in ("step_time_median_s", "peak_memory_mb"):
-            if r.get(what) is not None:
-                values[(key, what)][r["method"]].append(r[what])
-    out: dict[tuple, list[tuple[str, float]]] = defaultdict(list)
-    for ((exp, key), what), by_method in values.items():
-        for num, den in [
-            ("senslora", "lora"),
-            ("adalora", "senslora"),
-            ("dylora", "lora"),
-            ("adalora", "lora"),
-        ]:
-            if by_method.get(num) and by_method.get(den):
-                ratio = statistics.fmean(by_method[num]) / statistics.fmean(by_method[den])
-                out[(num, den, what)].append((f"{exp}: {_label(key)}", ratio))
-    return out
+        by, base, sizes = found
+        method = {name: per[next(iter(per))][0]["method"] for name, per in by.items()}
+        sens = [name for name, m in method.items() if m == "senslora"]
+        pairs = [(name, base, TARGET_STEP_TIME, TARGET_MEMORY, "senslora") for name in sens]
+        for name, m in method.items():
+            if m in ("adalora", "dylora"):
+                pairs.append((name, base, None, None, m))
+                if m == "adalora" and len(sens) == 1:
+                    pairs.append((name, sens[0], None, None, "adalora-senslora"))
+        for point in sizes.values():
+            for num, den, step_target, mem_target, kind in pairs:
+                for what, target, word in (("step_time_median_s", step_target, "per-step time"),
+                                           ("peak_memory_mb", mem_target, "peak memory")):
+                    if what == "peak_memory_mb" and kind != "senslora":
+                        continue  # only the no-overhead claim is on memory
+                    n, d = _mean_of(by[num].get(point, []), what), _mean_of(by[den].get(point, []), what)
+                    if n and d:
+                        out[(kind, what)].append((f"{num} / {den} {word} ({exp}: {_label(point)})", n / d, target))
+    order = [("senslora", "step_time_median_s"), ("senslora", "peak_memory_mb"),
+             ("adalora-senslora", "step_time_median_s"), ("dylora", "step_time_median_s"),
+             ("adalora", "step_time_median_s")]
+    return [row for key in order for row in out.get(key, [])]

@@ -22,7 +22,9 @@ from .costs import (  # noqa: F401  (re-exported: the report's public names)
     TARGET_ALLOC_OVER_FORWARD,
     TARGET_MEMORY,
     TARGET_STEP_TIME,
+    CostGrid,
     cost_lines,
+    cost_settings,
     probe_section,
     rank_agreement,
     targets_section,
@@ -124,7 +126,8 @@ def train_section(name: str, runs: list[dict], plots: Path, *, target_half_width
         )
         lines += [f"![{plot_name}](plots/{plot_name}.png)", ""]
     cost_name = path_component(f"{name}-cost", "plot", escape=True)
-    if {"method", "batch_size"} <= set(ok[0]["_meta"]["grid"]) and _cost_plot(name, cost_name, ok, plots):
+    grid = cost_settings(ok)
+    if grid is not None and _cost_plot(name, cost_name, grid, plots):
         lines += [f"![{cost_name}](plots/{cost_name}.png)", ""]
     return lines
 
@@ -667,31 +670,30 @@ def _bar_plot(name: str, groups: dict[tuple, list[dict]], primary: str, plots: P
     plt.close(fig)
 
 
-def _cost_plot(name: str, file_name: str, ok: list[dict], plots: Path) -> bool:
-    """Figure 4's analogue: per method, the median training-step time and the peak memory against
-    the batch size (means over seeds). False when no run recorded either."""
+def _cost_plot(name: str, file_name: str, grid: CostGrid, plots: Path) -> bool:
+    """Figure 4's analogue: per setting (:func:`~.costs.cost_settings`), the median training-step
+    time and the peak memory against the batch size (means over seeds), the baseline drawn thick.
+    False when no run recorded either."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by, base, sizes = grid
     what = (("step_time_median_s", "median step time (s)"), ("peak_memory_mb", "peak memory (MB)"))
-    by_method: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for r in ok:
-        by_method[str(r["_meta"]["grid"]["method"])][int(r["_meta"]["grid"]["batch_size"])].append(r)
-    if not any(r.get(key) for r in ok for key, _ in what):
+    if not any(r.get(key) for per in by.values() for rs in per.values() for r in rs for key, _ in what):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (key, label) in zip(axes, what, strict=True):
-        for method, by_size in by_method.items():
-            sizes = sorted(b for b, rs in by_size.items() if any(r.get(key) for r in rs))
-            ys = [statistics.fmean(r[key] for r in by_size[b] if r.get(key)) for b in sizes]
-            ax.plot(sizes, ys, marker="o", label=method, linewidth=2.5 if method == "lora" else 1.2)
+        for setting, by_size in by.items():
+            xs = [b for b, point in sizes.items() if any(r.get(key) for r in by_size.get(point, []))]
+            ys = [statistics.fmean(r[key] for r in by_size[sizes[b]] if r.get(key)) for b in xs]
+            ax.plot(xs, ys, marker="o", label=setting, linewidth=2.5 if setting == base else 1.2)
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{name}: training cost per method (mean over seeds)")
+    axes[0].legend(fontsize=6 if len(by) > 6 else 7)
+    fig.suptitle(f"{name}: training cost per setting (mean over seeds)")
     fig.tight_layout()
     fig.savefig(plots / f"{file_name}.png", dpi=100)
     plt.close(fig)
