@@ -684,11 +684,14 @@ def _cost_plot(name: str, file_name: str, grid: CostGrid, plots: Path) -> bool:
     if not any(r.get(key) for per in by.values() for rs in per.values() for r in rs for key, _ in what):
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    # more settings than the default cycle's ten colours: twenty distinct ones, so none repeats
+    colors = plt.get_cmap("tab20").colors if len(by) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, label) in zip(axes, what, strict=True):
-        for setting, by_size in by.items():
+        for i, (setting, by_size) in enumerate(by.items()):
             xs = [b for b, point in sizes.items() if any(r.get(key) for r in by_size.get(point, []))]
             ys = [statistics.fmean(r[key] for r in by_size[sizes[b]] if r.get(key)) for b in xs]
-            ax.plot(xs, ys, marker="o", label=setting, linewidth=2.5 if setting == base else 1.2)
+            ax.plot(xs, ys, marker="o", label=setting, linewidth=2.5 if setting == base else 1.2,
+                    color=colors[i % len(colors)])
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
